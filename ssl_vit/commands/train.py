@@ -1,0 +1,32 @@
+"""`ssl-vit pretrain`: train a method from a recipe (also what `accelerate launch -m ssl_vit.train` runs)."""
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="pretrain (MAE, DINO) or train the supervised baseline from a recipe",
+        description="Train from a YAML recipe. Run under `accelerate launch` for several processes/GPUs/nodes: "
+                    "accelerate launch -m ssl_vit.train --recipe recipes/<name>.yaml [key=value ...]")
+    p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.base_lr=1e-3")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the latest checkpoint in train.out_dir (or from the given checkpoint folder)")
+    p.add_argument("--out-dir", help="shorthand for train.out_dir=...")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ssl_vit.config import load_recipe
+    from ssl_vit.train.trainer import Trainer
+
+    overrides = list(args.overrides)
+    if args.out_dir:
+        overrides.append(f"train.out_dir={args.out_dir}")
+    if args.resume:
+        overrides.append(f"train.resume={args.resume}")
+    recipe = load_recipe(args.recipe, overrides)
+    trainer = Trainer(recipe)
+    summary = trainer.fit()
+    if trainer.acc.is_main_process:
+        print(json.dumps(summary, indent=1))
+    return 0

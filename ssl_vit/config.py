@@ -1,0 +1,235 @@
+"""Recipes: typed dataclass defaults; a YAML recipe is a short diff on them.
+
+`load_recipe(path, overrides)` rejects unknown keys, wrong types and impossible values with a one-line
+SslVitError naming the key (`optim.base_lr: expected a number, got 'fast'`). Nesting is at most two levels.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ssl_vit.errors import SslVitError
+
+METHODS = ("mae", "dino", "supervised")
+
+
+@dataclass
+class DataConfig:
+    train: Any = ""                  # shards: index.json, brace pattern, glob, pipe: URL, or a list of them
+    batch_size: int = 64             # global batch: processes × per-process batch × accumulation steps
+    num_workers: int = 2             # DataLoader workers per process
+    group_size: int = 2              # shards read together and shuffled as one block
+    max_skip_fraction: float = 0.01  # stop once more than this fraction of samples is unreadable
+    num_classes: int = 0             # 0: the number of classes in the shards' index.json
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_small_patch16_224"  # any timm ViT name
+    img_size: int = 224
+    patch_size: int = 16
+    drop_path_rate: float = 0.0
+    depth: int = 0                   # 0 keeps the timm model's own value
+    embed_dim: int = 0
+    num_heads: int = 0
+
+
+@dataclass
+class MAEConfig:  # He et al. 2021, Table 1 / Sec. 4
+    mask_ratio: float = 0.75
+    decoder_depth: int = 8
+    decoder_dim: int = 512
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class DINOConfig:  # Caron et al. 2021, Sec. 3 and App. (main_dino.py defaults)
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996
+    freeze_last_layer_epochs: float = 1
+
+
+@dataclass
+class SupervisedConfig:
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4          # lr = base_lr × global_batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    weight_decay_end: float = -1.0   # < 0: constant weight decay; else cosine weight_decay → weight_decay_end
+    betas: tuple = (0.9, 0.95)
+    warmup_epochs: float = 0.0
+    clip_grad: float = 0.0           # 0: no clipping
+    accum_steps: int = 1
+    layer_decay: float = 1.0         # fine-tuning: layer-wise lr decay
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 0.0              # an epoch = the samples listed in the shards' index.json
+    steps: int = 0                   # alternative to epochs (optimizer steps)
+    out_dir: str = "runs/default"
+    checkpoint_every: int = 0        # steps; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    mixed_precision: str = "auto"    # auto: bf16 on GPU, no on CPU; or no / bf16 / fp16
+    resume: str = ""                 # "", "auto" (latest checkpoint in out_dir) or a checkpoint folder
+    progress: bool = True
+    on_nonfinite: str = "stop"       # stop | skip (roll back this batch's update and count it)
+
+
+@dataclass
+class Recipe:
+    method: str = "mae"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    views: Any = "mae"               # a preset name, {preset: name, ...options}, or a list of view specs
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, typ, where: str):
+    """Check (and gently convert) a YAML value against a dataclass field type."""
+    if typ is Any:
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise SslVitError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise SslVitError(f"{where}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SslVitError(f"{where}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise SslVitError(f"{where}: expected a string, got {value!r}")
+    if typ is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            return tuple(float(v) for v in value)
+        raise SslVitError(f"{where}: expected a list of numbers, got {value!r}")
+    raise SslVitError(f"{where}: unsupported type {typ}")
+
+
+def _apply(obj, values: dict, where: str) -> None:
+    if not isinstance(values, dict):
+        raise SslVitError(f"{where or 'recipe'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            raise SslVitError(f"unknown recipe key '{path}' (known: {', '.join(sorted(known))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, path)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise SslVitError(f"override {text!r} is not key=value (e.g. optim.base_lr=1e-3)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _nest(keys: list[str], value) -> dict:
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def load_recipe(path=None, overrides: list[str] | None = None) -> Recipe:
+    recipe = Recipe()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SslVitError(f"recipe not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise SslVitError(f"{path}:{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+        try:
+            _apply(recipe, values, "")
+        except SslVitError as e:
+            raise SslVitError(f"{path}: {e}") from None
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _apply(recipe, _nest(keys, value), "")
+    validate(recipe)
+    return recipe
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise SslVitError(f"{key}: {message}")
+
+
+def validate(r: Recipe) -> None:
+    """Impossible values, each named by its key. (Views are validated where they are built, with their index.)"""
+    _check(r.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {r.method!r}")
+    _check(0.0 <= r.mae.mask_ratio < 1.0, "mae.mask_ratio", f"must be in [0, 1), got {r.mae.mask_ratio}")
+    _check(r.data.batch_size > 0, "data.batch_size", f"must be positive, got {r.data.batch_size}")
+    _check(r.data.num_workers >= 0, "data.num_workers", "must be ≥ 0")
+    _check(0.0 <= r.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
+    _check(r.optim.accum_steps >= 1, "optim.accum_steps", "must be ≥ 1")
+    _check(r.data.batch_size % r.optim.accum_steps == 0, "data.batch_size",
+           f"{r.data.batch_size} is not divisible by optim.accum_steps={r.optim.accum_steps}")
+    _check(r.optim.base_lr > 0, "optim.base_lr", "must be positive")
+    _check(len(r.optim.betas) == 2 and all(0 <= b < 1 for b in r.optim.betas), "optim.betas",
+           "must be two numbers in [0, 1)")
+    _check(0 < r.optim.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
+    _check((r.train.epochs > 0) != (r.train.steps > 0), "train.steps",
+           "set exactly one of train.epochs and train.steps (> 0)")
+    _check(r.train.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision",
+           "must be auto, no, bf16 or fp16")
+    _check(r.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "must be stop or skip")
+    _check(r.model.img_size % r.model.patch_size == 0, "model.patch_size",
+           f"{r.model.patch_size} does not divide model.img_size={r.model.img_size}")
+    _check(r.dino.out_dim > 0, "dino.out_dim", "must be positive")
+    _check(r.mae.decoder_depth >= 1, "mae.decoder_depth", "must be ≥ 1")
+    if r.method == "mae" and r.mae.decoder_dim % r.mae.decoder_heads:
+        raise SslVitError(f"mae.decoder_dim: {r.mae.decoder_dim} is not divisible by mae.decoder_heads")
+
+
+def check_world(r: Recipe, num_processes: int) -> int:
+    """The per-process micro-batch size; an error naming data.batch_size when it does not divide."""
+    per_step = r.data.batch_size // r.optim.accum_steps
+    _check(per_step % num_processes == 0, "data.batch_size",
+           f"{r.data.batch_size} (÷ accum_steps {r.optim.accum_steps}) is not divisible by {num_processes} processes")
+    return per_step // num_processes

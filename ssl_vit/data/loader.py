@@ -1,0 +1,45 @@
+"""DataLoader over a ShardStream that tracks the stream position in the main process."""
+import torch
+from torch.utils.data import DataLoader
+
+from ssl_vit.data.stream import ShardStream, StreamState
+
+
+def move_to(batch: dict, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    out = dict(batch)
+    out["views"] = [v.to(device, non_blocking=non_blocking) for v in batch["views"]]
+    out["label"] = batch["label"].to(device, non_blocking=non_blocking)
+    return out
+
+
+class StreamLoader:
+    """Iterates batches of a ShardStream (workers in a fixed round-robin order) and records what was consumed.
+
+    `state` is the resume state of this rank after the last batch handed out; `skip_counts()` sums the per-worker
+    seen/skipped counters carried by the batches.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int = 0, device: torch.device | None = None,
+                 prefetch_factor: int = 4):
+        self.stream, self.num_workers, self.device = stream, num_workers, device or torch.device("cpu")
+        self.state = StreamState(stream.start.batches, dict(stream.start.workers))
+        self._counts: dict[int, tuple[int, int]] = {}
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                 prefetch_factor=prefetch_factor if num_workers else None,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def __iter__(self):
+        # Starting workers draws their base seed from the global RNG; fork it so that a resumed run's model-side
+        # randomness (dropout, drop path) continues exactly as in an uninterrupted run.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(self.loader)
+        for batch in batches:
+            self.state.update(batch)
+            self._counts[int(batch["_worker"])] = (int(batch["_seen"]), int(batch["_skipped"]))
+            yield move_to(batch, self.device)
+
+    def skip_counts(self) -> tuple[int, int]:
+        seen = sum(c[0] for c in self._counts.values())
+        skipped = sum(c[1] for c in self._counts.values())
+        return seen, skipped

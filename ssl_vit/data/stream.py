@@ -1,0 +1,206 @@
+"""The streaming reader: shards → (rank, worker) split → block shuffle → decode → views → batches.
+
+Every (rank, DataLoader worker) pair is one *slot*. The dataset itself assigns work to slots, so accelerate must not
+shard or dispatch the loader again (the trainer builds the DataLoader itself and moves batches to the device).
+
+Training (`mode="train"`): endless. In epoch e the shard order is a permutation seeded by (seed, e); slot s takes
+every (world·workers)-th shard from position s. A slot reads `group_size` shards at a time and emits their samples in
+a permutation seeded by (seed, e, slot, group): a shuffle buffer whose state is a pure function of the position
+(epoch, group, offset), so a resumed run continues the same stream exactly. Augmentation randomness is seeded by
+(seed, epoch, sample key) in a forked RNG, so it does not depend on which process decodes a sample.
+
+Evaluation (`mode="eval"`): every sample exactly once, in shard order, with its key; shards are dealt round-robin
+to slots, so slots may hold unequal counts (the feature extractor gathers variable-length results).
+
+Batches are formed inside the worker (`DataLoader(batch_size=None)`); each carries its slot's position, so the
+trainer knows where every worker stands. The DataLoader hands out batches from workers in a fixed round-robin order;
+on resume the logical worker ids are rotated so that the batch sequence continues where it stopped.
+"""
+import contextlib
+import hashlib
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ssl_vit.data.samples import BadSample, decode_image, decode_label, read_shard
+from ssl_vit.data.sources import ShardList, expand_source
+from ssl_vit.errors import SslVitError
+
+log = logging.getLogger("ssl_vit.data")
+
+MIN_SAMPLES_BEFORE_SKIP_CHECK = 100
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from any printable parts, identical across processes and Python runs (unlike hash())."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def permutation(n: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+@dataclass
+class Position:
+    """Where one slot stands: the next sample is `offset` in group `group` of epoch `epoch`."""
+
+    epoch: int = 0
+    group: int = 0
+    offset: int = 0
+
+    def as_list(self) -> list[int]:
+        return [self.epoch, self.group, self.offset]
+
+
+@dataclass
+class StreamState:
+    """Resume state of one rank: batches consumed and each logical worker's position after its last batch."""
+
+    batches: int = 0
+    workers: dict[int, list[int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"batches": self.batches, "workers": {str(k): v for k, v in self.workers.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StreamState":
+        return cls(int(d["batches"]), {int(k): list(v) for k, v in d["workers"].items()})
+
+    def update(self, batch: dict) -> None:
+        """Record a consumed batch (call in the main process, in consumption order)."""
+        self.batches += 1
+        self.workers[int(batch["_worker"])] = list(batch["_position"])
+
+
+def collate(items: list[tuple[list[torch.Tensor], int, str]]) -> dict:
+    views = [torch.stack(v) for v in zip(*(item[0] for item in items))]  # each [B, 3, H, W]
+    return {"views": views, "label": torch.tensor([item[1] for item in items], dtype=torch.long),
+            "key": [item[2] for item in items]}
+
+
+class ShardStream(IterableDataset):
+    """Batches of views from WebDataset shards for one rank; see the module docstring for the guarantees."""
+
+    def __init__(self, source, transform: Callable, batch_size: int, *, mode: str = "train", seed: int = 0,
+                 group_size: int = 1, rank: int = 0, world_size: int = 1, max_skip_fraction: float = 0.01,
+                 num_workers: int = 0):
+        if mode not in ("train", "eval"):
+            raise SslVitError(f"stream mode must be 'train' or 'eval', got {mode!r}")
+        if batch_size < 1:
+            raise SslVitError(f"batch size must be ≥ 1, got {batch_size}")
+        self.shards: ShardList = source if isinstance(source, ShardList) else expand_source(source)
+        self.transform, self.batch_size, self.mode, self.seed = transform, batch_size, mode, seed
+        self.group_size, self.rank, self.world_size = max(1, group_size), rank, world_size
+        self.max_skip_fraction, self.num_workers = max_skip_fraction, max(0, num_workers)
+        self.start = StreamState()
+        slots = self.world_size * max(1, self.num_workers)
+        if mode == "train" and len(self.shards.shards) < slots:
+            raise SslVitError(f"{len(self.shards.shards)} shards cannot feed {self.world_size} processes × "
+                              f"{max(1, self.num_workers)} workers = {slots} readers; write more, smaller shards "
+                              "(ssl-vit shards write --max-count) or use fewer workers")
+
+    def resume_from(self, state: StreamState | dict) -> None:
+        self.start = state if isinstance(state, StreamState) else StreamState.from_dict(state)
+
+    def _logical_worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        if info and workers != max(1, self.num_workers):
+            raise SslVitError(f"stream built for {self.num_workers} workers runs in a loader with {workers}")
+        physical = info.id if info else 0
+        return (physical + self.start.batches) % workers, workers
+
+    def __iter__(self):
+        worker, workers = self._logical_worker()
+        slot, num_slots = self.rank * workers + worker, self.world_size * workers
+        samples = self._train_samples(slot, num_slots, worker) if self.mode == "train" else \
+            self._eval_samples(slot, num_slots)
+        return self._batches(samples, worker)
+
+    # -- sample streams: yield (raw sample, epoch, position after it) -------------------------------------------
+    def shard_order(self, epoch: int, slot: int, num_slots: int) -> list[int]:
+        order = permutation(len(self.shards.shards), stable_seed(self.seed, "shards", epoch))
+        return order[slot::num_slots]
+
+    def _train_samples(self, slot: int, num_slots: int, worker: int):
+        position = Position(*self.start.workers.get(worker, [0, 0, 0]))
+        epoch, first_group, first_offset = position.epoch, position.group, position.offset
+        while True:
+            mine = self.shard_order(epoch, slot, num_slots)
+            groups = [mine[i:i + self.group_size] for i in range(0, len(mine), self.group_size)]
+            for g in range(first_group, len(groups)):
+                group = [s for i in groups[g] for s in read_shard(self.shards.shards[i].url)]
+                order = permutation(len(group), stable_seed(self.seed, "group", epoch, slot, g))
+                for offset in range(first_offset, len(order)):
+                    yield group[order[offset]], epoch, Position(epoch, g, offset + 1)
+                first_offset = 0
+            epoch, first_group = epoch + 1, 0
+
+    def _eval_samples(self, slot: int, num_slots: int):
+        for i in range(slot, len(self.shards.shards), num_slots):
+            for offset, sample in enumerate(read_shard(self.shards.shards[i].url)):
+                yield sample, 0, Position(0, i, offset + 1)
+
+    # -- decoding and batching --------------------------------------------------------------------------------
+    def _decode(self, sample: dict, epoch: int):
+        image, label = decode_image(sample), decode_label(sample)
+        with seeded_view_rngs(stable_seed(self.seed, "views", epoch, sample["__key__"])):
+            views = self.transform(image)
+        return (views if isinstance(views, (list, tuple)) else [views]), label, sample["__key__"]
+
+    def _batches(self, samples, worker: int):
+        items, seen, skipped, position = [], 0, 0, None
+        for sample, epoch, position in samples:
+            seen += 1
+            try:
+                items.append(self._decode(sample, epoch))
+            except BadSample as e:
+                skipped += 1
+                log.warning("skipped: %s", e)
+                self._check_skips(seen, skipped)
+                continue
+            if len(items) == self.batch_size:
+                yield self._emit(items, worker, position, seen, skipped)
+                items = []
+        self._check_skips(seen, skipped, final=True)
+        if items and self.mode == "eval":
+            yield self._emit(items, worker, position, seen, skipped)
+
+    def _emit(self, items, worker: int, position: Position, seen: int, skipped: int) -> dict:
+        batch = collate(items)
+        batch.update(_worker=worker, _position=position.as_list(), _seen=seen, _skipped=skipped)
+        return batch
+
+    def _check_skips(self, seen: int, skipped: int, final: bool = False) -> None:
+        if skipped and (seen >= MIN_SAMPLES_BEFORE_SKIP_CHECK or final) and skipped > self.max_skip_fraction * seen:
+            raise SslVitError(f"{skipped} of {seen} samples were unreadable ({skipped / seen:.1%} > "
+                              f"max_skip_fraction {self.max_skip_fraction:.1%}); see the warnings above for "
+                              "shards and keys")
+
+    def samples_per_epoch(self) -> int | None:
+        return self.shards.num_samples
+
+
+@contextlib.contextmanager
+def seeded_view_rngs(seed: int):
+    """Seed every RNG the view transforms draw from (torch, and Python's `random` that timm's RandAugment uses),
+    restoring the caller's RNG states afterwards."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+def steps_per_epoch(num_samples: int | None, global_batch: int) -> int | None:
+    return None if num_samples is None else max(1, math.floor(num_samples / global_batch))

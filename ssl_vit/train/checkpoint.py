@@ -1,0 +1,120 @@
+"""Atomic checkpoints on top of `accelerator.save_state`.
+
+Layout under `<out_dir>/checkpoints/`: `ckpt-<step>/` folders and a `latest` pointer file. A save writes
+`ckpt-<step>.tmp/` (accelerate's model/optimizer/RNG files, plus `trainer.json` and one `stream-rank<r>.json` per
+rank), fsyncs it, renames it to `ckpt-<step>/`, then atomically replaces `latest`. A crash at any instant leaves the
+previous checkpoint loadable; stale `.tmp` folders are ignored and removed by the next save.
+"""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ssl_vit import __version__
+from ssl_vit.errors import SslVitError
+
+POINTER = "latest"
+
+
+def code_version() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if sha:
+            return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, stream_state: dict,
+                    keep: int = 2) -> Path:
+    """Collective: every process calls it. Returns the final folder."""
+    root = Path(root)
+    final, tmp = root / f"ckpt-{step:08d}", root / f"ckpt-{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    write_json_atomic(tmp / f"stream-rank{accelerator.process_index}.json", stream_state)
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "trainer.json", trainer_state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_text_atomic(root / POINTER, final.name)
+        _prune(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("ckpt-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
+    """`resume`: '' → None; 'auto' → the latest checkpoint in out_dir or None; else that folder (must exist)."""
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "trainer.json").is_file():
+            raise SslVitError(f"not a checkpoint folder (no trainer.json): {path}")
+        return path
+    pointer = Path(out_dir) / "checkpoints" / POINTER
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / "trainer.json").is_file():
+        raise SslVitError(f"checkpoint pointer {pointer} names a missing checkpoint: {path}")
+    return path
+
+
+def read_checkpoint_meta(path: Path, rank: int) -> tuple[dict, dict]:
+    trainer = json.loads((path / "trainer.json").read_text())
+    stream_file = path / f"stream-rank{rank}.json"
+    if not stream_file.is_file():
+        raise SslVitError(f"checkpoint {path} has no stream state for rank {rank}: it was written by "
+                          f"{trainer.get('world_size')} processes; resume with the same number")
+    return trainer, json.loads(stream_file.read_text())

@@ -1,0 +1,218 @@
+"""The one trainer: Accelerate-driven optimisation of any `Method` (MAE, DINO, supervised) on a ShardStream.
+
+It never asks which method it runs (see methods/base.py for the contract). Schedules are pure functions of the
+global step; the data stream position, the resolved recipe, the seed and the code version go into every checkpoint,
+so `--resume` continues exactly (same per-step losses as an uninterrupted run on CPU with the same process count).
+"""
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from ssl_vit.config import Recipe, check_world
+from ssl_vit.data.loader import StreamLoader
+from ssl_vit.data.sources import expand_source
+from ssl_vit.data.stream import ShardStream, steps_per_epoch
+from ssl_vit.errors import SslVitError
+from ssl_vit.methods import backbone_spec, build_method
+from ssl_vit.train.checkpoint import code_version, find_checkpoint, read_checkpoint_meta, save_checkpoint, \
+    write_json_atomic
+from ssl_vit.train.run_log import RunLog
+from ssl_vit.train.schedules import cosine
+from ssl_vit.transforms import MultiViewTransform, views_from_recipe
+
+
+def resolve_precision(value: str) -> str:
+    if value == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return value
+
+
+def trainer_schedules(recipe: Recipe, total_steps: int, spe: int, lr_scale_batch: int) -> dict:
+    o = recipe.optim
+    peak = o.base_lr * lr_scale_batch / 256
+    warmup = round(o.warmup_epochs * spe)
+    wd_end = o.weight_decay if o.weight_decay_end < 0 else o.weight_decay_end
+    return {"lr": lambda s: cosine(s, total_steps, peak, o.min_lr, warmup_steps=warmup),
+            "wd": lambda s: cosine(s, total_steps, o.weight_decay, wd_end)}
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
+        self.recipe = r = recipe
+        self.acc = accelerator or Accelerator(mixed_precision=resolve_precision(r.train.mixed_precision))
+        set_seed(r.seed)
+        self.out_dir = Path(r.train.out_dir)
+        self.micro_batch = check_world(r, self.acc.num_processes)
+        specs = views_from_recipe(r.views)
+        shards = expand_source(r.data.train)
+        self.classes = shards.classes or []
+        self.spe = steps_per_epoch(shards.num_samples, r.data.batch_size)
+        if r.train.epochs and self.spe is None:
+            raise SslVitError("train.epochs needs shard sample counts (train from an index.json) — or set train.steps")
+        self.total_steps = r.train.steps or math.ceil(r.train.epochs * self.spe)
+        self.spe = self.spe or self.total_steps
+        largest = max(s.size for s in specs)
+        num_global = sum(s.count for s in specs if s.size == largest)
+        num_classes = r.data.num_classes or len(self.classes)
+        method = build_method(r, num_classes=num_classes, num_global_views=num_global)
+        groups = method.param_groups(r.optim.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=r.optim.base_lr, betas=tuple(r.optim.betas))
+        self.model, self.optimizer = self.acc.prepare(method, optimizer)
+        self.method = self.acc.unwrap_model(self.model)
+        self.schedules = {**trainer_schedules(r, self.total_steps, self.spe, r.data.batch_size),
+                          **self.method.schedules(self.total_steps, self.spe)}
+        self.stream = ShardStream(shards, MultiViewTransform(specs), self.micro_batch, mode="train", seed=r.seed,
+                                  group_size=r.data.group_size, rank=self.acc.process_index,
+                                  world_size=self.acc.num_processes, max_skip_fraction=r.data.max_skip_fraction,
+                                  num_workers=r.data.num_workers)
+        self.step, self.skipped_steps, self.images_seen, self.train_seconds = 0, 0, 0, 0.0
+        self._maybe_resume()
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def _maybe_resume(self) -> None:
+        path = find_checkpoint(self.out_dir, self.recipe.train.resume)
+        if path is None:
+            return
+        trainer_state, stream_state = read_checkpoint_meta(path, self.acc.process_index)
+        if trainer_state["world_size"] != self.acc.num_processes or \
+                stream_state["num_workers"] != self.recipe.data.num_workers:
+            raise SslVitError(f"checkpoint {path} was written by {trainer_state['world_size']} processes × "
+                              f"{stream_state['num_workers']} workers; resume with the same (now "
+                              f"{self.acc.num_processes} × {self.recipe.data.num_workers})")
+        try:
+            self.acc.load_state(str(path))
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise SslVitError(f"checkpoint {path} does not match this recipe's model/optimizer: {first}") from None
+        self.step = trainer_state["step"]
+        self.skipped_steps = trainer_state.get("skipped_steps", 0)
+        self.images_seen = trainer_state.get("images_seen", 0)
+        self.train_seconds = trainer_state.get("train_seconds", 0.0)
+        self.stream.resume_from(stream_state["stream"])
+        if self.acc.is_main_process:
+            print(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> Path:
+        trainer_state = {"step": self.step, "seed": self.recipe.seed, "recipe": self.recipe.to_dict(),
+                         "code_version": code_version(), "world_size": self.acc.num_processes,
+                         "skipped_steps": self.skipped_steps, "images_seen": self.images_seen,
+                         "train_seconds": self.train_seconds, "classes": self.classes}
+        stream_state = {"stream": self.loader.state.to_dict(), "num_workers": self.recipe.data.num_workers,
+                        "skip_counts": list(self.loader.skip_counts())}
+        return save_checkpoint(self.acc, self.out_dir / "checkpoints", self.step, trainer_state, stream_state,
+                               keep=self.recipe.train.keep_checkpoints)
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def _apply_schedules(self) -> dict:
+        sched = {name: float(f(self.step)) for name, f in self.schedules.items()}
+        for group in self.optimizer.param_groups:
+            group["lr"] = sched["lr"] * group.get("lr_scale", 1.0)
+            group["weight_decay"] = sched["wd"] * group.get("wd_scale", 1.0)
+        return sched
+
+    def _train_step(self, batches, sched: dict) -> tuple[dict, bool]:
+        """One optimizer step over `accum_steps` micro-batches; returns (logs, finite)."""
+        accum = self.recipe.optim.accum_steps
+        totals: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            batch.update(step=self.step, seed=self.recipe.seed)
+            sync = contextlib.nullcontext() if i == accum - 1 else self.acc.no_sync(self.model)
+            with sync, self.acc.autocast():
+                out = self.model(batch, sched)
+                self.acc.backward(out["loss"] / accum)
+            for name, value in out.items():
+                totals[name] = totals.get(name, 0.0) + float(value) / accum
+        finite = torch.tensor(float(math.isfinite(totals["loss"])), device=self.acc.device)
+        finite = bool(self.acc.reduce(finite, reduction="sum").item() == self.acc.num_processes)
+        if finite:
+            self.method.before_optimizer_step(self.step, sched)
+            if self.recipe.optim.clip_grad > 0:
+                norm = self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.clip_grad)
+                totals["grad_norm"] = float(norm)
+            self.optimizer.step()
+            self.method.on_step_end(self.step, sched)
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals, finite
+
+    def _handle_nonfinite(self, logs: dict, last_ckpt: Path | None) -> None:
+        if self.recipe.train.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            self.acc.print(f"warning: non-finite loss ({logs['loss']}) at step {self.step}: update skipped "
+                           f"({self.skipped_steps} so far)")
+            return
+        where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+        raise SslVitError(f"non-finite loss ({logs['loss']}) at step {self.step}; run stopped ({where})")
+
+    def fit(self) -> dict:
+        r, acc = self.recipe, self.acc
+        self.loader = StreamLoader(self.stream, r.data.num_workers, device=acc.device)
+        log = RunLog(self.out_dir, enabled=acc.is_main_process)
+        if acc.is_main_process:
+            truncate_log(self.out_dir / "log.jsonl", self.step)
+            write_json_atomic(self.out_dir / "recipe.json", r.to_dict())
+        accum, last_ckpt = r.optim.accum_steps, None
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (acc.is_main_process and r.train.progress),
+                   desc=f"{r.method} pretrain", unit="step", dynamic_ncols=True)
+        data_iter = iter(self.loader)
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                sched = self._apply_schedules()
+                batches = [next(data_iter) for _ in range(accum)]
+                t_data = time.perf_counter() - t0
+                logs, finite = self._train_step(batches, sched)
+                if not finite:
+                    self._handle_nonfinite(logs, last_ckpt)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.images_seen += r.data.batch_size
+                self.train_seconds += dt
+                ips = r.data.batch_size / dt
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{ips:.0f}")
+                if self.step % r.train.log_every == 0 or self.step == self.total_steps:
+                    loss = acc.reduce(torch.tensor(logs["loss"], device=acc.device), reduction="mean").item()
+                    seen, skipped = self.loader.skip_counts()
+                    log.write(self.step, {**logs, "loss": loss, **{k: v for k, v in sched.items()},
+                                          "images_per_s": ips, "data_wait_frac": t_data / dt,
+                                          "epoch": self.step / self.spe, "skipped_samples": skipped})
+                if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
+                    last_ckpt = self.save()
+        finally:
+            bar.close()
+            log.close()
+        if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:08d}"):
+            self.save()
+        return self.finish()
+
+    def finish(self) -> dict:
+        from ssl_vit.models.export import export_backbone
+
+        summary = {"method": self.recipe.method, "steps": self.step, "images_seen": self.images_seen,
+                   "train_seconds": round(self.train_seconds, 2),
+                   "images_per_s": round(self.images_seen / max(self.train_seconds, 1e-9), 1),
+                   "skipped_steps": self.skipped_steps, "world_size": self.acc.num_processes,
+                   "backbone": str(self.out_dir / "backbone.safetensors")}
+        if self.acc.is_main_process:
+            spec = backbone_spec(self.recipe)
+            export_backbone(self.method.backbone(), spec, self.out_dir / "backbone.safetensors",
+                            extra_meta={"method": self.recipe.method, "step": self.step, "classes": self.classes,
+                                        "code_version": code_version()})
+            write_json_atomic(self.out_dir / "summary.json", summary)
+        self.acc.wait_for_everyone()
+        return summary
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint so the log reads like one uninterrupted run."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
