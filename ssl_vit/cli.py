@@ -7,7 +7,7 @@ from ssl_vit import __version__
 from ssl_vit.errors import SslVitError
 
 # Each module defines register(subparsers) and sets a `func(args) -> int | None` default.
-COMMAND_MODULES = ("shards", "train", "eval", "compare")
+COMMAND_MODULES = ("shards", "train", "features", "eval", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,6 +93,7 @@ class TrainConfig:
     resume: str = ""                 # "", "auto" (latest checkpoint in out_dir) or a checkpoint folder
     progress: bool = True
     on_nonfinite: str = "stop"       # stop | skip (roll back this batch's update and count it)
+    audit_keys: bool = False         # write the sample keys each process trained on to <out_dir>/audit/
 
 
 @dataclass
@@ -151,6 +152,8 @@ def _apply(obj, values: dict, where: str) -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _apply(current, value, path)
+        elif isinstance(current, dict) and isinstance(value, dict):  # e.g. `views.num_local=2` on a preset dict
+            setattr(obj, key, {**current, **value})
         else:
             setattr(obj, key, _coerce(value, hints[key], path))
 

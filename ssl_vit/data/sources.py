@@ -61,7 +61,7 @@ def _expand_one(source: str) -> ShardList:
         if not Path(source).is_file():
             raise SslVitError(f"missing shard index: {source}")
         return _from_index(source)
-    shards = []
+    shards, missing = [], []
     for pattern in braceexpand.braceexpand(source):
         if any(ch in pattern for ch in "*?["):
             matches = sorted(glob.glob(pattern))
@@ -69,9 +69,12 @@ def _expand_one(source: str) -> ShardList:
                 raise SslVitError(f"shard pattern matches nothing: {pattern}")
             shards += [Shard(m) for m in matches]
         elif not Path(pattern).is_file():
-            raise SslVitError(f"missing shard: {pattern}")
+            missing.append(pattern)
         else:
             shards.append(Shard(pattern))
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(missing) + len(shards)})" if len(missing) > 1 else ""
+        raise SslVitError(f"missing shard: {missing[0]}{more}")
     return ShardList(shards)
 
 

@@ -150,6 +150,11 @@ class Trainer:
         where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
         raise SslVitError(f"non-finite loss ({logs['loss']}) at step {self.step}; run stopped ({where})")
 
+    def _open_audit(self):
+        folder = self.out_dir / "audit"
+        folder.mkdir(parents=True, exist_ok=True)
+        return open(folder / f"rank{self.acc.process_index}.jsonl", "a")
+
     def fit(self) -> dict:
         r, acc = self.recipe, self.acc
         self.loader = StreamLoader(self.stream, r.data.num_workers, device=acc.device)
@@ -161,12 +166,15 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (acc.is_main_process and r.train.progress),
                    desc=f"{r.method} pretrain", unit="step", dynamic_ncols=True)
         data_iter = iter(self.loader)
+        audit = self._open_audit() if r.train.audit_keys else None
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 sched = self._apply_schedules()
                 batches = [next(data_iter) for _ in range(accum)]
                 t_data = time.perf_counter() - t0
+                if audit is not None:
+                    audit.write(json.dumps({"step": self.step, "keys": [k for b in batches for k in b["key"]]}) + "\n")
                 logs, finite = self._train_step(batches, sched)
                 if not finite:
                     self._handle_nonfinite(logs, last_ckpt)
@@ -188,6 +196,8 @@ class Trainer:
         finally:
             bar.close()
             log.close()
+            if audit is not None:
+                audit.close()
         if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:08d}"):
             self.save()
         return self.finish()

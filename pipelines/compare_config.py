@@ -1,0 +1,71 @@
+"""The comparison recipe (`recipes/compare_<data>.yaml`): which data, which methods, what budget, which evaluations."""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ssl_vit.config import _apply, _check, parse_override, _nest
+from ssl_vit.errors import SslVitError
+
+
+@dataclass
+class SourceConfig:
+    train: str = "data/cifar10_subset/train.tar.gz"   # image source (ImageFolder tree/tar, CSV/JSONL) or index.json
+    test: str = "data/cifar10_subset/test.tar.gz"
+    shard_max_count: int = 500                        # samples per shard when shards are written
+
+
+@dataclass
+class BudgetConfig:
+    images: int = 60000                               # images seen by every pretraining run (the fair budget)
+    batch_size: int = 128
+
+
+@dataclass
+class EvalConfig:
+    knn_k: list = field(default_factory=lambda: [10, 20, 100, 200])
+    knn_temperature: float = 0.07
+    linear_probe: bool = True
+    probe_epochs: int = 100
+    probe_lrs: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    raw_pixels: bool = True                           # a raw-pixel k-NN row: the floor any backbone should beat
+    batch_size: int = 256
+    num_workers: int = 1
+    resize: int = 0                                   # 0: no resize before the centre crop (right for 32-px CIFAR)
+
+
+@dataclass
+class CompareConfig:
+    name: str = "cifar10_subset"
+    out_dir: str = "runs/compare_cifar10_subset"
+    methods: list = field(default_factory=lambda: ["mae", "dino", "supervised"])
+    recipes: dict = field(default_factory=dict)        # method → training recipe path
+    overrides: list = field(default_factory=list)      # key=value applied to every training recipe
+    random_init: bool = True                           # add an untrained backbone row
+    source: SourceConfig = field(default_factory=SourceConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConfig:
+    cfg = CompareConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise SslVitError(f"recipe not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SslVitError(f"{path}: is not valid YAML: {getattr(e, 'problem', e)}") from None
+    try:
+        _apply(cfg, values, "")
+        for text in overrides or []:
+            keys, value = parse_override(text)
+            _apply(cfg, _nest(keys, value), "")
+    except SslVitError as e:
+        raise SslVitError(f"{path}: {e}") from None
+    for method in cfg.methods:
+        _check(method in cfg.recipes, "recipes", f"no training recipe for method {method!r}")
+        _check(Path(cfg.recipes[method]).is_file(), f"recipes.{method}", f"file not found: {cfg.recipes[method]}")
+    _check(cfg.budget.images >= cfg.budget.batch_size, "budget.images", "must be at least one batch")
+    _check(all(isinstance(k, int) and k > 0 for k in cfg.eval.knn_k), "eval.knn_k", "must be positive integers")
+    return cfg

@@ -1,0 +1,40 @@
+"""`ssl-vit features`: extract a feature cache from evaluation shards with a trained backbone."""
+
+
+def add_extract_options(p) -> None:
+    p.add_argument("--backbone", required=True,
+                   help="backbone.safetensors, a run folder (train.out_dir) or a checkpoint folder")
+    p.add_argument("--shards", required=True, help="evaluation shards: index.json, brace pattern, glob or pipe: URL")
+    p.add_argument("--pooling", choices=("cls", "avg", "cls+avg"), default="cls")
+    p.add_argument("--last-blocks", type=int, default=1, help="concatenate the CLS token of the last N blocks")
+    p.add_argument("--resize", type=int, default=None,
+                   help="resize the shorter side to this before the centre crop (default: image size / 0.875)")
+    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("features", help="extract features (a cache for knn / linear-probe / index)",
+                              description="Extract features of every sample exactly once (also under accelerate "
+                                          "launch), sorted by key, with labels, into a cache folder.")
+    add_extract_options(p)
+    p.add_argument("--out", required=True, help="cache folder to write")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    extract_from_args(args, args.out)
+    print(f"features written to {args.out}")
+    return 0
+
+
+def extract_from_args(args, out):
+    from ssl_vit.eval.backbones import load_eval_backbone
+    from ssl_vit.eval.features import extract_features
+
+    model, meta = load_eval_backbone(args.backbone)
+    return extract_features(model, args.shards, out, image_size=int(meta["img_size"]), resize=args.resize,
+                            pooling=args.pooling, last_blocks=args.last_blocks, batch_size=args.batch_size,
+                            num_workers=args.workers, progress=not args.no_progress,
+                            meta={"backbone": str(args.backbone), "model_name": meta.get("model_name")})

@@ -1,0 +1,117 @@
+"""Feature extraction: a backbone over evaluation shards → a feature cache (every sample once, in key order).
+
+Each process streams its share of the shards (eval mode), appends float32 rows to its own part file, then the main
+process merges the parts by sorted key into a memory-mapped `features.npy`. Memory stays bounded by one batch per
+process plus one merge chunk, whatever the number of samples (a million 768-d rows is a 3 GB file, not 3 GB of RAM).
+"""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ssl_vit.data.loader import StreamLoader
+from ssl_vit.data.stream import ShardStream
+from ssl_vit.errors import SslVitError
+from ssl_vit.transforms import MultiViewTransform, eval_views
+
+POOLINGS = ("cls", "avg", "cls+avg")
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, images: torch.Tensor, pooling: str = "cls", last_blocks: int = 1):
+    """[B, D'] features: CLS and/or mean patch token after the final norm; with `last_blocks` > 1 the CLS tokens
+    of the last n blocks are concatenated (DINO's linear protocol for ViT-S), the average pool from the last."""
+    if pooling not in POOLINGS:
+        raise SslVitError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    if last_blocks > 1:
+        layers = model.forward_intermediates(images, indices=last_blocks, return_prefix_tokens=True, norm=True,
+                                             output_fmt="NLC", intermediates_only=True)
+        cls = torch.cat([p[:, 0] for _, p in layers], dim=-1)  # [B, n·D]
+        patches = layers[-1][0]  # [B, L, D]
+    else:
+        tokens = model.forward_features(images)  # [B, prefix + L, D]
+        cls, patches = tokens[:, 0], tokens[:, prefix:]
+    parts = {"cls": [cls], "avg": [patches.mean(dim=1)], "cls+avg": [cls, patches.mean(dim=1)]}[pooling]
+    return torch.cat(parts, dim=-1).float()
+
+
+def extract_features(backbone: nn.Module, source, out_dir, *, accelerator=None, image_size: int = 224,
+                     resize: int | None = None, pooling: str = "cls", last_blocks: int = 1, batch_size: int = 128,
+                     num_workers: int = 2, meta: dict | None = None, progress: bool = True) -> Path:
+    """Write a feature cache folder (see eval/feature_cache.py) and return its path. Collective under accelerate."""
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator()
+    out_dir = Path(out_dir)
+    parts_dir = out_dir.with_name(out_dir.name + ".parts")
+    if acc.is_main_process:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        parts_dir.mkdir(parents=True)
+    acc.wait_for_everyone()
+    transform = MultiViewTransform(eval_views(image_size, resize=resize))
+    stream = ShardStream(source, transform, batch_size, mode="eval", rank=acc.process_index,
+                         world_size=acc.num_processes, num_workers=num_workers)
+    model = backbone.to(acc.device).eval()
+    keys, labels, dim = [], [], None
+    rows = open(parts_dir / f"rank{acc.process_index}.f32", "wb")
+    bar = tqdm(desc="features", unit="img", disable=not (progress and acc.is_main_process), dynamic_ncols=True)
+    loader = StreamLoader(stream, num_workers, device=acc.device)
+    with rows, acc.autocast():
+        for batch in loader:
+            feats = pooled_features(model, batch["views"][0], pooling, last_blocks).cpu().numpy()  # [B, D]
+            dim = feats.shape[1]
+            rows.write(np.ascontiguousarray(feats, dtype=np.float32).tobytes())
+            keys += batch["key"]
+            labels += batch["label"].tolist()
+            bar.update(len(batch["key"]) * acc.num_processes)
+    bar.close()
+    seen, skipped = loader.skip_counts()
+    (parts_dir / f"rank{acc.process_index}.json").write_text(
+        json.dumps({"keys": keys, "labels": labels, "dim": dim, "skipped": skipped}))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        info = {"pooling": pooling, "last_blocks": last_blocks, "image_size": image_size,
+                "source": source if isinstance(source, (str, list)) else str(source), **(meta or {})}
+        merge_parts(out_dir, parts_dir, acc.num_processes, info)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    acc.wait_for_everyone()
+    return out_dir
+
+
+def merge_parts(out_dir: Path, parts_dir: Path, num_parts: int, info: dict, chunk: int = 65536) -> None:
+    """Merge per-process part files into the cache format (features.npy, labels.npy, keys.json, meta.json),
+    sorted by key, written into a temporary folder and renamed into place."""
+    parts = [json.loads((parts_dir / f"rank{r}.json").read_text()) for r in range(num_parts)]
+    dims = {p["dim"] for p in parts if p["dim"] is not None}
+    keys = [k for p in parts for k in p["keys"]]
+    if not keys:
+        raise SslVitError(f"empty evaluation set: no readable samples in {info.get('source')}")
+    if len(set(keys)) != len(keys):
+        raise SslVitError(f"duplicate sample keys in {info.get('source')}: shards overlap or keys are not unique")
+    (dim,) = dims
+    sources = [(r, i) for r, p in enumerate(parts) for i in range(len(p["keys"]))]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    maps = [np.memmap(parts_dir / f"rank{r}.f32", dtype=np.float32, mode="r", shape=(len(p["keys"]), dim))
+            if p["keys"] else None for r, p in enumerate(parts)]
+    features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(len(keys), dim))
+    for start in range(0, len(order), chunk):
+        rows = [sources[j] for j in order[start:start + chunk]]
+        features[start:start + len(rows)] = np.stack([maps[r][i] for r, i in rows])
+    features.flush()
+    del features, maps
+    labels = [p["labels"][i] for p in parts for i in range(len(p["keys"]))]
+    np.save(tmp / "labels.npy", np.asarray([labels[j] for j in order], dtype=np.int64))
+    (tmp / "keys.json").write_text(json.dumps([keys[j] for j in order]))
+    meta = {**info, "dim": dim, "num": len(keys), "skipped": sum(p["skipped"] for p in parts),
+            "num_processes": num_parts}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)

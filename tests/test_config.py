@@ -1,0 +1,90 @@
+"""Recipe validation: every shipped recipe loads; bad recipes fail with one line naming the key."""
+from pathlib import Path
+
+import pytest
+
+from ssl_vit.cli import main
+from ssl_vit.config import check_world, load_recipe
+from ssl_vit.errors import SslVitError
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+TRAIN_RECIPES = [p for p in RECIPES if not p.name.startswith("compare_")]
+
+
+@pytest.mark.parametrize("path", TRAIN_RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_load_and_build_their_views(path):
+    from ssl_vit.transforms import views_from_recipe
+
+    recipe = load_recipe(path)
+    specs = views_from_recipe(recipe.views)
+    assert specs and all(s.size <= recipe.model.img_size for s in specs)
+
+
+def test_paper_recipes_carry_the_papers_hyper_parameters():
+    root = RECIPES[0].parent
+    mae = load_recipe(root / "mae_vit_base_patch16_in1k.yaml")
+    assert (mae.model.name, mae.mae.mask_ratio, mae.data.batch_size, mae.optim.base_lr) == \
+        ("vit_base_patch16_224", 0.75, 4096, 1.5e-4)
+    dino = load_recipe(root / "dino_vit_small_patch16_in1k.yaml")
+    assert (dino.model.name, dino.dino.out_dim, dino.dino.momentum_teacher) == ("vit_small_patch16_224", 65536, 0.996)
+    assert (dino.optim.weight_decay, dino.optim.weight_decay_end) == (0.04, 0.4)
+    sup = load_recipe(root / "supervised_vit_small_patch16_in1k.yaml")
+    assert (sup.supervised.label_smoothing, sup.supervised.mixup, sup.supervised.cutmix) == (0.1, 0.8, 1.0)
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text,message", [
+    ("method: mae\ntrain: {steps: 10}\noptim: {lrr: 0.1}\n", "unknown recipe key 'optim.lrr'"),
+    ("method: mae\ntrain: {steps: 10}\nfoo: 1\n", "unknown recipe key 'foo'"),
+    ("method: mae\ntrain: {steps: 10}\noptim: {base_lr: fast}\n", "optim.base_lr: expected a number, got 'fast'"),
+    ("method: mae\ntrain: {steps: ten}\n", "train.steps: expected an integer"),
+    ("method: mae\ntrain: {steps: 10}\nmae: {mask_ratio: 1.0}\n", "mae.mask_ratio: must be in [0, 1)"),
+    ("method: byol\ntrain: {steps: 10}\n", "method: must be one of"),
+    ("method: mae\ntrain: {steps: 10}\nmae: {norm_pix_loss: 3}\n", "mae.norm_pix_loss: expected true/false"),
+    ("method: mae\ntrain: {steps: 10}\ndata: 5\n", "data: expected a mapping"),
+    ("method: mae\n", "set exactly one of train.epochs and train.steps"),
+    ("method: mae\ntrain: {steps: 10}\nmodel: {img_size: 32, patch_size: 5}\n", "model.patch_size: 5 does not divide"),
+    ("method: mae\ntrain: [steps\n", "is not valid YAML"),
+])
+def test_bad_recipes_name_the_key(tmp_path, text, message):
+    with pytest.raises(SslVitError) as err:
+        load_recipe(write(tmp_path, text))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_local_crop_larger_than_global_is_rejected(tmp_path):
+    from ssl_vit.transforms import views_from_recipe
+
+    path = write(tmp_path, "method: dino\ntrain: {steps: 1}\n"
+                           "views: {preset: dino, global_size: 32, local_size: 48, num_local: 2}\n")
+    with pytest.raises(SslVitError, match="local"):
+        views_from_recipe(load_recipe(path).views)
+
+
+def test_batch_not_divisible_by_processes():
+    recipe = load_recipe(None, ["train.steps=1", "data.batch_size=10", "optim.accum_steps=1"])
+    assert check_world(recipe, 2) == 5
+    with pytest.raises(SslVitError, match="data.batch_size: 10 .* not divisible by 3 processes"):
+        check_world(recipe, 3)
+
+
+def test_overrides_are_typed_and_checked():
+    recipe = load_recipe(None, ["train.steps=5", "optim.base_lr=3e-4", "optim.betas=[0.9, 0.99]"])
+    assert recipe.optim.base_lr == 3e-4 and recipe.optim.betas == (0.9, 0.99)
+    with pytest.raises(SslVitError, match="unknown recipe key 'optim.nope'"):
+        load_recipe(None, ["train.steps=5", "optim.nope=1"])
+    with pytest.raises(SslVitError, match="not key=value"):
+        load_recipe(None, ["train.steps"])
+
+
+def test_cli_reports_recipe_errors_in_one_line(tmp_path, capsys):
+    path = write(tmp_path, "method: mae\ntrain: {steps: 10}\noptim: {lrr: 0.1}\n")
+    assert main(["pretrain", "--recipe", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "optim.lrr" in err and len(err.splitlines()) == 1

@@ -1,0 +1,112 @@
+"""The trainer through its public entry points: `ssl-vit pretrain` and `accelerate launch -m ssl_vit.train`."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ssl_vit.cli import main
+from ssl_vit.train.run_log import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "train.progress=false", "train.log_every=1",
+        "data.num_workers=1"]
+METHOD_ARGS = {
+    "mae": ["mae.decoder_depth=1", "mae.decoder_dim=64", "mae.decoder_heads=2"],
+    "dino": ["dino.out_dim=512", "dino.hidden_dim=128", "dino.bottleneck_dim=32", "views.num_local=2"],
+    "supervised": [],
+}
+
+
+def recipe_for(method: str) -> str:
+    return str(ROOT / "recipes" / f"{method}_vit_tiny_cifar10.yaml")
+
+
+def pretrain_args(method, shards, out, steps, extra=()):
+    return ["pretrain", "--recipe", recipe_for(method), f"data.train={shards}", f"train.out_dir={out}",
+            f"train.steps={steps}", "train.epochs=0", *TINY, *METHOD_ARGS[method], *extra]
+
+
+@pytest.mark.parametrize("method", ["mae", "dino", "supervised"])
+def test_loss_falls_on_real_data(method, train_shards, tmp_path):
+    out = tmp_path / method
+    assert main(pretrain_args(method, train_shards, out, 30, ["data.batch_size=64"])) == 0
+    losses = [row["loss"] for row in read_log(out / "log.jsonl")]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.95 * first, (method, first, last)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["images_seen"] == 30 * 64
+    assert (out / "backbone.safetensors").is_file() and (out / "checkpoints" / "latest").is_file()
+    assert list((out / "tensorboard").iterdir())
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "ssl_vit.cli", *map(str, args)]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_logs_the_same_losses(train_shards, tmp_path):
+    """kill -9 after a checkpoint, resume: per-step losses equal (bitwise) those of an uninterrupted run."""
+    steps, extra = 16, ["data.batch_size=32", "train.checkpoint_every=5", "data.num_workers=2"]
+    straight = tmp_path / "straight"
+    assert main(pretrain_args("mae", train_shards, straight, steps, extra)) == 0
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(cli(*pretrain_args("mae", train_shards, resumed, steps, extra)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pointer = resumed / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not pointer.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert pointer.exists(), "no checkpoint before the kill"
+    killed_at = int(pointer.read_text().split("-")[1])
+    assert killed_at < steps, "the run finished before it could be killed"
+    assert main(pretrain_args("mae", train_shards, resumed, steps, [*extra, "--resume"])) == 0
+
+    a = [(r["step"], r["loss"]) for r in read_log(straight / "log.jsonl")]
+    b = [(r["step"], r["loss"]) for r in read_log(resumed / "log.jsonl")]
+    assert len(a) == steps and a == b
+
+
+def test_nonfinite_loss_stops_with_the_step(train_shards, tmp_path, capsys):
+    out = tmp_path / "nan"
+    args = pretrain_args("supervised", train_shards, out, 5, ["optim.base_lr=1e30", "data.batch_size=16"])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "at step" in err
+
+
+def test_mismatched_checkpoint_is_a_clear_error(train_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(pretrain_args("mae", train_shards, out, 2, ["data.batch_size=16"])) == 0
+    args = pretrain_args("mae", train_shards, out, 4, ["data.batch_size=16", "model.embed_dim=96", "--resume"])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and "ckpt-00000002" in err
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_sees_disjoint_data(train_shards, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ssl_vit.train",
+           "--recipe", recipe_for("mae"), f"data.train={train_shards}", f"train.out_dir={out}", "train.steps=6",
+           "train.epochs=0", "data.batch_size=32", "train.audit_keys=true", *TINY, *METHOD_ARGS["mae"]]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    ranks = [[json.loads(line) for line in (out / "audit" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in range(2)]
+    keys = [[k for row in rank for k in row["keys"]] for rank in ranks]
+    assert [len(k) for k in keys] == [6 * 16, 6 * 16]  # 16 per process per step
+    assert not set(keys[0]) & set(keys[1])
+    assert len(set(keys[0])) == len(keys[0])
