@@ -1,0 +1,115 @@
+"""The shard index (`OUT-index.json`) and the write plan (`OUT-plan.json`): names, atomic writes, validation.
+
+Index format `ssl_vit.shards/1`:
+`{"format", "shards": [{"name", "samples", "bytes", "sha256"}], "num_samples", "classes", "class_counts", "seed",
+"source", "skipped"}`; shard names are relative to the index file's folder.
+"""
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from ssl_vit.errors import SslVitError
+
+INDEX_FORMAT = "ssl_vit.shards/1"
+INDEX_KEYS = ("format", "shards", "num_samples", "classes", "class_counts")
+SHARD_KEYS = ("name", "samples", "bytes", "sha256")
+
+
+def index_path_for(out_prefix) -> Path:
+    return Path(f"{out_prefix}-index.json")
+
+
+def plan_path_for(out_prefix) -> Path:
+    return Path(f"{out_prefix}-plan.json")
+
+
+def shard_path_for(out_prefix, i: int) -> Path:
+    return Path(f"{out_prefix}-{i:06d}.tar")
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Yield `path.tmp` opened for writing; on success flush, fsync and rename it over `path`, so that `path` is
+    never partial. After a failure the `.tmp` stays behind for the next run to overwrite."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path, obj) -> None:
+    try:
+        with atomic_write(path, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+    except OSError as e:
+        raise SslVitError(f"cannot write {path}: {e}") from None
+
+
+def write_index(path, index: dict) -> None:
+    write_json_atomic(path, index)
+
+
+def read_json(path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SslVitError(f"missing {what}: {path}")
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SslVitError(f"corrupt {what} {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise SslVitError(f"corrupt {what} {path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_index(path) -> dict:
+    """Read and validate an index written by `ssl-vit shards write`; every problem is a one-line SslVitError."""
+    index = read_json(path, "shard index")
+    missing = [k for k in INDEX_KEYS if k not in index]
+    if missing:
+        raise SslVitError(f"shard index {path} lacks key(s) {', '.join(missing)}")
+    if index["format"] != INDEX_FORMAT:
+        raise SslVitError(f"shard index {path}: format {index['format']!r} is not {INDEX_FORMAT!r}")
+    if not isinstance(index["shards"], list) or not index["shards"]:
+        raise SslVitError(f"shard index {path}: 'shards' must be a non-empty list")
+    for i, entry in enumerate(index["shards"]):
+        lacking = [k for k in SHARD_KEYS if not isinstance(entry, dict) or k not in entry]
+        if lacking:
+            raise SslVitError(f"shard index {path}: shards[{i}] lacks key(s) {', '.join(lacking)}")
+        if not isinstance(entry["samples"], int) or entry["samples"] < 0:
+            raise SslVitError(f"shard index {path}: shards[{i}].samples must be a count, got {entry['samples']!r}")
+    total = sum(entry["samples"] for entry in index["shards"])
+    if index["num_samples"] != total:
+        raise SslVitError(f"shard index {path}: num_samples {index['num_samples']} != {total}, the sum over shards")
+    if len(index["class_counts"]) != len(index["classes"]):
+        raise SslVitError(f"shard index {path}: {len(index['class_counts'])} class_counts for "
+                          f"{len(index['classes'])} classes")
+    return index

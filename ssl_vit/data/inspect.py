@@ -1,0 +1,242 @@
+"""`ssl-vit shards inspect`: what a set of shards holds (classes, formats, sizes), read from the tars themselves.
+
+`verify` recomputes each shard's sha256 and sample count and compares them with the index; the grid shows the
+first N samples with their class names.
+"""
+import io
+import json
+import math
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from ssl_vit.data.image_sources import IMAGE_EXTENSIONS
+from ssl_vit.data.index import index_path_for, read_index, sha256_file
+from ssl_vit.errors import SslVitError
+
+IMAGE_KEYS = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS} | {"ppm", "pgm", "pnm"}
+TOP_SIZES = 10
+
+
+@dataclass
+class ShardScan:
+    """What one tar holds, counted sample by sample (a sample = the members sharing a key)."""
+
+    samples: int = 0
+    labels: Counter = field(default_factory=Counter)
+    formats: Counter = field(default_factory=Counter)
+    sizes: Counter = field(default_factory=Counter)
+    firsts: list = field(default_factory=list)  # (image bytes, label) of the first samples, for the grid
+
+
+def resolve_index(source) -> Path:
+    """An index.json path, or the index of an OUT prefix (`OUT-index.json`)."""
+    path = Path(source)
+    if path.suffix == ".json":
+        return path
+    candidate = index_path_for(source)
+    if candidate.is_file():
+        return candidate
+    raise SslVitError(f"no shard index for {source}: give an index.json or an OUT prefix whose "
+                      f"{candidate.name} exists")
+
+
+def inspect_shards(index_path, *, verify=False, grid_png=None, grid_n=64) -> dict:
+    """Counts read from the shards (and, with `verify`, the problems found); writes the grid PNG if asked."""
+    if grid_png is not None and (isinstance(grid_n, bool) or not isinstance(grid_n, int) or grid_n < 1):
+        raise SslVitError(f"grid size must be a positive integer, got {grid_n!r}")
+    path = resolve_index(index_path)
+    index = read_index(path)
+    want = grid_n if grid_png is not None else 0
+    total, problems = ShardScan(), []
+    for entry in index["shards"]:
+        shard = path.parent / entry["name"]
+        if verify:
+            problems += _verify_shard(shard, entry, total, want)
+        else:
+            if not shard.is_file():
+                raise SslVitError(f"missing shard: {shard} (listed in {path})")
+            _merge(total, _scan(shard, want - len(total.firsts)))
+    report = _report(path, index, total)
+    if verify:
+        report["verify"] = {"ok": not problems, "problems": problems}
+    if grid_png is not None:
+        write_grid(total.firsts, index["classes"], grid_png)
+        report["grid"] = {"path": str(grid_png), "samples": len(total.firsts)}
+    return report
+
+
+def _verify_shard(shard: Path, entry: dict, total: ShardScan, want: int) -> list[str]:
+    if not shard.is_file():
+        return [f"{entry['name']}: missing ({shard})"]
+    problems = []
+    digest = sha256_file(shard)
+    if digest != entry["sha256"]:
+        problems.append(f"{entry['name']}: sha256 {digest[:16]}... differs from the index's {entry['sha256'][:16]}...")
+    try:
+        scan = _scan(shard, want - len(total.firsts))
+    except SslVitError as e:
+        return problems + [f"{entry['name']}: {e}"]
+    if scan.samples != entry["samples"]:
+        problems.append(f"{entry['name']}: {scan.samples} samples in the tar, {entry['samples']} in the index")
+    _merge(total, scan)
+    return problems
+
+
+def iter_tar_samples(path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) in tar order. tarfile alone stops silently at a corrupt header and reports a
+    shorter archive; here anything but the end-of-archive zero blocks after the last member is an error."""
+    path = Path(path)
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name, _, ext = member.name.partition(".")
+                if name != key:
+                    if sample:
+                        yield key, sample
+                    key, sample = name, {}
+                sample[ext.lower()] = tar.extractfile(member).read()
+            end = tar.offset
+        with open(path, "rb") as f:
+            f.seek(end)
+            tail = f.read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise SslVitError(f"shard {path} is unreadable: {e}") from None
+    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+        raise SslVitError(f"shard {path} is corrupt or truncated at byte {end} (after {key or 'no sample'})")
+    if sample:
+        yield key, sample
+
+
+def _scan(shard: Path, keep_first: int) -> ShardScan:
+    scan = ShardScan()
+    for _, sample in iter_tar_samples(shard):
+        _count(scan, sample, keep_first)
+    return scan
+
+
+def _count(scan: ShardScan, sample: dict, keep_first: int) -> None:
+    """Add one sample (extension -> bytes) to the scan."""
+    scan.samples += 1
+    ext = next((e for e in sample if e in IMAGE_KEYS), None)
+    label = _label(sample)
+    scan.labels[label] += 1
+    if ext is None:
+        scan.formats["(no image)"] += 1
+        return
+    scan.formats[ext] += 1
+    scan.sizes[_size(sample, ext)] += 1
+    if len(scan.firsts) < keep_first:
+        scan.firsts.append((sample[ext], label))
+
+
+def _label(sample: dict) -> int:
+    try:
+        return int(sample["cls"]) if "cls" in sample else -1
+    except ValueError:
+        return -1
+
+
+def _size(sample: dict, ext: str) -> tuple[int, int] | None:
+    try:
+        w, h = json.loads(sample["json"])["size"]
+        return int(w), int(h)
+    except (KeyError, ValueError, TypeError):
+        pass
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as img:  # reads the header only
+            return img.size
+    except Exception:  # an undecodable image has no size; PIL raises many types
+        return None
+
+
+def _merge(total: ShardScan, scan: ShardScan) -> None:
+    total.samples += scan.samples
+    total.labels.update(scan.labels)
+    total.formats.update(scan.formats)
+    total.sizes.update(scan.sizes)
+    total.firsts += scan.firsts
+
+
+def _report(path: Path, index: dict, scan: ShardScan) -> dict:
+    classes = index["classes"]
+    histogram = [{"label": i, "name": name, "count": scan.labels.get(i, 0)} for i, name in enumerate(classes)]
+    if scan.labels.get(-1):
+        histogram.append({"label": -1, "name": "(no label)", "count": scan.labels[-1]})
+    known = [s for s in scan.sizes.elements() if s is not None]
+    widths, heights = np.array([s[0] for s in known] or [0]), np.array([s[1] for s in known] or [0])
+    common = [[f"{s[0]}x{s[1]}" if s else "undecodable", n] for s, n in scan.sizes.most_common(TOP_SIZES)]
+    return {
+        "index": str(path),
+        "shards": len(index["shards"]),
+        "num_samples": scan.samples,
+        "index_num_samples": index["num_samples"],
+        "bytes": sum(int(e["bytes"]) for e in index["shards"]),
+        "skipped_at_write": index.get("skipped", 0),
+        "classes": histogram,
+        "formats": dict(scan.formats.most_common()),
+        "sizes": {"most_common": common, "distinct": len(scan.sizes),
+                  "width": {"min": int(widths.min()), "max": int(widths.max()), "mean": float(widths.mean())},
+                  "height": {"min": int(heights.min()), "max": int(heights.max()), "mean": float(heights.mean())}},
+    }
+
+
+def write_grid(samples: list[tuple[bytes, int]], classes: list[str], png) -> None:
+    """A PNG grid of images titled with their class names (matplotlib's Agg canvas; no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not samples:
+        raise SslVitError("no images to draw in the grid")
+    cols = math.ceil(math.sqrt(len(samples)))
+    rows = math.ceil(len(samples) / cols)
+    fig = Figure(figsize=(cols * 1.2, rows * 1.35), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (data, label) in enumerate(samples):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.set_axis_off()
+        name = classes[label] if 0 <= label < len(classes) else "(no label)"
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                ax.imshow(np.asarray(img.convert("RGB")))
+        except Exception:  # a corrupt sample is drawn as an empty cell, named so
+            name = f"{name} (undecodable)"
+        ax.set_title(name, fontsize=7)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.1, hspace=0.35)
+    png = Path(png)
+    try:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, format="png")
+    except OSError as e:
+        raise SslVitError(f"cannot write grid {png}: {e}") from None
+
+
+def format_report(report: dict) -> str:
+    """The report as text lines for the terminal."""
+    lines = [f"index: {report['index']}",
+             f"shards: {report['shards']}  samples: {report['num_samples']}  "
+             f"bytes: {report['bytes'] / 1e6:.2f} MB  skipped at write: {report['skipped_at_write']}",
+             f"classes ({len(report['classes'])}):"]
+    width = max((len(c["name"]) for c in report["classes"]), default=4)
+    lines += [f"  {c['label']:>4}  {c['name']:<{width}}  {c['count']}" for c in report["classes"]]
+    lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in report["formats"].items()))
+    sizes = report["sizes"]
+    lines.append(f"sizes: {sizes['distinct']} distinct (w {sizes['width']['min']}..{sizes['width']['max']}, "
+                 f"h {sizes['height']['min']}..{sizes['height']['max']}); most common: "
+                 + ", ".join(f"{s} {n}" for s, n in sizes["most_common"]))
+    if "verify" in report:
+        v = report["verify"]
+        lines.append("verify: OK (sha256 and sample counts match the index)" if v["ok"]
+                     else f"verify: FAILED ({len(v['problems'])} problems)")
+        lines += [f"  {p}" for p in v["problems"]]
+    if "grid" in report:
+        lines.append(f"grid: {report['grid']['path']} ({report['grid']['samples']} samples)")
+    return "\n".join(lines)

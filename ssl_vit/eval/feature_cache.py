@@ -1,0 +1,122 @@
+"""The feature cache: one folder per (backbone, evaluation set) that k-NN, the linear probe and retrieval read.
+
+Layout: `features.npy` float32 [N, D] (memory-mappable), `labels.npy` int64 [N] (-1 = no label), `keys.json`
+(the N sample keys, sorted), `meta.json` ({"backbone", "pooling": "cls"|"avg"|"cls+avg", "dim", "num", "source",
+...}). Written atomically: a crash leaves either the previous cache or the new one, never half of one.
+"""
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ssl_vit.errors import SslVitError
+
+FILES = ("features.npy", "labels.npy", "keys.json", "meta.json")
+POOLINGS = ("cls", "avg", "cls+avg")
+
+
+@dataclass
+class FeatureSet:
+    """Rows of `features`, `labels` and `keys` describe the same sample; `meta` says how they were made."""
+    features: np.ndarray  # [N, D] float32
+    labels: np.ndarray  # [N] int64, -1 = no label
+    keys: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def has_all_labels(self) -> bool:
+        return bool(len(self.labels)) and bool((np.asarray(self.labels) >= 0).all())
+
+
+def save_features(folder, features, labels, keys, meta=None) -> Path:
+    """Write a cache to `folder` (replacing one already there); rows are reordered so that keys are sorted."""
+    folder = Path(folder)
+    feats, labs, keys = _validated(np.asarray(features), np.asarray(labels), list(keys), str(folder))
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    if order != list(range(len(keys))):
+        feats, labs, keys = feats[order], labs[order], [keys[i] for i in order]
+    meta = {**(meta or {}), "dim": int(feats.shape[1]), "num": int(feats.shape[0])}
+    if meta.get("pooling", "cls") not in POOLINGS:
+        raise SslVitError(f"{folder}: meta pooling {meta['pooling']!r} is not one of {', '.join(POOLINGS)}")
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    np.save(tmp / "features.npy", np.ascontiguousarray(feats, dtype=np.float32))
+    np.save(tmp / "labels.npy", labs.astype(np.int64))
+    (tmp / "keys.json").write_text(json.dumps(keys))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    for name in FILES:
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    replace_dir(tmp, folder)
+    return folder
+
+
+def replace_dir(tmp: Path, folder: Path) -> None:
+    """Rename `tmp` onto `folder`; a directory cannot be renamed onto a non-empty one, so move the old aside."""
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _validated(features: np.ndarray, labels: np.ndarray, keys: list, where: str):
+    if features.ndim != 2:
+        raise SslVitError(f"{where}: features must be a 2-D array [N, D], got shape {features.shape}")
+    if features.shape[0] == 0:
+        raise SslVitError(f"empty evaluation set: {where}")
+    if labels.ndim != 1 or not len(labels) == len(keys) == features.shape[0]:
+        raise SslVitError(f"{where}: features has {features.shape[0]} rows, labels {labels.shape}, "
+                          f"keys {len(keys)}: they must agree")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise SslVitError(f"{where}: labels must be integers, got {labels.dtype}")
+    if len(set(keys)) != len(keys):
+        raise SslVitError(f"{where}: sample keys are not unique")
+    return features.astype(np.float32, copy=False), labels, [str(k) for k in keys]
+
+
+def load_features(folder, mmap: bool = True) -> FeatureSet:
+    """Read a cache written by `save_features`; `mmap=True` leaves the features on disk until rows are read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SslVitError(f"feature cache {folder} does not exist (expected a folder with {', '.join(FILES)})")
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise SslVitError(f"feature cache {folder} is missing {', '.join(missing)}")
+    features = _load_npy(folder / "features.npy", "r" if mmap else None)
+    labels = np.asarray(_load_npy(folder / "labels.npy", None))
+    keys, meta = _load_json(folder / "keys.json"), _load_json(folder / "meta.json")
+    if not isinstance(keys, list) or not isinstance(meta, dict):
+        raise SslVitError(f"feature cache {folder}: keys.json must hold a list and meta.json an object")
+    _validated(features, labels, keys, str(folder))
+    if features.dtype != np.float32:
+        raise SslVitError(f"{folder / 'features.npy'}: expected float32, got {features.dtype}")
+    if meta.get("dim", features.shape[1]) != features.shape[1]:
+        raise SslVitError(f"{folder / 'meta.json'}: dim {meta['dim']} but features.npy has {features.shape[1]} columns")
+    return FeatureSet(features, labels.astype(np.int64, copy=False), keys, meta)
+
+
+def _load_npy(path: Path, mmap_mode):
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise SslVitError(f"{path}: not a readable .npy array ({e})") from None
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise SslVitError(f"{path}: not valid JSON ({e})") from None

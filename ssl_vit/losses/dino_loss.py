@@ -1,0 +1,110 @@
+"""The DINO self-distillation loss (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers").
+
+Student probabilities P_s(x) = softmax(g_s(x) / τ_s) (Eq. 1); teacher probabilities are centred and sharpened,
+P_t(x) = softmax((g_t(x) − c) / τ_t) (Sec. 3.1, "Avoiding collapse"); the loss is the cross-entropy
+H(P_t(x), P_s(x')) = −Σ_k P_t(x)_k log P_s(x')_k over every pair of a teacher global view x and a *different*
+student view x' (Eq. 3), averaged over pairs and samples as in the reference code. After the loss, the centre moves
+towards the batch mean of the teacher logits: c ← m c + (1 − m) mean_i g_t(x_i) (Eq. 4), the mean taken over every
+teacher row on every process.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from ssl_vit.errors import SslVitError
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Softmax at temperature 0.04 over bf16/fp16 logits loses too much; compute in float32 (or float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _global_mean(rows: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of `rows` [N, K] on all processes (all-reduced when torch.distributed runs).  # [K]"""
+    total = rows.sum(dim=0)
+    count = rows.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+        count *= dist.get_world_size()
+    return total / count
+
+
+class DINOLoss(nn.Module):
+    """Centred, sharpened teacher vs. student cross-entropy over pairs of different views (DINO Eq. 1, 3, 4).
+
+    `forward(student, teacher, teacher_temp)` takes logits `student` [V, B, K] (views in order: the G global
+    views first, then the local ones) and `teacher` [G, B, K] (global views only; teacher view g and student view g
+    are the same crop, so that pair is skipped). It returns a dict of tensors:
+
+    - `loss`: the mean of H(P_t(x_g), P_s(x_v)) over the G·V − G pairs with g ≠ v and over the batch.
+    - `teacher_entropy`: mean over teacher rows of the entropy −Σ_k P_t,k log P_t,k (nats). It tends to ln K when
+      the teacher output becomes uniform (the collapse that centring alone causes) and to 0 when it becomes one-hot
+      (the collapse that sharpening alone causes; Sec. 5.3, Fig. 7).
+    - `kl_to_center`: KL(p̄ ‖ q), with p̄ the mean over teacher rows of P_t and q = softmax(c / τ_t) the teacher's
+      distribution for the centre itself. It is 0 when the batch's mean teacher distribution is what the centre
+      alone would give (e.g. every logit vector flat across dimensions, the uniform collapse), and large when
+      centring flattens a dimension that dominates every output.
+
+    Both diagnostics use the centre before this call's update. The centre (a buffer, saved in checkpoints) is
+    updated only in training mode.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        if out_dim < 1:
+            raise SslVitError(f"dino.out_dim: must be ≥ 1, got {out_dim}")
+        if student_temp <= 0:
+            raise SslVitError(f"dino.student_temp: must be positive, got {student_temp}")
+        if not 0.0 <= center_momentum <= 1.0:
+            raise SslVitError(f"dino.center_momentum: must be in [0, 1], got {center_momentum}")
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(out_dim))
+
+    def _check(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float) -> None:
+        if student.ndim != 3 or teacher.ndim != 3:
+            raise SslVitError(f"DINOLoss: expected student [V, B, K] and teacher [G, B, K] logits, got "
+                              f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+        (v, b, k), (g, bt, kt) = student.shape, teacher.shape
+        if (b, k) != (bt, kt) or k != self.out_dim:
+            raise SslVitError(f"DINOLoss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must "
+                              f"share batch size and out_dim={self.out_dim}")
+        if not 1 <= g <= v or v < 2:
+            raise SslVitError(f"DINOLoss: need ≥ 2 student views and 1..{v} teacher views, got V={v}, G={g}")
+        if teacher_temp <= 0:
+            raise SslVitError(f"DINOLoss: teacher_temp must be positive, got {teacher_temp}")
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float) -> dict:
+        self._check(student, teacher, teacher_temp)
+        g, v, b = teacher.shape[0], student.shape[0], student.shape[1]
+        teacher = _at_least_fp32(teacher.detach())
+        log_ps = F.log_softmax(_at_least_fp32(student) / self.student_temp, dim=-1)  # [V, B, K]
+        log_pt = F.log_softmax((teacher - self.center) / teacher_temp, dim=-1)  # [G, B, K]
+        pt = log_pt.exp()
+        # Cross-entropy of every (teacher view, student view) pair in one contraction.
+        ce = -torch.einsum("gbk,vbk->gv", pt, log_ps) / b  # [G, V]
+        pairs = ~torch.eye(g, v, dtype=torch.bool, device=ce.device)
+        loss = ce[pairs].mean()
+        with torch.no_grad():
+            entropy = -(pt * log_pt).sum(dim=-1).mean()
+            mean_pt = pt.mean(dim=(0, 1))  # [K]
+            log_q = F.log_softmax(self.center / teacher_temp, dim=-1)
+            kl = (mean_pt * (mean_pt.clamp_min(1e-30).log() - log_q)).sum()
+            if self.training:
+                self.update_center(teacher.flatten(0, 1))
+        return {"loss": loss, "teacher_entropy": entropy, "kl_to_center": kl}
+
+    @torch.no_grad()
+    def update_center(self, teacher_rows: torch.Tensor) -> None:
+        """Eq. 4: EMA of the teacher logits' batch mean (over all processes). `teacher_rows`: [N, K]."""
+        batch_center = _global_mean(teacher_rows.to(self.center.dtype))
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+    @property
+    def max_entropy(self) -> float:
+        """ln K: the loss and the teacher entropy of a uniform (collapsed) teacher."""
+        return math.log(self.out_dim)

@@ -1,0 +1,77 @@
+"""Supervised baseline: the same timm ViT with timm's linear head, trained with label-smoothed cross-entropy and
+optional mixup (Zhang et al. 2018) / cutmix (Yun et al. 2019) through `timm.data.Mixup` (DeiT recipe, Touvron et al.
+2021, Sec. 6)."""
+import contextlib
+
+import numpy as np
+import torch
+from timm.data import Mixup
+
+from ssl_vit.errors import SslVitError
+from ssl_vit.losses.classification import classification_loss, top1_accuracy
+from ssl_vit.methods.base import Method
+from ssl_vit.models.backbone import BackboneSpec, create_backbone
+from ssl_vit.models.masking import StepRandomness
+
+
+@contextlib.contextmanager
+def numpy_global_seed(seed: int):
+    """Run a block under numpy's global RNG seeded with `seed`, then put the caller's global state back."""
+    saved = np.random.get_state()
+    np.random.seed(seed % 2 ** 32)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
+
+
+class Supervised(Method):
+    """Classification of `batch['views'][0]` against `batch['label']`; logs top-1 accuracy on the batch.
+
+    `acc` compares the logits with the batch's hard labels (not the mixed targets), so with mixup/cutmix it is the
+    accuracy on the mixed images against each image's own label.
+    """
+
+    def __init__(self, backbone: BackboneSpec, num_classes: int, label_smoothing: float = 0.1, mixup: float = 0.0,
+                 cutmix: float = 0.0, mixup_prob: float = 1.0):
+        super().__init__()
+        if num_classes < 2:
+            raise SslVitError(f"data.num_classes: supervised training needs ≥ 2 classes, got {num_classes}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise SslVitError(f"supervised.label_smoothing: must be in [0, 1), got {label_smoothing}")
+        if mixup < 0 or cutmix < 0 or not 0.0 <= mixup_prob <= 1.0:
+            raise SslVitError(f"supervised: mixup/cutmix must be ≥ 0 and mixup_prob in [0, 1] "
+                              f"(got {mixup}, {cutmix}, {mixup_prob})")
+        self.encoder = create_backbone(backbone, num_classes=num_classes)
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+        self.mixup = None
+        if (mixup > 0 or cutmix > 0) and mixup_prob > 0:
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
+                               label_smoothing=label_smoothing, num_classes=num_classes)
+        self.rng = StepRandomness()
+
+    def _labels(self, batch: dict) -> torch.Tensor:
+        labels = batch["label"]
+        if (labels < 0).any():
+            raise SslVitError("supervised training needs labels: the batch has unlabeled samples (label -1); "
+                              "train from shards written from a labelled ImageFolder tree")
+        if (labels >= self.num_classes).any():
+            raise SslVitError(f"data.num_classes: a label {int(labels.max())} is ≥ num_classes={self.num_classes}")
+        return labels
+
+    def _mix(self, imgs: torch.Tensor, labels: torch.Tensor, batch: dict):
+        if imgs.shape[0] % 2:
+            raise SslVitError(f"data.batch_size: mixup/cutmix need an even per-process batch, got {imgs.shape[0]}")
+        # timm's Mixup draws λ and boxes from numpy's *global* RNG; seeding it from (seed, step, rank, micro-batch)
+        # for just this call makes a resumed run mix exactly as the uninterrupted one and leaves the caller's RNG alone.
+        with numpy_global_seed(self.rng.seed(batch)):
+            return self.mixup(imgs.clone(), labels)  # Mixup mixes in place
+
+    def forward(self, batch: dict, sched: dict) -> dict:
+        imgs, labels = batch["views"][0], self._labels(batch)
+        targets = labels
+        if self.mixup is not None and self.training:
+            imgs, targets = self._mix(imgs, labels, batch)  # targets: [B, C] soft
+        logits = self.encoder(imgs)  # [B, num_classes]
+        loss = classification_loss(logits, targets, self.label_smoothing)
+        return {"loss": loss, "acc": top1_accuracy(logits, labels)}

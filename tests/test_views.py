@@ -1,0 +1,292 @@
+"""Augmentation views: preset shapes on real CIFAR images, determinism from torch's RNG alone, DINO per-view
+pipelines, validation messages, and the evaluation crop against a hand-written PIL reference."""
+import io
+import pickle
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image, ImageOps
+
+from ssl_vit.config import load_recipe
+from ssl_vit.errors import SslVitError
+from ssl_vit.transforms import (MultiViewTransform, TorchSeededRandAugment, ViewSpec, build_view_transform,
+                                denormalize, dino_views, eval_views, mae_views, seed_all_view_rngs, supervised_views,
+                                views_from_recipe)
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    """The first 4 images of the bundled CIFAR-10 train split (32x32 RGB JPEGs)."""
+    out = []
+    with tarfile.open(ROOT / "data" / "cifar10_subset" / "train.tar.gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                out.append(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+            if len(out) == 4:
+                return out
+    raise AssertionError("bundled train split has fewer than 4 images")
+
+
+@pytest.fixture(scope="module")
+def image(images) -> Image.Image:
+    assert images[0].size == (32, 32)
+    return images[0]
+
+
+def reference_normalize(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] → normalised float [3, H, W], written independently of the package."""
+    return torch.from_numpy(((pixels / 255.0 - MEAN) / STD).transpose(2, 0, 1)).float()
+
+
+def views_of(specs, img, seed):
+    torch.manual_seed(seed)
+    return MultiViewTransform(specs)(img)
+
+
+# -- shapes and counts --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("specs,sizes", [
+    (mae_views(224), [224]),
+    (mae_views(32), [32]),
+    (dino_views(224, 96, 10), [224, 224] + [96] * 10),
+    (dino_views(32, 16, 4), [32, 32, 16, 16, 16, 16]),
+    (dino_views(32, 16, 0), [32, 32]),
+    (supervised_views(224, "rand-m9-mstd0.5-inc1"), [224]),
+    (supervised_views(32), [32]),
+    (eval_views(224), [224]),
+    (eval_views(32, resize=32), [32]),
+], ids=["mae224", "mae32", "dino224/96x10", "dino32/16x4", "dino32-no-local", "sup224-ra", "sup32", "eval224",
+        "eval32"])
+def test_presets_give_the_views_their_recipes_ask_for(specs, sizes, image):
+    mv = MultiViewTransform(specs)
+    views = views_of(specs, image, 0)
+    assert mv.num_views == len(views) == len(sizes) and mv.sizes == sizes
+    assert [tuple(v.shape) for v in views] == [(3, s, s) for s in sizes]
+    assert all(type(v) is torch.Tensor and v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
+    # normalised with ImageNet mean/std: every value lies within the range [0, 1] maps to
+    lo, hi = torch.tensor(-MEAN / STD).view(3, 1, 1).float(), torch.tensor((1 - MEAN) / STD).view(3, 1, 1).float()
+    assert all(((v >= lo - 1e-5) & (v <= hi + 1e-5)).all() for v in views)
+
+
+def test_cifar_sizes_come_from_the_shipped_recipe_and_overrides(image):
+    path = ROOT / "recipes" / "dino_vit_tiny_cifar10.yaml"
+    assert MultiViewTransform(views_from_recipe(load_recipe(path).views)).sizes == [32, 32, 16, 16, 16, 16]
+    recipe = load_recipe(path, ["views.num_local=2", "views.local_size=8"])
+    mv = MultiViewTransform(views_from_recipe(recipe.views))
+    assert mv.sizes == [32, 32, 8, 8] and [v.shape[-1] for v in mv(image)] == [32, 32, 8, 8]
+
+
+# -- determinism --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("specs", [dino_views(32, 16, 4), supervised_views(32, "rand-m9-mstd0.5-inc1")],
+                         ids=["dino", "supervised-randaugment"])
+def test_views_depend_on_the_torch_seed_only(specs, image):
+    random.seed(1)
+    np.random.seed(1)
+    a = views_of(specs, image, 7)
+    random.seed(2)  # Python's and NumPy's streams moved: the views must not change
+    np.random.seed(2)
+    b = views_of(specs, image, 7)
+    c = views_of(specs, image, 8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_randaugment_draws_from_torch_and_leaves_python_and_numpy_streams_alone(images):
+    op = TorchSeededRandAugment("rand-m9-mstd0.5", 32, MEAN, "bicubic")
+    random.seed(3)
+    np.random.seed(3)
+    expect_py, expect_np = random.random(), np.random.rand()
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(0)
+    outs = [np.array(op(img)) for img in images]
+    assert (random.random(), np.random.rand()) == (expect_py, expect_np)
+    torch.manual_seed(0)
+    assert all(np.array_equal(o, np.array(op(img))) for o, img in zip(outs, images))
+    assert any(not np.array_equal(o, np.array(img)) for o, img in zip(outs, images))  # it does augment
+
+
+def test_seed_all_view_rngs_seeds_torch_python_and_numpy():
+    seed_all_view_rngs(2 ** 40 + 5)  # larger than NumPy's 32-bit seed range
+    first = (torch.rand(2), random.random(), np.random.rand())
+    seed_all_view_rngs(2 ** 40 + 5)
+    second = (torch.rand(2), random.random(), np.random.rand())
+    assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
+
+
+def test_multiview_transform_pickles_for_dataloader_workers(image):
+    mv = MultiViewTransform(dino_views(32, 16, 2) + supervised_views(32, "rand-m9-mstd0.5"))
+    clone = pickle.loads(pickle.dumps(mv))
+    torch.manual_seed(4)
+    a = mv(image)
+    torch.manual_seed(4)
+    assert all(torch.equal(x, y) for x, y in zip(a, clone(image)))
+
+
+# -- DINO pipeline contents ---------------------------------------------------------------------------------------
+def find(steps, kind):
+    """(probability, op) of the first op of `kind`, bare or inside a RandomApply; None when absent."""
+    for step in steps.transforms:
+        if isinstance(step, T.RandomApply) and isinstance(step.transforms[0], kind):
+            return step.p, step.transforms[0]
+        if isinstance(step, kind):
+            return getattr(step, "p", 1.0), step
+    return None
+
+
+def test_dino_views_carry_the_papers_per_view_augmentations():
+    steps = [t.steps for t in MultiViewTransform(dino_views(224, 96, 10)).transforms]
+    assert len(steps) == 12
+    assert [find(s, T.GaussianBlur)[0] for s in steps] == [1.0, 0.1] + [0.5] * 10
+    assert [(find(s, T.RandomSolarize) or (0.0,))[0] for s in steps] == [0.0, 0.2] + [0.0] * 10
+    assert [find(s, T.GaussianBlur)[1].kernel_size for s in steps] == [(23, 23)] * 2 + [(9, 9)] * 10
+    assert all(find(s, T.GaussianBlur)[1].sigma == [0.1, 2.0] for s in steps)
+    assert find(steps[1], T.RandomSolarize)[1].threshold == pytest.approx(128 / 255)
+    for s, size, scale in zip(steps, [224, 224, 96], [(0.4, 1.0), (0.4, 1.0), (0.05, 0.4)]):
+        p, jitter = find(s, T.ColorJitter)
+        assert p == 0.8 and (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == \
+            ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+        assert find(s, T.RandomGrayscale)[0] == 0.2 and find(s, T.RandomHorizontalFlip)[0] == 0.5
+        rrc = find(s, T.RandomResizedCrop)[1]
+        assert rrc.size == (size, size) and rrc.scale == scale
+        assert rrc.interpolation == T.InterpolationMode.BICUBIC
+    assert [find(t.steps, T.GaussianBlur)[1].kernel_size for t in
+            MultiViewTransform(dino_views(32, 16, 1)).transforms] == [(3, 3)] * 3
+
+
+def test_mae_and_supervised_presets():
+    (mae,) = mae_views(224)
+    assert (mae.scale, mae.flip, mae.interpolation, mae.color_jitter, mae.blur) == ((0.2, 1.0), 0.5, "bicubic", 0, 0)
+    (sup,) = supervised_views(224, "rand-m9-mstd0.5-inc1")
+    assert (sup.scale, sup.flip, sup.randaugment) == ((0.08, 1.0), 0.5, "rand-m9-mstd0.5-inc1")
+    steps = build_view_transform(sup).steps
+    assert find(steps, TorchSeededRandAugment) is not None
+    assert find(build_view_transform(mae).steps, TorchSeededRandAugment) is None
+
+
+# -- single-op references -----------------------------------------------------------------------------------------
+def fixed(**kw) -> ViewSpec:
+    """A 32-px view without crop or flip randomness (centre crop of a 32-px image is the image)."""
+    return ViewSpec(32, crop="center", resize=32, flip=0.0, **kw)
+
+
+def test_solarize_and_grayscale_match_pil(image):
+    solar = build_view_transform(fixed(solarize=1.0))(image)
+    assert torch.allclose(solar, reference_normalize(np.array(ImageOps.solarize(image, 128))), atol=1e-5)
+    gray = build_view_transform(fixed(grayscale=1.0))(image)
+    assert torch.allclose(gray, reference_normalize(np.array(image.convert("L").convert("RGB"))), atol=1e-5)
+
+
+def test_blur_smooths_and_jitter_changes_colours(images):
+    def roughness(t):
+        return (t[:, :, 1:] - t[:, :, :-1]).abs().mean() + (t[:, 1:] - t[:, :-1]).abs().mean()
+
+    plain, blurred, jitter = (build_view_transform(fixed(**kw)) for kw in ({}, {"blur": 1.0}, {"color_jitter": 1.0}))
+    torch.manual_seed(0)
+    for img in images:
+        assert roughness(blurred(img)) < roughness(plain(img))
+        assert not torch.allclose(jitter(img), plain(img))
+
+
+def test_float_conversion_and_normalisation_match_torchvision(image):
+    reference = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(MEAN), list(STD))])
+    assert torch.allclose(build_view_transform(fixed())(image), reference(image), atol=1e-6)
+
+
+# -- evaluation transform -----------------------------------------------------------------------------------------
+def test_eval_view_resizes_shorter_side_and_centre_crops():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))  # H 40, W 60
+    transform = MultiViewTransform(eval_views(32, resize=36))
+    expected = reference_normalize(np.array(img.resize((54, 36), Image.BICUBIC).crop((11, 2, 43, 34))))
+    torch.manual_seed(0)
+    a = transform(img)[0]
+    torch.manual_seed(1)
+    b = transform(img)[0]
+    assert torch.equal(a, b) and torch.allclose(a, expected, atol=1e-5)
+
+
+def test_eval_default_resize_ratio_and_identity_at_cifar_size(image):
+    assert eval_views(224)[0].resize_to == 256 and eval_views(32)[0].resize_to == 37
+    view = MultiViewTransform(eval_views(32, resize=32))(image)[0]
+    assert torch.allclose(view, reference_normalize(np.array(image)), atol=1e-5)
+    assert torch.allclose(denormalize(view, eval_views(32)[0]), torch.from_numpy(np.array(image)).permute(2, 0, 1)
+                          .float() / 255, atol=1e-5)
+    batch = torch.stack([view, view])  # [2, 3, 32, 32]
+    assert denormalize(batch, eval_views(32)[0]).shape == batch.shape
+
+
+# -- recipes and validation ---------------------------------------------------------------------------------------
+def test_explicit_list_equals_the_preset(image):
+    jitter = {"color_jitter": 0.8, "jitter_strength": [0.4, 0.4, 0.2, 0.1], "grayscale": 0.2, "flip": 0.5}
+    explicit = [{"size": 32, "scale": [0.4, 1], "blur": 1, **jitter},
+                {"size": 32, "scale": [0.4, 1], "blur": 0.1, "solarize": 0.2, **jitter},
+                {"size": 16, "count": 4, "scale": [0.05, 0.4], "blur": 0.5, **jitter}]
+    preset = views_from_recipe({"preset": "dino", "global_size": 32, "local_size": 16, "num_local": 4})
+    assert views_from_recipe(explicit) == preset == dino_views(32, 16, 4)
+    assert all(torch.equal(x, y) for x, y in zip(views_of(views_from_recipe(explicit), image, 3),
+                                                 views_of(preset, image, 3)))
+    assert views_from_recipe("mae") == mae_views() and views_from_recipe(preset) == preset
+
+
+@pytest.mark.parametrize("value,message", [
+    ({"preset": "dino", "global_size": 32, "local_size": 48}, "views.local_size: local crops (48 px) must not be"),
+    ({"preset": "dino", "num_local": -1}, "views.num_local: must be >= 0"),
+    ({"preset": "dino", "local_scale": [0.5, 0.4]}, "views.local_scale: need 0 < min <= max <= 1"),
+    ({"preset": "dino", "num_locals": 4}, "unknown view key 'views.num_locals' for preset 'dino'"),
+    ({"preset": "dino", "global_size": "big"}, "views.global_size: expected an integer, got 'big'"),
+    ({"preset": "mae", "size": 0}, "views.size: must be > 0"),
+    ({"preset": "supervised", "randaugment": "rand-q9"}, "views.randaugment: 'rand-q9' is not a timm RandAugment"),
+    ({"preset": "eval", "size": 32, "resize": 16}, "views.resize: must be >= views.size 32"),
+    ({"preset": "byol"}, "views.preset: unknown preset 'byol'"),
+    ({"size": 32}, "views: a mapping needs 'preset'"),
+    (3, "views: expected a preset name"),
+    ([], "views: expected a preset name"),
+    ([{"size": 32}, {"size": 16, "blurr": 0.5}], "unknown view key 'views[1].blurr'"),
+    ([{"size": 32}, "small"], "views[1]: expected a mapping of view keys"),
+    ([{"count": 2}], "views[0].size: missing"),
+    ([{"size": 32.0}], "views[0].size: expected an integer, got 32.0"),
+    ([{"size": True}], "views[0].size: expected an integer, got True"),
+    ([{"size": 32, "count": 0}], "views[0].count: must be >= 1"),
+    ([{"size": 32, "scale": [0.0, 1.0]}], "views[0].scale: need 0 < min <= max <= 1"),
+    ([{"size": 32, "scale": [0.5, 0.2]}], "views[0].scale: need 0 < min <= max <= 1"),
+    ([{"size": 32, "scale": [0.5]}], "views[0].scale: expected a list of 2 numbers"),
+    ([{"size": 32, "ratio": [2, 1]}], "views[0].ratio: need 0 < min <= max"),
+    ([{"size": 32, "blur": 1.5}], "views[0].blur: a probability must be in [0, 1], got 1.5"),
+    ([{"size": 32, "solarize": -0.1}], "views[0].solarize: a probability must be in [0, 1]"),
+    ([{"size": 32, "color_jitter": "yes"}], "views[0].color_jitter: expected a number, got 'yes'"),
+    ([{"size": 32, "jitter_strength": [0.4, 0.4, 0.2, 0.9]}], "views[0].jitter_strength: need brightness"),
+    ([{"size": 32, "crop": "random"}], "views[0].crop: must be one of rrc, center, got 'random'"),
+    ([{"size": 32, "crop": "center", "resize": 20}], "views[0].resize: must be 0"),
+    ([{"size": 32, "std": [0.2, 0.0, 0.2]}], "views[0].std: every channel must be > 0"),
+    ([{"size": 32, "mean": [0.5, 0.5]}], "views[0].mean: expected a list of 3 numbers"),
+    ([{"size": 32, "interpolation": "lanczos"}], "views[0].interpolation: must be one of"),
+    ([{"size": 1, "blur": 0.5}], "views[0].blur: a blurred view needs size >= 2"),
+])
+def test_bad_views_name_the_key_in_one_line(value, message):
+    with pytest.raises(SslVitError) as err:
+        views_from_recipe(value)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_direct_construction_is_validated_and_normalised():
+    with pytest.raises(SslVitError, match=r"ViewSpec.flip: a probability must be in \[0, 1\]"):
+        ViewSpec(32, flip=2.0)
+    spec = ViewSpec(32, scale=[0.3, 1], flip=1)  # YAML-style list and int become a tuple and a float
+    assert spec.scale == (0.3, 1.0) and isinstance(spec.flip, float) and hash(spec)
+
+
+def test_bad_images_and_tensors_fail_clearly(image):
+    transform = build_view_transform(mae_views(32)[0])
+    with pytest.raises(SslVitError, match="expected a PIL image, got Tensor"):
+        transform(torch.zeros(3, 32, 32))
+    assert transform(image.convert("L")).shape == (3, 32, 32)  # grayscale input becomes 3 channels
+    with pytest.raises(SslVitError, match=r"denormalize: expected a tensor \[..., 3, H, W\]"):
+        denormalize(torch.zeros(1, 32, 32), mae_views(32)[0])
