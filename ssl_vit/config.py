@@ -4,6 +4,7 @@
 SslVitError naming the key (`optim.base_lr: expected a number, got 'fast'`). Nesting is at most two levels.
 """
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,9 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value, typ, where: str):
     """Check (and gently convert) a YAML value against a dataclass field type."""
     if typ is Any:
@@ -128,6 +132,8 @@ def _coerce(value, typ, where: str):
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads '3e-4' (no dot) as a string
         raise SslVitError(f"{where}: expected a number, got {value!r}")
     if typ is str:
         if isinstance(value, str):

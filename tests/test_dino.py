@@ -189,7 +189,7 @@ def test_teacher_starts_equal_is_frozen_and_gets_no_grads():
     out["loss"].backward()
     assert all(p.grad is None for p in method.teacher.parameters())
     assert method.student.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
-    assert set(out) == {"loss", "teacher_entropy", "kl_to_center", "teacher_temp", "momentum"}
+    assert set(out) == {"loss", "teacher_entropy", "student_kl", "kl_to_center", "teacher_temp", "momentum"}
     assert out["teacher_temp"] == pytest.approx(0.04) and out["momentum"] == pytest.approx(0.996)
     assert method.backbone() is method.teacher.backbone
 

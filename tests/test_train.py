@@ -35,7 +35,9 @@ def pretrain_args(method, shards, out, steps, extra=()):
 def test_loss_falls_on_real_data(method, train_shards, tmp_path):
     out = tmp_path / method
     assert main(pretrain_args(method, train_shards, out, 30, ["data.batch_size=64"])) == 0
-    losses = [row["loss"] for row in read_log(out / "log.jsonl")]
+    # DINO's loss rises while the teacher temperature warms up; what the student reduces is its KL to the teacher.
+    key = "student_kl" if method == "dino" else "loss"
+    losses = [row[key] for row in read_log(out / "log.jsonl") if "loss" in row]
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.95 * first, (method, first, last)

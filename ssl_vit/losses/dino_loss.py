@@ -43,6 +43,8 @@ class DINOLoss(nn.Module):
     - `teacher_entropy`: mean over teacher rows of the entropy −Σ_k P_t,k log P_t,k (nats). It tends to ln K when
       the teacher output becomes uniform (the collapse that centring alone causes) and to 0 when it becomes one-hot
       (the collapse that sharpening alone causes; Sec. 5.3, Fig. 7).
+    - `student_kl`: `loss − teacher_entropy`, the mean KL(P_t ‖ P_s) over the pairs: the part of the loss the student
+      can reduce. Early in a run the loss itself rises while the teacher temperature warms up; this should fall.
     - `kl_to_center`: KL(p̄ ‖ q), with p̄ the mean over teacher rows of P_t and q = softmax(c / τ_t) the teacher's
       distribution for the centre itself. It is 0 when the batch's mean teacher distribution is what the centre
       alone would give (e.g. every logit vector flat across dimensions, the uniform collapse), and large when
@@ -96,7 +98,7 @@ class DINOLoss(nn.Module):
             kl = (mean_pt * (mean_pt.clamp_min(1e-30).log() - log_q)).sum()
             if self.training:
                 self.update_center(teacher.flatten(0, 1))
-        return {"loss": loss, "teacher_entropy": entropy, "kl_to_center": kl}
+        return {"loss": loss, "teacher_entropy": entropy, "student_kl": loss.detach() - entropy, "kl_to_center": kl}
 
     @torch.no_grad()
     def update_center(self, teacher_rows: torch.Tensor) -> None:

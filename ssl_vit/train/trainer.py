@@ -128,7 +128,7 @@ class Trainer:
                 out = self.model(batch, sched)
                 self.acc.backward(out["loss"] / accum)
             for name, value in out.items():
-                totals[name] = totals.get(name, 0.0) + float(value) / accum
+                totals[name] = totals.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / accum
         finite = torch.tensor(float(math.isfinite(totals["loss"])), device=self.acc.device)
         finite = bool(self.acc.reduce(finite, reduction="sum").item() == self.acc.num_processes)
         if finite:
