@@ -1,4 +1,6 @@
 """`ssl-vit <verb>`: thin; each verb lives in `ssl_vit/commands/<module>.py` with `register(subparsers)`."""
+DESCRIPTION = ("ssl_vit: self-supervised pretraining of Vision Transformers (MAE, DINO, supervised baseline) on "
+               "WebDataset shards, with k-NN / linear-probe / fine-tuning evaluation and retrieval indexes.")
 import argparse
 import importlib
 import sys
@@ -7,22 +9,25 @@ from ssl_vit import __version__
 from ssl_vit.errors import SslVitError
 
 # Each module defines register(subparsers) and sets a `func(args) -> int | None` default.
-COMMAND_MODULES = ("shards", "train", "features", "eval", "compare")
+COMMAND_MODULES = ("shards", "train", "finetune", "features", "eval", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssl-vit", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="ssl-vit", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"ssl_vit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"ssl_vit.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"ssl_vit.commands.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"ssl_vit.commands.{name}").register(subparsers)
     return parser
+
+
+def one_line(message: str) -> str:
+    """An error raised in a DataLoader worker arrives wrapped in the worker's traceback; keep the original message."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if "Original Traceback" in message and lines:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.startswith(("SslVitError", "ssl_vit.errors.SslVitError")) else last
+    return "; ".join(lines)
 
 
 def main(argv=None) -> int:
@@ -30,7 +35,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args) or 0
     except SslVitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

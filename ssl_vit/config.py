@@ -25,6 +25,8 @@ class DataConfig:
     group_size: int = 2              # shards read together and shuffled as one block
     max_skip_fraction: float = 0.01  # stop once more than this fraction of samples is unreadable
     num_classes: int = 0             # 0: the number of classes in the shards' index.json
+    eval: Any = ""                   # fine-tuning: shards the trained classifier is scored on after training
+    eval_resize: int = 0             # shorter side before the centre crop at evaluation (0: img_size / 0.875)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class ModelConfig:
     depth: int = 0                   # 0 keeps the timm model's own value
     embed_dim: int = 0
     num_heads: int = 0
+    init: str = ""                   # fine-tuning: start from this backbone (export, run folder or checkpoint)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class SupervisedConfig:
     label_smoothing: float = 0.1
     mixup: float = 0.0
     cutmix: float = 0.0
+    mixup_prob: float = 1.0          # probability of mixing a batch at all (mixup or cutmix)
 
 
 @dataclass
@@ -231,6 +235,10 @@ def validate(r: Recipe) -> None:
     _check(r.model.img_size % r.model.patch_size == 0, "model.patch_size",
            f"{r.model.patch_size} does not divide model.img_size={r.model.img_size}")
     _check(r.dino.out_dim > 0, "dino.out_dim", "must be positive")
+    _check(not r.model.init or r.method == "supervised", "model.init",
+           f"only the supervised method fine-tunes a pretrained backbone (method is {r.method!r})")
+    _check(r.optim.layer_decay == 1.0 or r.method == "supervised", "optim.layer_decay",
+           f"layer-wise lr decay is for fine-tuning (method supervised), not {r.method!r}")
     _check(r.mae.decoder_depth >= 1, "mae.decoder_depth", "must be ≥ 1")
     if r.method == "mae" and r.mae.decoder_dim % r.mae.decoder_heads:
         raise SslVitError(f"mae.decoder_dim: {r.mae.decoder_dim} is not divisible by mae.decoder_heads")

@@ -32,6 +32,7 @@ def _from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     state = json.loads((path / "trainer.json").read_text())
     recipe = Recipe()
     _apply(recipe, state["recipe"], "")
+    recipe.model.init = ""  # the checkpoint holds the weights; the fine-tuning start point need not exist any more
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise SslVitError(f"checkpoint {path} has no model.safetensors")
