@@ -130,6 +130,18 @@ def evaluate(cfg: CompareConfig, feats: Path, out: Path) -> None:
     write_json(out, result)
 
 
+def finetune(cfg: CompareConfig, model_dir: Path, indexes: dict, out: Path) -> None:
+    from ssl_vit.commands.finetune import finetune as run_finetune
+    from ssl_vit.config import load_recipe
+
+    steps = max(1, cfg.eval.finetune_images // cfg.budget.batch_size)
+    recipe = load_recipe(cfg.eval.finetune_recipe, [
+        *cfg.overrides, f"model.init={model_dir}", f"data.train={indexes['train']}", f"data.eval={indexes['test']}",
+        f"train.out_dir={out}", f"train.steps={steps}", "train.epochs=0", "train.resume=auto",
+        f"data.batch_size={cfg.budget.batch_size}"])
+    run_finetune(recipe, cfg.eval.finetune_recipe)
+
+
 def run_compare(cfg: CompareConfig) -> dict:
     from pipelines.report import write_report
 
@@ -164,4 +176,8 @@ def run_compare(cfg: CompareConfig) -> dict:
                        lambda d=model_dir, s=split, f=folder: extract(cfg, d, indexes[s], f))
         stages.run(f"evaluate:{name}", out / "eval" / f"{name}.json",
                    lambda n=name: evaluate(cfg, out / "features" / n, out / "eval" / f"{n}.json"))
+        if cfg.eval.finetune and model_dir is not None:
+            ft_dir = out / "finetune" / name
+            stages.run(f"finetune:{name}", ft_dir / "finetune_eval.json",
+                       lambda d=model_dir, f=ft_dir: finetune(cfg, d, indexes, f))
     return write_report(cfg, out, rows, indexes)

@@ -32,6 +32,9 @@ class EvalConfig:
     batch_size: int = 256
     num_workers: int = 1
     resize: int = 0                                   # 0: no resize before the centre crop (right for 32-px CIFAR)
+    finetune: bool = False                            # also fine-tune every backbone end to end (slow)
+    finetune_recipe: str = "recipes/finetune_vit_tiny_cifar10.yaml"
+    finetune_images: int = 20000                      # images seen by each fine-tuning run
 
 
 @dataclass
@@ -68,4 +71,8 @@ def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConf
         _check(Path(cfg.recipes[method]).is_file(), f"recipes.{method}", f"file not found: {cfg.recipes[method]}")
     _check(cfg.budget.images >= cfg.budget.batch_size, "budget.images", "must be at least one batch")
     _check(all(isinstance(k, int) and k > 0 for k in cfg.eval.knn_k), "eval.knn_k", "must be positive integers")
+    if cfg.eval.finetune:
+        _check(Path(cfg.eval.finetune_recipe).is_file(), "eval.finetune_recipe",
+               f"file not found: {cfg.eval.finetune_recipe}")
+        _check(cfg.eval.finetune_images >= cfg.budget.batch_size, "eval.finetune_images", "must be at least one batch")
     return cfg

@@ -14,14 +14,15 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def model_row(name: str, model_dir: Path | None, eval_result: dict, backbone: str) -> dict:
+def model_row(name: str, model_dir: Path | None, eval_result: dict, backbone: str, finetune: dict) -> dict:
     summary = _read(model_dir / "summary.json") if model_dir else {}
     knn20 = eval_result.get("knn", {}).get("k", {}).get("20", {})
     probe = eval_result.get("linear_probe", {})
     return {"model": name, "method": summary.get("method", name), "backbone": backbone if model_dir else "-",
             "images_seen": summary.get("images_seen", 0), "train_seconds": summary.get("train_seconds", 0.0),
             "images_per_s": summary.get("images_per_s"), "knn_top1": knn20.get("top1"), "knn_top5": knn20.get("top5"),
-            "linear_top1": probe.get("test_top1"), "finetune_top1": None, "knn": eval_result.get("knn", {}).get("k"),
+            "linear_top1": probe.get("test_top1"),
+            "finetune_top1": finetune.get("eval", {}).get("top1"), "knn": eval_result.get("knn", {}).get("k"),
             "linear_probe": probe or None}
 
 
@@ -53,12 +54,15 @@ def write_report(cfg: CompareConfig, out: Path, models: dict, indexes: dict) -> 
     from pipelines import figures
 
     backbone = backbone_name(cfg)
-    rows = [model_row(name, model_dir, _read(out / "eval" / f"{name}.json"), backbone)
-            for name, model_dir in models.items()]
+    rows = [model_row(name, model_dir, _read(out / "eval" / f"{name}.json"), backbone,
+                      _read(out / "finetune" / name / "finetune_eval.json")) for name, model_dir in models.items()]
     report = {"name": cfg.name, "budget_images": cfg.budget.images, "batch_size": cfg.budget.batch_size,
               "backbone": backbone, "shards": indexes, "rows": rows,
               "protocol": f"k-NN: L2-normalised CLS features, cosine similarity, exp(sim/{cfg.eval.knn_temperature}) "
                           "votes (DINO); linear probe: lr grid selected on a held-out 10% of the train features"}
+    if cfg.eval.finetune:
+        report["protocol"] += (f"; fine-tuning: every backbone trained end to end on {cfg.eval.finetune_images:,} "
+                               f"images with {cfg.eval.finetune_recipe}, top-1 on the test shards")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     md = [f"# SSL vs supervised: {cfg.name}", "",
           f"Every pretraining run saw the same budget: **{cfg.budget.images:,} images** (batch "

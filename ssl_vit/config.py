@@ -147,6 +147,14 @@ def _coerce(value, typ, where: str):
         if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
             return tuple(float(v) for v in value)
         raise SslVitError(f"{where}: expected a list of numbers, got {value!r}")
+    if typ is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise SslVitError(f"{where}: expected a list, got {value!r}")
+    if typ is dict:
+        if isinstance(value, dict):
+            return value
+        raise SslVitError(f"{where}: expected a mapping, got {value!r}")
     raise SslVitError(f"{where}: unsupported type {typ}")
 
 
