@@ -28,11 +28,18 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="index folder to write")
     add_index_build_options(p)
     p.set_defaults(func=run_index_build)
-    p = index.add_parser("query", help="nearest neighbours of cached samples, by key")
+    p = index.add_parser("query", help="nearest neighbours of image files, or of cached samples by key",
+                         description="Prints rank, score, label and key of each query's nearest indexed samples. "
+                                     "Image files are embedded with the backbone, view and pooling the index's "
+                                     "features were extracted with.")
     p.add_argument("--index", required=True, help="index folder (from `index build`)")
-    p.add_argument("--features", required=True, help="feature cache holding the query samples")
-    p.add_argument("--key", required=True, action="append", help="sample key to query (repeatable)")
-    p.add_argument("--k", type=int, default=5)
+    queries = p.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--image", action="append", help="image file to query (repeatable)")
+    queries.add_argument("--key", action="append", help="key of a cached sample to query (repeatable)")
+    p.add_argument("--features", help="feature cache holding the --key samples (default: the indexed one)")
+    p.add_argument("--backbone", help="backbone for --image (default: the one the index records)")
+    p.add_argument("-k", "--k", type=int, default=10, help="results per query")
+    p.add_argument("--grid", help="write a PNG: one row per query, the query image then its results and scores")
     p.set_defaults(func=run_index_query)
     p = index.add_parser("eval", help="label recall@k and mAP of an index for labelled query features")
     p.add_argument("--index", required=True, help="index folder (from `index build`)")
@@ -166,32 +173,106 @@ def run_index_build(args) -> int:
     return 0
 
 
+# What `index query --image` needs to embed an image as the indexed features were, and `--grid` to show results.
+EXTRACTION_KEYS = ("image_size", "resize", "pooling", "last_blocks")
+RECORDED_KEYS = ("backbone", "model_name", *EXTRACTION_KEYS, "source", "shards", "classes")
+
+
 def source_info(folder, meta: dict) -> dict:
-    return {"features": str(Path(folder).resolve()), "backbone": meta.get("backbone"),
-            "pooling": meta.get("pooling"), "source": meta.get("source")}
+    return {"features": str(Path(folder).resolve()), **{key: meta[key] for key in RECORDED_KEYS if key in meta}}
 
 
 def run_index_query(args) -> int:
-    from ssl_vit.eval.retrieval import RetrievalIndex
+    from ssl_vit.eval.retrieval import RetrievalIndex, images_by_key
 
-    index, cache = RetrievalIndex.load(args.index), load_cache(args.features)
-    rows = {key: i for i, key in enumerate(cache.keys)}
-    unknown = [key for key in args.key if key not in rows]
-    if unknown:
-        raise SslVitError(f"{args.features}: no sample with key {unknown[0]!r}")
-    scores, ids = index.search(cache.features[[rows[key] for key in args.key]], args.k)
-    for key, s, i in zip(args.key, scores, ids):
-        print(format_neighbours(index, s, i, query=key))
+    index = RetrievalIndex.load(args.index)
+    if args.grid and not index.source.get("shards"):
+        raise SslVitError(f"index {args.index} does not record the shards of its features: cannot draw --grid")
+    if args.image:
+        features, images = embed_query_images(args, index)
+    else:
+        features, query_shards = cached_queries(args, index)
+    scores, ids = index.search(features, args.k)
+    names = args.image or args.key
+    for name, s, i in zip(names, scores, ids):
+        print(format_neighbours(index, s, i, query=name))
+    if args.grid:
+        if not args.image:
+            found = images_by_key(query_shards, args.key)
+            images = [found[key] for key in args.key]
+        write_query_grid(args, index, names, images, scores, ids)
     return 0
 
 
+def embed_query_images(args, index):
+    """(features [N, D], PIL images) of the --image files, embedded as the index's features were."""
+    from ssl_vit.eval.backbones import load_eval_backbone
+    from ssl_vit.eval.features import embed_images, load_image
+
+    images = [load_image(path) for path in args.image]
+    backbone = args.backbone or index.source.get("backbone")
+    missing = [key for key in EXTRACTION_KEYS if key not in index.source] + ([] if backbone else ["backbone"])
+    if missing:
+        raise SslVitError(f"index {args.index} does not record how its features were made (no "
+                          f"{', '.join(missing)}): rebuild it with `ssl-vit index build` from a cache written by "
+                          "`ssl-vit features`")
+    if not Path(backbone).exists():
+        recorded = "" if args.backbone else f" (recorded in index {args.index}; pass --backbone)"
+        raise SslVitError(f"backbone {backbone} does not exist{recorded}")
+    model, _ = load_eval_backbone(backbone)
+    how = {key: index.source[key] for key in EXTRACTION_KEYS}
+    features = embed_images(model, images, **how)  # [N, D]
+    if features.shape[1] != index.dim:
+        raise SslVitError(f"index {args.index} holds {index.dim}-d features but backbone {backbone} gives "
+                          f"{features.shape[1]}-d ({how['pooling']} pooling, last_blocks {how['last_blocks']})")
+    return features, images
+
+
+def cached_queries(args, index):
+    """(features [N, D], shard URLs of the cache) of the --key samples."""
+    folder = args.features or index.source.get("features")
+    if not folder:
+        raise SslVitError(f"index {args.index} does not record its feature cache: pass --features")
+    cache = load_cache(folder)
+    rows = {key: i for i, key in enumerate(cache.keys)}
+    unknown = [key for key in args.key if key not in rows]
+    if unknown:
+        raise SslVitError(f"{folder}: no sample with key {unknown[0]!r}")
+    if args.grid and not cache.meta.get("shards"):
+        raise SslVitError(f"feature cache {folder} does not record its shards: cannot draw --grid")
+    return cache.features[[rows[key] for key in args.key]], cache.meta.get("shards")
+
+
+def write_query_grid(args, index, names, images, scores, ids) -> None:
+    from ssl_vit.eval.retrieval import images_by_key, write_result_grid
+
+    results = [[(key, label, float(s)) for (key, label), s in zip(index.lookup(i), row) if key is not None]
+               for i, row in zip(ids, scores)]
+    found = images_by_key(index.source["shards"], {key for row in results for key, _, _ in row})
+    classes = index.source.get("classes")
+    rows = [(image, Path(name).name if args.image else name,
+             [(found[key], f"{score:.3f} {label_name(label, classes)}") for key, label, score in row])
+            for name, image, row in zip(names, images, results)]
+    print(f"grid written to {write_result_grid(rows, args.grid)}")
+
+
+def label_name(label, classes) -> str:
+    """The class name of `label` where the index knows it, else the number ('-' for unlabelled)."""
+    if label is None:
+        return "-"
+    return classes[label] if classes and 0 <= label < len(classes) else str(label)
+
+
 def format_neighbours(index, scores, ids, query=None) -> str:
-    """Rows `rank  score  key  label` for one query's results (scores [k], ids [k] from `RetrievalIndex.search`)."""
+    """Rows `rank  score  label  key` for one query's results (scores [k], ids [k] from `RetrievalIndex.search`);
+    labels are class names where the index records them."""
+    classes = index.source.get("classes")
+    found = [(rank, float(score), label_name(label, classes), key)
+             for rank, (score, (key, label)) in enumerate(zip(scores, index.lookup(ids)), start=1) if key is not None]
+    width = max([5] + [len(name) for _, _, name, _ in found])
     lines = [f"query {query}:"] if query is not None else []
-    lines.append(f"{'rank':>4} {'score':>9}  {'label':>5}  key")
-    for rank, (score, (key, label)) in enumerate(zip(scores, index.lookup(ids)), start=1):
-        if key is not None:
-            lines.append(f"{rank:>4} {float(score):>9.4f}  {'-' if label is None else label:>5}  {key}")
+    lines.append(f"{'rank':>4} {'score':>9}  {'label':>{width}}  key")
+    lines += [f"{rank:>4} {score:>9.4f}  {name:>{width}}  {key}" for rank, score, name, key in found]
     return "\n".join(lines)
 
 

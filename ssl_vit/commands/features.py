@@ -1,4 +1,5 @@
 """`ssl-vit features`: extract a feature cache from evaluation shards with a trained backbone."""
+from pathlib import Path
 
 
 def add_extract_options(p) -> None:
@@ -37,4 +38,4 @@ def extract_from_args(args, out):
     return extract_features(model, args.shards, out, image_size=int(meta["img_size"]), resize=args.resize,
                             pooling=args.pooling, last_blocks=args.last_blocks, batch_size=args.batch_size,
                             num_workers=args.workers, progress=not args.no_progress,
-                            meta={"backbone": str(args.backbone), "model_name": meta.get("model_name")})
+                            meta={"backbone": str(Path(args.backbone).resolve()), "model_name": meta.get("model_name")})

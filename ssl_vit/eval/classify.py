@@ -6,7 +6,7 @@ from tqdm import tqdm
 from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
-from ssl_vit.transforms import MultiViewTransform, eval_views
+from ssl_vit.eval.features import eval_transform
 
 
 @torch.no_grad()
@@ -14,7 +14,7 @@ def evaluate_classifier(model: nn.Module, source, accelerator, *, image_size: in
                         batch_size: int = 128, num_workers: int = 2, progress: bool = True) -> dict:
     """{'top1', 'top5' (percent), 'num', 'skipped'} over all processes (collective under accelerate)."""
     acc = accelerator
-    stream = ShardStream(source, MultiViewTransform(eval_views(image_size, resize=resize)), batch_size, mode="eval",
+    stream = ShardStream(source, eval_transform(image_size, resize), batch_size, mode="eval",
                          rank=acc.process_index, world_size=acc.num_processes, num_workers=num_workers)
     was_training = model.training
     model.eval()

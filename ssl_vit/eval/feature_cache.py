@@ -1,8 +1,8 @@
 """The feature cache: one folder per (backbone, evaluation set) that k-NN, the linear probe and retrieval read.
 
 Layout: `features.npy` float32 [N, D] (memory-mappable), `labels.npy` int64 [N] (-1 = no label), `keys.json`
-(the N sample keys, sorted), `meta.json` ({"backbone", "pooling": "cls"|"avg"|"cls+avg", "dim", "num", "source",
-...}). Written atomically: a crash leaves either the previous cache or the new one, never half of one.
+(the N sample keys, sorted), `meta.json` ({"backbone", "pooling": "cls"|"avg"|"cls+avg", "last_blocks",
+"image_size", "resize", "dim", "num", "source", "shards" (absolute URLs), "classes", "num_processes", ...}). Written atomically: a crash leaves either the previous cache or the new one, never half of one.
 """
 import json
 import os

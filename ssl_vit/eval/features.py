@@ -3,6 +3,7 @@
 Each process streams its share of the shards (eval mode), appends float32 rows to its own part file, then the main
 process merges the parts by sorted key into a memory-mapped `features.npy`. Memory stays bounded by one batch per
 process plus one merge chunk, whatever the number of samples (a million 768-d rows is a 3 GB file, not 3 GB of RAM).
+`embed_images` embeds image files through the same view and pooling (retrieval queries by image).
 """
 import json
 import shutil
@@ -10,15 +11,49 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from ssl_vit.data.loader import StreamLoader
+from ssl_vit.data.samples import BadSample, decode_image
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
 from ssl_vit.transforms import MultiViewTransform, eval_views
 
 POOLINGS = ("cls", "avg", "cls+avg")
+EMBED_BATCH = 64
+
+
+def eval_transform(image_size: int, resize: int | None = None) -> MultiViewTransform:
+    """The one evaluation view (shorter side to `resize`, centre crop `image_size`) features are extracted with."""
+    return MultiViewTransform(eval_views(image_size, resize=resize))
+
+
+def load_image(path) -> Image.Image:
+    """An image file decoded exactly as a shard sample's image is (RGB)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SslVitError(f"image file {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SslVitError(f"image file {path} is unreadable: {e.strerror or e}") from None
+    try:
+        return decode_image({"jpg": data, "__key__": str(path), "__url__": str(path)})  # PIL sniffs the format
+    except BadSample:
+        raise SslVitError(f"image file {path} is not a readable image") from None
+
+
+def embed_images(model: nn.Module, images: list, *, image_size: int, resize: int | None = None,
+                 pooling: str = "cls", last_blocks: int = 1) -> np.ndarray:
+    """[N, D] float32 features of PIL images through the same view and pooling as `extract_features` (CPU)."""
+    transform, out = eval_transform(image_size, resize), []
+    model = model.eval()
+    for start in range(0, len(images), EMBED_BATCH):
+        batch = torch.stack([transform(img)[0] for img in images[start:start + EMBED_BATCH]])  # [B, 3, H, W]
+        out.append(pooled_features(model, batch, pooling, last_blocks).numpy())
+    return np.concatenate(out)
 
 
 @torch.no_grad()
@@ -53,8 +88,7 @@ def extract_features(backbone: nn.Module, source, out_dir, *, accelerator=None, 
         shutil.rmtree(parts_dir, ignore_errors=True)
         parts_dir.mkdir(parents=True)
     acc.wait_for_everyone()
-    transform = MultiViewTransform(eval_views(image_size, resize=resize))
-    stream = ShardStream(source, transform, batch_size, mode="eval", rank=acc.process_index,
+    stream = ShardStream(source, eval_transform(image_size, resize), batch_size, mode="eval", rank=acc.process_index,
                          world_size=acc.num_processes, num_workers=num_workers)
     model = backbone.to(acc.device).eval()
     keys, labels, dim = [], [], None
@@ -75,12 +109,19 @@ def extract_features(backbone: nn.Module, source, out_dir, *, accelerator=None, 
         json.dumps({"keys": keys, "labels": labels, "dim": dim, "skipped": skipped}))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        info = {"pooling": pooling, "last_blocks": last_blocks, "image_size": image_size,
-                "source": source if isinstance(source, (str, list)) else str(source), **(meta or {})}
+        info = {"pooling": pooling, "last_blocks": last_blocks, "image_size": image_size, "resize": resize,
+                "source": source if isinstance(source, (str, list)) else str(source),
+                "shards": [absolute_url(url) for url in stream.shards.urls], "classes": stream.shards.classes,
+                **(meta or {})}
         merge_parts(out_dir, parts_dir, acc.num_processes, info)
         shutil.rmtree(parts_dir, ignore_errors=True)
     acc.wait_for_everyone()
     return out_dir
+
+
+def absolute_url(url: str) -> str:
+    """A local shard path made absolute (so a cache or index can find its images from anywhere); URLs unchanged."""
+    return url if url.startswith("pipe:") or "://" in url else str(Path(url).resolve())
 
 
 def merge_parts(out_dir: Path, parts_dir: Path, num_parts: int, info: dict, chunk: int = 65536) -> None:

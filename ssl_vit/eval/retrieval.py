@@ -1,4 +1,5 @@
-"""Retrieval indexes over cached features: build (flat, IVF, HNSW, IVF-PQ), save/load, search, evaluate.
+"""Retrieval indexes over cached features: build (flat, IVF, HNSW, IVF-PQ), save/load, search, evaluate, and a
+PNG grid of query results.
 
 Index families as in Johnson et al., "Billion-scale similarity search with GPUs" (FAISS, 2019) — IVF and IVF-PQ
 (Jégou et al., "Product quantization for nearest neighbor search", TPAMI 2011) — and Malkov & Yashunin,
@@ -97,7 +98,8 @@ def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
 
 class RetrievalIndex:
     """A FAISS index plus the key and label of each stored id (id = row of the features it was built from);
-    `source` describes the features it was built from (saved with it)."""
+    `source` describes the features it was built from (saved with it; `index build` records the backbone, view,
+    pooling, shards and class names, so that image files can be queried and results shown)."""
 
     def __init__(self, index, keys, labels, kind: str, metric: str, params: dict, source=None):
         if len(keys) != index.ntotal or len(labels) != index.ntotal:
@@ -284,6 +286,54 @@ def compare_index_kinds(features, labels, kinds=KINDS, k: int = 10, keys=None, n
                          "mAP": quality["mAP"], "params": index.params}
     return {"k": k, "num_items": len(features), "num_queries": len(queries), "dim": int(features.shape[1]),
             "kinds": results}
+
+
+def images_by_key(shard_urls, keys) -> dict:
+    """{key: RGB image} for `keys`, read from the shards (scanned in order until every key is found)."""
+    from ssl_vit.data.samples import BadSample, decode_image, read_shard
+
+    wanted, found = set(keys), {}
+    for url in shard_urls:
+        for sample in read_shard(url):
+            if sample["__key__"] in wanted and sample["__key__"] not in found:
+                try:
+                    found[sample["__key__"]] = decode_image(sample)
+                except BadSample as e:
+                    raise SslVitError(str(e)) from None
+        if len(found) == len(wanted):
+            return found
+    missing = sorted(wanted - set(found))
+    raise SslVitError(f"{len(missing)} key(s) (first {missing[0]!r}) are not in the {len(shard_urls)} shards the "
+                      f"features were extracted from (first {shard_urls[0] if shard_urls else None})")
+
+
+GRID_CELL_PX, GRID_ROW_PX, GRID_DPI = 120, 140, 100  # cell width, cell height with its caption
+
+
+def write_result_grid(rows: list, png) -> Path:
+    """A PNG with one row per query: the query image, then its results captioned with score (and label).
+
+    rows: [(query image, query title, [(image, caption), ...])] (matplotlib's Agg canvas; no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = 1 + max(len(results) for _, _, results in rows)
+    fig = Figure(figsize=(cols * GRID_CELL_PX / GRID_DPI, len(rows) * GRID_ROW_PX / GRID_DPI), dpi=GRID_DPI)
+    FigureCanvasAgg(fig)
+    for r, (query, title, results) in enumerate(rows):
+        for c, (image, caption) in enumerate([(query, title), *results]):
+            ax = fig.add_subplot(len(rows), cols, r * cols + c + 1)
+            ax.set_axis_off()
+            ax.imshow(np.asarray(image))
+            ax.set_title(caption, fontsize=7, color="tab:blue" if c == 0 else "black")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.08, hspace=0.3)
+    png = Path(png)
+    try:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, format="png")
+    except OSError as e:
+        raise SslVitError(f"cannot write grid {png}: {e}") from None
+    return png
 
 
 _BUILD_DEFAULTS = dict(nlist=None, m=None, nbits=8, hnsw_m=32, metric="cosine", nprobe=None, ef_search=64)
