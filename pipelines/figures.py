@@ -150,20 +150,9 @@ def _label(sample: dict) -> int:
 
 def load_images(test_index: str, keys) -> dict:
     """{key: PIL RGB image} for `keys`, read from the test shards (stops at the first shard that completes them)."""
-    from ssl_vit.data.samples import BadSample, decode_image, read_shard
+    from ssl_vit.eval.retrieval import images_by_key
 
-    wanted, found = set(keys), {}
-    for url in _shards(test_index).urls:
-        for sample in read_shard(url):
-            if sample["__key__"] in wanted:
-                try:
-                    found[sample["__key__"]] = decode_image(sample)
-                except BadSample as e:
-                    raise SslVitError(str(e)) from None
-        if len(found) == len(wanted):
-            return found
-    missing = sorted(wanted - found.keys())
-    raise SslVitError(f"{test_index}: {len(missing)} image(s) not found in the test shards, e.g. {missing[0]!r}")
+    return images_by_key(_shards(test_index).urls, keys)
 
 
 def _class_name(classes: list, label) -> str:

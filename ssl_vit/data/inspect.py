@@ -18,6 +18,7 @@ from PIL import Image
 from ssl_vit.data.image_sources import IMAGE_EXTENSIONS
 from ssl_vit.data.index import index_path_for, read_index, sha256_file
 from ssl_vit.errors import SslVitError
+from ssl_vit.figure_io import save_png
 
 IMAGE_KEYS = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS} | {"ppm", "pgm", "pnm"}
 TOP_SIZES = 10
@@ -211,12 +212,7 @@ def write_grid(samples: list[tuple[bytes, int]], classes: list[str], png) -> Non
             name = f"{name} (undecodable)"
         ax.set_title(name, fontsize=7)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.1, hspace=0.35)
-    png = Path(png)
-    try:
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, format="png")
-    except OSError as e:
-        raise SslVitError(f"cannot write grid {png}: {e}") from None
+    save_png(fig, png)
 
 
 def format_report(report: dict) -> str:

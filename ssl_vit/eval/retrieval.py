@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from ssl_vit.errors import SslVitError
+from ssl_vit.figure_io import save_png
 from ssl_vit.eval import faiss_utils
 from ssl_vit.eval.feature_cache import replace_dir
 
@@ -327,13 +328,7 @@ def write_result_grid(rows: list, png) -> Path:
             ax.imshow(np.asarray(image))
             ax.set_title(caption, fontsize=7, color="tab:blue" if c == 0 else "black")
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.08, hspace=0.3)
-    png = Path(png)
-    try:
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, format="png")
-    except OSError as e:
-        raise SslVitError(f"cannot write grid {png}: {e}") from None
-    return png
+    return save_png(fig, png)
 
 
 _BUILD_DEFAULTS = dict(nlist=None, m=None, nbits=8, hnsw_m=32, metric="cosine", nprobe=None, ef_search=64)
