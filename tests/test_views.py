@@ -77,10 +77,10 @@ def test_presets_give_the_views_their_recipes_ask_for(specs, sizes, image):
 
 def test_cifar_sizes_come_from_the_shipped_recipe_and_overrides(image):
     path = ROOT / "recipes" / "dino_vit_tiny_cifar10.yaml"
-    assert MultiViewTransform(views_from_recipe(load_recipe(path).views)).sizes == [32, 32, 16, 16, 16, 16]
-    recipe = load_recipe(path, ["views.num_local=2", "views.local_size=8"])
+    assert MultiViewTransform(views_from_recipe(load_recipe(path).views)).sizes == [32, 32, 16, 16]
+    recipe = load_recipe(path, ["views.num_local=3", "views.local_size=8"])
     mv = MultiViewTransform(views_from_recipe(recipe.views))
-    assert mv.sizes == [32, 32, 8, 8] and [v.shape[-1] for v in mv(image)] == [32, 32, 8, 8]
+    assert mv.sizes == [32, 32, 8, 8, 8] and [v.shape[-1] for v in mv(image)] == [32, 32, 8, 8, 8]
 
 
 # -- determinism --------------------------------------------------------------------------------------------------
