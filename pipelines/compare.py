@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipelines.compare_config import CompareConfig
+from ssl_vit.atomic_io import write_json_atomic
 from ssl_vit.errors import SslVitError
 
 
@@ -37,13 +38,6 @@ class StageRunner:
                                   f"{self.out_dir})") from e
             self.timings[name] = time.perf_counter() - t0
         return json.loads(done.read_text()) if done.suffix == ".json" else None
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def shards_for(source: str, out_prefix: Path, max_count: int) -> str:
@@ -91,7 +85,7 @@ def random_init(cfg: CompareConfig, out: Path) -> None:
     spec = backbone_spec(recipe)
     out.mkdir(parents=True, exist_ok=True)
     export_backbone(create_backbone(spec), spec, out / "backbone.safetensors", extra_meta={"method": "random_init"})
-    write_json(out / "summary.json", {"method": "random_init", "steps": 0, "images_seen": 0, "train_seconds": 0.0,
+    write_json_atomic(out / "summary.json", {"method": "random_init", "steps": 0, "images_seen": 0, "train_seconds": 0.0,
                                       "images_per_s": None})
 
 
@@ -127,7 +121,7 @@ def evaluate(cfg: CompareConfig, feats: Path, out: Path) -> None:
     if cfg.eval.linear_probe:
         result["linear_probe"] = linear_probe(train, test, lrs=cfg.eval.probe_lrs, epochs=cfg.eval.probe_epochs,
                                               seed=0)
-    write_json(out, result)
+    write_json_atomic(out, result)
 
 
 def finetune(cfg: CompareConfig, model_dir: Path, indexes: dict, out: Path) -> None:

@@ -104,7 +104,7 @@ def load_cache(folder):
 
 
 def write_result(path, result: dict) -> None:
-    from ssl_vit.train.checkpoint import write_json_atomic
+    from ssl_vit.atomic_io import write_json_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def finetune(recipe, recipe_path: str = "") -> dict:
     from ssl_vit.data.sources import expand_source
     from ssl_vit.errors import SslVitError
     from ssl_vit.eval.classify import evaluate_classifier
-    from ssl_vit.train.checkpoint import write_json_atomic
+    from ssl_vit.atomic_io import write_json_atomic
     from ssl_vit.train.trainer import Trainer
 
     if recipe.method != "supervised":

@@ -23,9 +23,10 @@ import numpy as np
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from ssl_vit.atomic_io import atomic_write, write_json_atomic
 from ssl_vit.data.image_sources import SourceSet, encode_for_shard, open_source, read_image_bytes
-from ssl_vit.data.index import (INDEX_FORMAT, atomic_write, index_path_for, plan_path_for, read_json, sha256_file,
-                                shard_path_for, write_index, write_json_atomic)
+from ssl_vit.data.index import (INDEX_FORMAT, index_path_for, plan_path_for, read_json, sha256_file,
+                                shard_path_for, write_index)
 from ssl_vit.data.inspect import iter_tar_samples
 from ssl_vit.errors import SslVitError
 

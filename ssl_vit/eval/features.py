@@ -19,6 +19,7 @@ from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.samples import BadSample, decode_image
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
+from ssl_vit.eval.feature_cache import replace_dir
 from ssl_vit.transforms import MultiViewTransform, eval_views
 
 POOLINGS = ("cls", "avg", "cls+avg")
@@ -154,5 +155,4 @@ def merge_parts(out_dir: Path, parts_dir: Path, num_parts: int, info: dict, chun
     meta = {**info, "dim": dim, "num": len(keys), "skipped": sum(p["skipped"] for p in parts),
             "num_processes": num_parts}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from ssl_vit import __version__
+from ssl_vit.atomic_io import fsync_dir, write_json_atomic
 from ssl_vit.errors import SslVitError
 
 POINTER = "latest"
@@ -36,20 +37,7 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fsync_dir(folder)
 
 
 def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, stream_state: dict,

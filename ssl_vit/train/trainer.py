@@ -15,14 +15,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
+from ssl_vit.atomic_io import write_json_atomic
 from ssl_vit.config import Recipe, check_world
 from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.sources import expand_source
 from ssl_vit.data.stream import ShardStream, steps_per_epoch
 from ssl_vit.errors import SslVitError
 from ssl_vit.methods import backbone_spec, build_method
-from ssl_vit.train.checkpoint import code_version, find_checkpoint, read_checkpoint_meta, save_checkpoint, \
-    write_json_atomic
+from ssl_vit.train.checkpoint import code_version, find_checkpoint, read_checkpoint_meta, save_checkpoint
 from ssl_vit.train.run_log import RunLog
 from ssl_vit.train.schedules import cosine
 from ssl_vit.transforms import MultiViewTransform, views_from_recipe
