@@ -37,6 +37,7 @@ class StreamLoader:
         for batch in batches:
             self.state.update(batch)
             self._counts[int(batch["_worker"])] = (int(batch["_seen"]), int(batch["_skipped"]))
+            batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
             yield move_to(batch, self.device)
 
     def skip_counts(self) -> tuple[int, int]:

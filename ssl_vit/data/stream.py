@@ -7,7 +7,8 @@ Training (`mode="train"`): endless. In epoch e the shard order is a permutation 
 every (world·workers)-th shard from position s. A slot reads `group_size` shards at a time and emits their samples in
 a permutation seeded by (seed, e, slot, group): a shuffle buffer whose state is a pure function of the position
 (epoch, group, offset), so a resumed run continues the same stream exactly. Augmentation randomness is seeded by
-(seed, epoch, sample key) in a forked RNG, so it does not depend on which process decodes a sample.
+(seed, epoch, sample key) in torch's CPU generator (restored after each batch), so it does not depend on which
+process decodes a sample.
 
 Evaluation (`mode="eval"`): every sample exactly once, in shard order, with its key; shards are dealt round-robin
 to slots, so slots may hold unequal counts (the feature extractor gathers variable-length results).
@@ -20,12 +21,11 @@ import contextlib
 import hashlib
 import logging
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ssl_vit.data.samples import BadSample, decode_image, decode_label, read_shard
 from ssl_vit.data.sources import ShardList, expand_source
@@ -80,9 +80,13 @@ class StreamState:
 
 
 def collate(items: list[tuple[list[torch.Tensor], int, str]]) -> dict:
-    views = [torch.stack(v) for v in zip(*(item[0] for item in items))]  # each [B, 3, H, W]
-    return {"views": views, "label": torch.tensor([item[1] for item in items], dtype=torch.long),
-            "key": [item[2] for item in items]}
+    """Views stacked to [B, 3, H, W] tensors; labels and keys as lists.
+
+    Every tensor a DataLoader worker returns crosses to the main process through its own shared-memory handshake
+    (~1 ms each), so labels travel as a list and StreamLoader makes the tensor. default_collate stacks straight into
+    shared memory inside a worker, saving a copy per batch."""
+    views = [default_collate(list(v)) for v in zip(*(item[0] for item in items))]
+    return {"views": views, "label": [item[1] for item in items], "key": [item[2] for item in items]}
 
 
 class ShardStream(IterableDataset):
@@ -151,27 +155,38 @@ class ShardStream(IterableDataset):
     # -- decoding and batching --------------------------------------------------------------------------------
     def _decode(self, sample: dict, epoch: int):
         image, label = decode_image(sample), decode_label(sample)
-        with seeded_view_rngs(stable_seed(self.seed, "views", epoch, sample["__key__"])):
-            views = self.transform(image)
+        torch.default_generator.manual_seed(stable_seed(self.seed, "views", epoch, sample["__key__"]))
+        views = self.transform(image)
         return (views if isinstance(views, (list, tuple)) else [views]), label, sample["__key__"]
 
     def _batches(self, samples, worker: int):
-        items, seen, skipped, position = [], 0, 0, None
+        samples, counts = iter(samples), [0, 0]  # seen, skipped
+        while True:
+            with caller_rng_kept():
+                items, position = self._fill(samples, counts)
+            if len(items) == self.batch_size:
+                yield self._emit(items, worker, position, *counts)
+                continue
+            self._check_skips(*counts, final=True)
+            if items and self.mode == "eval":
+                yield self._emit(items, worker, position, *counts)
+            return
+
+    def _fill(self, samples, counts: list[int]) -> tuple[list, Position | None]:
+        """Decode samples until a batch is full or the stream ends; `counts` (seen, skipped) is updated in place."""
+        items, position = [], None
         for sample, epoch, position in samples:
-            seen += 1
+            counts[0] += 1
             try:
                 items.append(self._decode(sample, epoch))
             except BadSample as e:
-                skipped += 1
+                counts[1] += 1
                 log.warning("skipped: %s", e)
-                self._check_skips(seen, skipped)
+                self._check_skips(*counts)
                 continue
             if len(items) == self.batch_size:
-                yield self._emit(items, worker, position, seen, skipped)
-                items = []
-        self._check_skips(seen, skipped, final=True)
-        if items and self.mode == "eval":
-            yield self._emit(items, worker, position, seen, skipped)
+                break
+        return items, position
 
     def _emit(self, items, worker: int, position: Position, seen: int, skipped: int) -> dict:
         batch = collate(items)
@@ -189,17 +204,19 @@ class ShardStream(IterableDataset):
 
 
 @contextlib.contextmanager
-def seeded_view_rngs(seed: int):
-    """Seed every RNG the view transforms draw from (torch, and Python's `random` that timm's RandAugment uses),
-    restoring the caller's RNG states afterwards."""
-    python_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
+def caller_rng_kept():
+    """Restore torch's CPU generator after a batch whose views were drawn from it, seeded per sample (every view op
+    draws from it; TorchSeededRandAugment reseeds Python's and NumPy's RNGs from it), so the caller's model-side
+    randomness does not depend on the data.
+
+    Per-sample seeding uses the CPU generator alone: `torch.manual_seed`/`fork_rng` also reach every accelerator
+    backend through lazy calls that record a stack trace each time, ~2.5 ms per sample — more than decoding and
+    cropping a 32-px image."""
+    state = torch.default_generator.get_state()
+    try:
+        yield
+    finally:
+        torch.default_generator.set_state(state)
 
 
 def steps_per_epoch(num_samples: int | None, global_batch: int) -> int | None:

@@ -1,7 +1,7 @@
 """One augmented view: its spec (`ViewSpec`), the transform built from it, and the multi-view wrapper.
 
 Every random choice comes from torch's global RNG (torchvision transforms draw from it), so a reader that seeds torch
-per sample inside `torch.random.fork_rng` gets the same views on every run and after a resume. timm's RandAugment
+per sample (restoring its state afterwards) gets the same views on every run and after a resume. timm's RandAugment
 is the exception — it draws from Python's `random` and NumPy — so `TorchSeededRandAugment` reseeds both from torch
 for each call and restores them afterwards.
 

@@ -1,0 +1,100 @@
+"""Reading a shard gives exactly what webdataset's own reader gives, whichever path (fast ustar or tarfile) reads it."""
+import gzip
+import io
+import tarfile
+import warnings
+
+import pytest
+import webdataset as wds
+
+from conftest import jpeg_bytes
+from ssl_vit.data.samples import NotPlainUstar, plain_ustar_members, read_shard
+from ssl_vit.data.sources import expand_source
+
+
+def webdataset_samples(url: str) -> list[dict]:
+    """The reference: plain webdataset, no decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return [dict(s) for s in wds.WebDataset(url, shardshuffle=False, empty_check=False)]
+
+
+def comparable(samples: list[dict]) -> list[dict]:
+    return [{k: v for k, v in s.items() if k != "__local_path__"} for s in samples]
+
+
+def make_tar(path, members: dict[str, bytes], fmt=tarfile.USTAR_FORMAT, directories=()) -> str:
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for d in directories:
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_written_shards_take_the_fast_path_and_match_webdataset(train_shards):
+    for url in expand_source(str(train_shards)).urls[:3]:
+        with open(url, "rb") as f:
+            members, damage = plain_ustar_members(f.read())  # no fallback for our own shards
+        assert len(members) == 3 * 500 and damage is None
+        ours = read_shard(url)
+        assert len(ours) == 500
+        assert comparable(ours) == comparable(webdataset_samples(url))
+
+
+def test_ustar_prefix_directories_metadata_and_case(tmp_path):
+    deep = "d" * 60 + "/" + "e" * 60  # > 100 characters: stored in the ustar prefix field
+    members = {f"{deep}/a.JPG": jpeg_bytes(), f"{deep}/a.cls": b"3", "__index__/x.json": b"{}", "__meta__": b"{}", "b.x.json": b"[1]",
+               "b.x.png": b"png-bytes", "c.txt": b"hello"}
+    url = make_tar(tmp_path / "p.tar", members, directories=["dir/"])
+    with open(url, "rb") as f:
+        members, damage = plain_ustar_members(f.read())
+    names = [name for name, _ in members]
+    assert damage is None and f"{deep}/a.JPG" in names and not any(n.startswith("__") for n in names)
+    ours = read_shard(url)
+    assert comparable(ours) == comparable(webdataset_samples(url))
+    assert ours[0]["__key__"] == f"{deep}/a" and "jpg" in ours[0]  # suffix lower-cased like webdataset
+    assert ours[1]["__key__"] == "b" and set(ours[1]) >= {"x.json", "x.png"}
+
+
+@pytest.mark.parametrize("kind", ["pax", "gnu-longname", "gzip"])
+def test_other_archives_fall_back_to_tarfile_with_the_same_result(tmp_path, kind):
+    long_name = "x" * 150 + "/" + "y" * 120 + ".cls"  # too long for ustar: pax or GNU long-name headers
+    members = {"s1.jpg": jpeg_bytes(), "s1.cls": b"1", long_name: b"7", "s2.cls": b"2"}
+    if kind == "gzip":
+        raw = open(make_tar(tmp_path / "p.tar", {"s1.jpg": jpeg_bytes(), "s1.cls": b"1"}), "rb").read()
+        url = str(tmp_path / "p.tar.gz")
+        with open(url, "wb") as f:
+            f.write(gzip.compress(raw))
+    else:
+        url = make_tar(tmp_path / "p.tar", members, fmt=tarfile.PAX_FORMAT if kind == "pax" else tarfile.GNU_FORMAT)
+    with open(url, "rb") as f, pytest.raises(NotPlainUstar):
+        plain_ustar_members(f.read())
+    ours = read_shard(url)
+    assert comparable(ours) == comparable(webdataset_samples(url))
+    assert [s["__key__"] for s in ours] == (["s1"] if kind == "gzip" else ["s1", long_name[:-4], "s2"])
+
+
+@pytest.mark.parametrize("damage", ["checksum", "garbage-header", "truncated-body", "truncated-header"])
+def test_damaged_shard_keeps_what_precedes_the_damage_and_says_where(tmp_path, damage):
+    url = make_tar(tmp_path / "p.tar", {f"s{i}.{ext}": b"%d" % i for i in range(1, 5) for ext in ("cls", "txt")})
+    data = bytearray(open(url, "rb").read())
+    third_sample = 4 * 1024  # two members of 1 header + 1 data block each per sample
+    if damage == "checksum":
+        data[third_sample + 5] ^= 0xFF  # a byte of the name: the stored checksum no longer matches
+    elif damage == "garbage-header":
+        data[third_sample:third_sample + 512] = b"\x07" * 512
+    elif damage == "truncated-body":
+        data = data[:third_sample + 512 + 100]
+    else:
+        data = data[:third_sample + 200]
+    with open(url, "wb") as f:
+        f.write(data)
+    with pytest.warns(RuntimeWarning, match=r"p\.tar is truncated or corrupt after 1 samples"):
+        samples = read_shard(url)
+    # s2 is the sample in progress when the damage is met: it may be incomplete, so it is dropped too
+    assert [s["__key__"] for s in samples] == ["s1"]
