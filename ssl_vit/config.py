@@ -56,11 +56,13 @@ class DINOConfig:  # Caron et al. 2021, Sec. 3 and App. (main_dino.py defaults)
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
+    use_bn_in_head: bool = False     # BatchNorm in the head's MLP (the reference's --use_bn_in_head)
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30
     center_momentum: float = 0.9
+    centering: str = "center"        # or "sinkhorn_knopp" (DINOv2)
     momentum_teacher: float = 0.996
     freeze_last_layer_epochs: float = 1
 
@@ -243,6 +245,8 @@ def validate(r: Recipe) -> None:
     _check(r.model.img_size % r.model.patch_size == 0, "model.patch_size",
            f"{r.model.patch_size} does not divide model.img_size={r.model.img_size}")
     _check(r.dino.out_dim > 0, "dino.out_dim", "must be positive")
+    _check(r.dino.centering in ("center", "sinkhorn_knopp"), "dino.centering",
+           f"must be center or sinkhorn_knopp, got {r.dino.centering!r}")
     _check(not r.model.init or r.method == "supervised", "model.init",
            f"only the supervised method fine-tunes a pretrained backbone (method is {r.method!r})")
     _check(r.optim.layer_decay == 1.0 or r.method == "supervised", "optim.layer_decay",

@@ -50,6 +50,8 @@ def write(tmp_path, text: str) -> Path:
     ("method: mae\n", "set exactly one of train.epochs and train.steps"),
     ("method: mae\ntrain: {steps: 10}\nmodel: {img_size: 32, patch_size: 5}\n", "model.patch_size: 5 does not divide"),
     ("method: mae\ntrain: [steps\n", "is not valid YAML"),
+    ("method: dino\ntrain: {steps: 10}\ndino: {centering: softmax}\n", "dino.centering: must be center or"),
+    ("method: dino\ntrain: {steps: 10}\ndino: {use_bn_in_head: maybe}\n", "dino.use_bn_in_head: expected true/false"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, text, message):
     with pytest.raises(SslVitError) as err:

@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as TF
 from conftest import read_tar_images
 from ssl_vit.errors import SslVitError
 from ssl_vit.heads.dino_head import DINOHead
-from ssl_vit.losses.dino_loss import DINOLoss
+from ssl_vit.losses.dino_loss import DINOLoss, sinkhorn_knopp
 from ssl_vit.methods.dino import DINO
 from ssl_vit.models.backbone import BackboneSpec
 
@@ -144,30 +144,94 @@ def test_loss_bad_input(student, teacher, temp, match):
         DINOLoss(8)(torch.randn(student), torch.randn(teacher), temp)
 
 
-def _center_worker(rank: int, world: int, init_file: str, rows: torch.Tensor, results) -> None:
+def _on_rank(rank: int, world: int, init_file: str, fn, rows: torch.Tensor, results) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    loss_fn = DINOLoss(rows.shape[-1], center_momentum=0.5)
-    loss_fn.update_center(rows[rank])
-    results.put((rank, loss_fn.center.clone()))
+    results.put((rank, fn(rows[rank])))
     dist.destroy_process_group()
+
+
+def on_two_ranks(tmp_path, fn, rows: torch.Tensor) -> list[torch.Tensor]:
+    """fn(rows[rank]) on each of two gloo processes; the results in rank order."""
+    ctx = mp.get_context("fork")  # forked workers skip re-importing torch: the test stays ~1 s
+    results = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_on_rank, args=(r, 2, str(tmp_path / "init"), fn, rows, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    out = dict(results.get() for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return [out[0], out[1]]
+
+
+def _updated_center(rows: torch.Tensor) -> torch.Tensor:
+    loss_fn = DINOLoss(rows.shape[-1], center_momentum=0.5)
+    loss_fn.update_center(rows)
+    return loss_fn.center.clone()
 
 
 def test_center_is_all_reduced_across_processes(tmp_path):
     rows = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))  # 6 teacher rows on each of 2 ranks
-    ctx = mp.get_context("fork")  # forked workers skip re-importing torch: the test stays ~1 s
-    results = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_center_worker, args=(r, 2, str(tmp_path / "init"), rows, results)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    centers = dict(results.get() for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    centers = on_two_ranks(tmp_path, _updated_center, rows)
     expected = 0.5 * rows.reshape(-1, 4).mean(0)  # m·0 + (1 − m)·(mean over both ranks' rows)
     torch.testing.assert_close(centers[0], expected)
     torch.testing.assert_close(centers[1], expected)
+
+
+def reference_sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+    """DINOv2's `sinkhorn_knopp_teacher`, single process: multiplicative updates of exp(logits / temp)."""
+    q = torch.exp(logits / temp).t()
+    k, n = q.shape
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n
+    return (q * n).t()
+
+
+def test_sinkhorn_knopp_targets_match_reference_and_split_the_batch_evenly():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(24, 16, generator=gen, dtype=torch.float64)
+    logits[:, 3] += 4.0  # one prototype dominates every row: centring would need many steps to undo it
+    targets = sinkhorn_knopp(logits, 0.1)
+    torch.testing.assert_close(targets, reference_sinkhorn_knopp(logits, 0.1))
+    torch.testing.assert_close(targets.sum(1), torch.ones(24, dtype=torch.float64))  # each row a distribution
+    column_mass = targets.sum(0) / 24
+    assert column_mass.max() < 1.5 / 16 and column_mass.min() > 0.5 / 16  # no prototype takes the batch
+    # cosine logits at temperature 0.04 overflow exp() in float32 unless shifted; the shift changes nothing
+    big = torch.randn(8, 1024, generator=gen) * 2
+    assert torch.isfinite(sinkhorn_knopp(big, 0.04)).all()
+    torch.testing.assert_close(sinkhorn_knopp(big, 0.04), sinkhorn_knopp(big + 7.0, 0.04))
+
+
+def test_sinkhorn_knopp_centering_in_the_loss():
+    gen = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(4, 6, 32, generator=gen), torch.randn(2, 6, 32, generator=gen) + 3.0
+    loss_fn = DINOLoss(32, centering="sinkhorn_knopp")
+    out = loss_fn(student, teacher, 0.05)
+    pt = reference_sinkhorn_knopp(teacher.flatten(0, 1).double(), 0.05).unflatten(0, (2, 6))
+    log_ps = F.log_softmax(student.double() / 0.1, dim=-1)
+    ce = -torch.einsum("gbk,vbk->gv", pt, log_ps) / 6
+    expected = ce[~torch.eye(2, 4, dtype=torch.bool)].mean()
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.all(loss_fn.center == 0)  # the centre is not used, nor moved
+    with pytest.raises(SslVitError, match="dino.centering"):
+        DINOLoss(32, centering="softmax")
+
+
+def _sinkhorn_targets(rows: torch.Tensor) -> torch.Tensor:
+    return sinkhorn_knopp(rows, 0.1)
+
+
+def test_sinkhorn_knopp_spans_every_process(tmp_path):
+    rows = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = on_two_ranks(tmp_path, _sinkhorn_targets, rows)
+    expected = reference_sinkhorn_knopp(rows.reshape(12, 5), 0.1)  # one batch of both ranks' 12 rows
+    torch.testing.assert_close(torch.cat(out), expected)
 
 
 # -- method ---------------------------------------------------------------------------------------------------------

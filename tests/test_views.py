@@ -83,6 +83,15 @@ def test_cifar_sizes_come_from_the_shipped_recipe_and_overrides(image):
     assert mv.sizes == [32, 32, 8, 8, 8] and [v.shape[-1] for v in mv(image)] == [32, 32, 8, 8, 8]
 
 
+def test_dino_preset_blur_can_be_switched_off_from_a_recipe():
+    path = ROOT / "recipes" / "dino_vit_small_patch16_in1k.yaml"
+    assert [v.blur for v in views_from_recipe(load_recipe(path).views)] == [1.0, 0.1, 0.5]  # the paper's
+    off = views_from_recipe(load_recipe(path, ["views.blur=false"]).views)
+    assert [v.blur for v in off] == [0.0, 0.0, 0.0] and [v.solarize for v in off] == [0.0, 0.2, 0.0]
+    with pytest.raises(SslVitError, match="views.blur"):
+        views_from_recipe(load_recipe(path, ["views.blur=3"]).views)
+
+
 # -- determinism --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("specs", [dino_views(32, 16, 4), supervised_views(32, "rand-m9-mstd0.5-inc1")],
                          ids=["dino", "supervised-randaugment"])

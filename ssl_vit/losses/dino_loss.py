@@ -6,6 +6,12 @@ H(P_t(x), P_s(x')) = −Σ_k P_t(x)_k log P_s(x')_k over every pair of a teacher
 student view x' (Eq. 3), averaged over pairs and samples as in the reference code. After the loss, the centre moves
 towards the batch mean of the teacher logits: c ← m c + (1 − m) mean_i g_t(x_i) (Eq. 4), the mean taken over every
 teacher row on every process.
+
+`centering="sinkhorn_knopp"` replaces centring by three Sinkhorn-Knopp iterations over the batch, as DINOv2 does
+(Oquab et al. 2023, Sec. 4; from SwAV, Caron et al. 2020): the teacher targets become the soft assignment of the
+batch's rows to the K prototypes with equal total mass per prototype. Equipartition holds from the first step
+instead of being approached through an EMA, so a short run does not spend its steps escaping a collapsed teacher. The
+centre is then neither used nor updated (`kl_to_center` becomes KL(p̄ ‖ uniform), ~0 by construction).
 """
 import math
 
@@ -22,6 +28,35 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+    """Teacher targets [N, K] from logits [N, K] (the rows of every process form one batch): exp(logits / temp)
+    rescaled so that each prototype (column) holds 1/K of the batch's mass and each row sums to 1 (exactly after the
+    last iteration). In log space: at temperature 0.04, exp() of logits a few units apart underflows float32."""
+    log_q = logits / temp
+    k, n = log_q.shape[1], log_q.shape[0] * _world_size()
+    for _ in range(iterations):
+        log_q = log_q - _global_logsumexp_over_rows(log_q) - math.log(k)  # every prototype: mass 1/K
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(n)  # every row: mass 1/N
+    return (log_q + math.log(n)).exp()
+
+
+def _global_logsumexp_over_rows(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over dim 0 of `x` [N, K] stacked from all processes.  # [1, K]"""
+    top = _all_reduce(x.max(dim=0, keepdim=True).values.clone(), dist.ReduceOp.MAX if dist.is_available() else None)
+    return top + _all_reduce((x - top).exp().sum(dim=0, keepdim=True)).log()
+
+
 def _global_mean(rows: torch.Tensor) -> torch.Tensor:
     """Mean over rows of `rows` [N, K] on all processes (all-reduced when torch.distributed runs).  # [K]"""
     total = rows.sum(dim=0)
@@ -30,6 +65,9 @@ def _global_mean(rows: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(total)
         count *= dist.get_world_size()
     return total / count
+
+
+CENTERINGS = ("center", "sinkhorn_knopp")
 
 
 class DINOLoss(nn.Module):
@@ -54,8 +92,11 @@ class DINOLoss(nn.Module):
     updated only in training mode.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "center"):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise SslVitError(f"dino.centering: must be one of {', '.join(CENTERINGS)}, got {centering!r}")
         if out_dim < 1:
             raise SslVitError(f"dino.out_dim: must be ≥ 1, got {out_dim}")
         if student_temp <= 0:
@@ -65,6 +106,7 @@ class DINOLoss(nn.Module):
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = centering
         self.register_buffer("center", torch.zeros(out_dim))
 
     def _check(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float) -> None:
@@ -85,8 +127,12 @@ class DINOLoss(nn.Module):
         g, v, b = teacher.shape[0], student.shape[0], student.shape[1]
         teacher = _at_least_fp32(teacher.detach())
         log_ps = F.log_softmax(_at_least_fp32(student) / self.student_temp, dim=-1)  # [V, B, K]
-        log_pt = F.log_softmax((teacher - self.center) / teacher_temp, dim=-1)  # [G, B, K]
-        pt = log_pt.exp()
+        if self.centering == "sinkhorn_knopp":
+            pt = sinkhorn_knopp(teacher.flatten(0, 1), teacher_temp).unflatten(0, (g, b))  # [G, B, K]
+            log_pt = pt.clamp_min(1e-30).log()
+        else:
+            log_pt = F.log_softmax((teacher - self.center) / teacher_temp, dim=-1)  # [G, B, K]
+            pt = log_pt.exp()
         # Cross-entropy of every (teacher view, student view) pair in one contraction.
         ce = -torch.einsum("gbk,vbk->gv", pt, log_ps) / b  # [G, V]
         pairs = ~torch.eye(g, v, dtype=torch.bool, device=ce.device)
@@ -96,7 +142,7 @@ class DINOLoss(nn.Module):
             mean_pt = pt.mean(dim=(0, 1))  # [K]
             log_q = F.log_softmax(self.center / teacher_temp, dim=-1)
             kl = (mean_pt * (mean_pt.clamp_min(1e-30).log() - log_q)).sum()
-            if self.training:
+            if self.training and self.centering == "center":
                 self.update_center(teacher.flatten(0, 1))
         return {"loss": loss, "teacher_entropy": entropy, "student_kl": loss.detach() - entropy, "kl_to_center": kl}
 

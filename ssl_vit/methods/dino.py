@@ -57,9 +57,10 @@ class DINO(Method):
     """
 
     def __init__(self, backbone: BackboneSpec, out_dim: int = 65536, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, norm_last_layer: bool = True, num_global: int = 2,
+                 bottleneck_dim: int = 256, norm_last_layer: bool = True, use_bn_in_head: bool = False,
+                 num_global: int = 2,
                  student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
-                 warmup_teacher_temp_epochs: float = 30, center_momentum: float = 0.9,
+                 warmup_teacher_temp_epochs: float = 30, center_momentum: float = 0.9, centering: str = "center",
                  momentum_teacher: float = 0.996, freeze_last_layer_epochs: float = 1):
         super().__init__()
         _validate(num_global, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, momentum_teacher,
@@ -71,7 +72,7 @@ class DINO(Method):
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
         spec = replace(backbone, dynamic_img_size=True)
         make_head = partial(DINOHead, out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
-                            norm_last_layer=norm_last_layer)
+                            norm_last_layer=norm_last_layer, use_bn=use_bn_in_head)
         student = create_backbone(spec)
         self.student = MultiCropNet(student, make_head(student.num_features))
         # The reference teacher has no stochastic depth; its weights start equal to the student's.
@@ -79,7 +80,7 @@ class DINO(Method):
         self.teacher = MultiCropNet(teacher, make_head(teacher.num_features))
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        self.loss = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum)
+        self.loss = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum, centering=centering)
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict:
         """`momentum`: cosine momentum_teacher → 1 over the run; `teacher_temp`: linear warm-up

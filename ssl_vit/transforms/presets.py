@@ -20,10 +20,11 @@ def mae_views(size: int = 224) -> list[ViewSpec]:
 
 def dino_views(global_size: int = 224, local_size: int = 96, num_local: int = 10,
                global_scale: tuple[float, float] = (0.4, 1.0),
-               local_scale: tuple[float, float] = (0.05, 0.4)) -> list[ViewSpec]:
+               local_scale: tuple[float, float] = (0.05, 0.4), blur: bool = True) -> list[ViewSpec]:
     """DINO multi-crop (Caron et al., 2021, Sec. 3.1; official `DataAugmentationDINO`): global view 1 always blurred,
     global view 2 blurred with p 0.1 and solarized with p 0.2, `num_local` local views blurred with p 0.5; all with
-    flip, colour jitter p 0.8 (0.4, 0.4, 0.2, 0.1) and grayscale p 0.2."""
+    flip, colour jitter p 0.8 (0.4, 0.4, 0.2, 0.1) and grayscale p 0.2. `blur=False` drops the Gaussian blur, as
+    CIFAR-scale recipes do: at 32 px the blur kernel is 3 px wide."""
     check_size(global_size, "views.global_size")
     check_size(local_size, "views.local_size")
     if local_size > global_size:
@@ -33,10 +34,11 @@ def dino_views(global_size: int = 224, local_size: int = 96, num_local: int = 10
         raise SslVitError(f"views.num_local: must be >= 0, got {num_local}")
     check_scale(global_scale, "views.global_scale")
     check_scale(local_scale, "views.local_scale")
-    views = [ViewSpec(global_size, scale=global_scale, blur=1.0, **DINO_JITTER),
-             ViewSpec(global_size, scale=global_scale, blur=0.1, solarize=0.2, **DINO_JITTER)]
+    on = 1.0 if blur else 0.0
+    views = [ViewSpec(global_size, scale=global_scale, blur=1.0 * on, **DINO_JITTER),
+             ViewSpec(global_size, scale=global_scale, blur=0.1 * on, solarize=0.2, **DINO_JITTER)]
     if num_local:
-        views.append(ViewSpec(local_size, count=num_local, scale=local_scale, blur=0.5, **DINO_JITTER))
+        views.append(ViewSpec(local_size, count=num_local, scale=local_scale, blur=0.5 * on, **DINO_JITTER))
     return views
 
 
