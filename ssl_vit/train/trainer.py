@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
@@ -62,6 +63,10 @@ class Trainer:
         num_global = sum(s.count for s in specs if s.size == largest)
         num_classes = r.data.num_classes or len(self.classes)
         method = build_method(r, num_classes=num_classes, num_global_views=num_global)
+        if self.acc.num_processes > 1 and self.acc.device.type == "cuda":
+            # BatchNorm (DINO's optional head BN) normalises over the global batch, as the reference does; torch's
+            # SyncBatchNorm runs on GPUs only, so CPU processes keep per-process statistics.
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         groups = method.param_groups(r.optim.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=r.optim.base_lr, betas=tuple(r.optim.betas))
         self.model, self.optimizer = self.acc.prepare(method, optimizer)
