@@ -15,6 +15,7 @@ import yaml
 from ssl_vit.errors import SslVitError
 
 METHODS = ("mae", "dino", "supervised")
+DINO_CENTERINGS = ("center", "sinkhorn_knopp")
 
 
 @dataclass
@@ -62,7 +63,7 @@ class DINOConfig:  # Caron et al. 2021, Sec. 3 and App. (main_dino.py defaults)
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30
     center_momentum: float = 0.9
-    centering: str = "center"        # or "sinkhorn_knopp" (DINOv2)
+    centering: str = "center"        # one of DINO_CENTERINGS: "sinkhorn_knopp" is DINOv2's
     momentum_teacher: float = 0.996
     freeze_last_layer_epochs: float = 1
 
@@ -245,8 +246,8 @@ def validate(r: Recipe) -> None:
     _check(r.model.img_size % r.model.patch_size == 0, "model.patch_size",
            f"{r.model.patch_size} does not divide model.img_size={r.model.img_size}")
     _check(r.dino.out_dim > 0, "dino.out_dim", "must be positive")
-    _check(r.dino.centering in ("center", "sinkhorn_knopp"), "dino.centering",
-           f"must be center or sinkhorn_knopp, got {r.dino.centering!r}")
+    _check(r.dino.centering in DINO_CENTERINGS, "dino.centering",
+           f"must be {' or '.join(DINO_CENTERINGS)}, got {r.dino.centering!r}")
     _check(not r.model.init or r.method == "supervised", "model.init",
            f"only the supervised method fine-tunes a pretrained backbone (method is {r.method!r})")
     _check(r.optim.layer_decay == 1.0 or r.method == "supervised", "optim.layer_decay",

@@ -90,7 +90,7 @@ def plain_ustar_members(data: bytes) -> tuple[list[tuple[str, bytes]], str | Non
     """(name, bytes) of each regular file of an uncompressed ustar archive, skipping directories and the metadata
     files webdataset skips, and what is damaged where (None if nothing): members from a truncated body or a corrupt
     header on are dropped. Raises NotPlainUstar for anything else (compression, pax or GNU extension headers)."""
-    view, end, pos = memoryview(data), len(data), 0
+    end, pos = len(data), 0
     members, headers, stored_checksums, damage = [], [], [], None  # headers: (offset, members before it)
     if end == 0 or data[257:262] != b"ustar":
         raise NotPlainUstar
@@ -119,7 +119,7 @@ def plain_ustar_members(data: bytes) -> tuple[list[tuple[str, bytes]], str | Non
             prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""  # GNU: no prefix
             name = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
             if not _is_metadata(name):
-                members.append((name, bytes(view[body:body + size])))
+                members.append((name, data[body:body + size]))
     else:
         if pos < end:
             damage = f"truncated inside the tar header at byte {pos}"

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from ssl_vit.config import DINO_CENTERINGS
 from ssl_vit.errors import SslVitError
 
 
@@ -59,15 +60,7 @@ def _global_logsumexp_over_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _global_mean(rows: torch.Tensor) -> torch.Tensor:
     """Mean over rows of `rows` [N, K] on all processes (all-reduced when torch.distributed runs).  # [K]"""
-    total = rows.sum(dim=0)
-    count = rows.shape[0]
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-        count *= dist.get_world_size()
-    return total / count
-
-
-CENTERINGS = ("center", "sinkhorn_knopp")
+    return _all_reduce(rows.sum(dim=0)) / (rows.shape[0] * _world_size())
 
 
 class DINOLoss(nn.Module):
@@ -95,8 +88,8 @@ class DINOLoss(nn.Module):
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "center"):
         super().__init__()
-        if centering not in CENTERINGS:
-            raise SslVitError(f"dino.centering: must be one of {', '.join(CENTERINGS)}, got {centering!r}")
+        if centering not in DINO_CENTERINGS:
+            raise SslVitError(f"dino.centering: must be one of {', '.join(DINO_CENTERINGS)}, got {centering!r}")
         if out_dim < 1:
             raise SslVitError(f"dino.out_dim: must be ≥ 1, got {out_dim}")
         if student_temp <= 0:
