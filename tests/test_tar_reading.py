@@ -98,3 +98,37 @@ def test_damaged_shard_keeps_what_precedes_the_damage_and_says_where(tmp_path, d
         samples = read_shard(url)
     # s2 is the sample in progress when the damage is met: it may be incomplete, so it is dropped too
     assert [s["__key__"] for s in samples] == ["s1"]
+
+
+def test_duplicate_member_ends_the_shard_like_webdataset(tmp_path):
+    members = [("s1.cls", b"1"), ("s1.txt", b"a"), ("s2.cls", b"2"), ("s2.cls", b"3"), ("s3.cls", b"4")]
+    url = str(tmp_path / "dup.tar")
+    with tarfile.open(url, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with pytest.warns(RuntimeWarning, match=r"dup\.tar is truncated or corrupt after 1 samples .*duplicate file name"):
+        samples = read_shard(url)
+    assert [s["__key__"] for s in samples] == ["s1"]
+    with pytest.raises(ValueError, match="duplicate file name"):
+        webdataset_samples(url)  # webdataset's own reader fails on the same member
+
+
+@pytest.mark.parametrize("form", ["{:06o}\0 ", "{:07o}\0", " {:06o}\0", "  {:o} \0", "{:08o}", "bad"])
+def test_checksum_field_formats(tmp_path, form):
+    """Writers format the stored checksum differently (tarfile: 6 digits, NUL, space; others pad with spaces or use 7
+    digits); all are read, and a field that is not one run of octal digits is damage."""
+    url = make_tar(tmp_path / "p.tar", {"s1.cls": b"1", "s2.cls": b"2"})
+    data = bytearray(open(url, "rb").read())
+    second_header = 1024
+    header = data[second_header:second_header + 512]
+    header[148:156] = b" " * 8
+    total = sum(header)
+    field = b"1 2\0    " if form == "bad" else form.format(total).encode()
+    data[second_header + 148:second_header + 156] = field
+    members, damage = plain_ustar_members(bytes(data))
+    if form == "bad":
+        assert [n for n, _ in members] == ["s1.cls"] and damage == "bad tar header checksum at byte 1024"
+    else:
+        assert [n for n, _ in members] == ["s1.cls", "s2.cls"] and damage is None
