@@ -21,6 +21,9 @@ def two_views(img):
     return [_crop(img), _crop(img)]
 
 
+two_views.sizes = [16, 16]  # as MultiViewTransform: with workers, batches of small views travel several at a time
+
+
 def index_keys(index_path: Path) -> dict[str, int]:
     """Every key and label in the shards, read with plain webdataset (independent of our reader)."""
     urls = expand_source(str(index_path)).urls
@@ -71,11 +74,15 @@ def test_eval_labels_and_images_match_source(test_shards, bundled_test):
 
 
 def first_epoch_keys(stream: ShardStream, workers: int, max_batches: int = 400) -> list[str]:
-    keys = []
+    """Keys of epoch 0, read until every worker has moved on to epoch 1."""
+    keys, past_epoch_0 = [], set()
     for i, batch in enumerate(StreamLoader(stream, workers)):
-        if batch["_position"][0] > 0 or i >= max_batches:
+        if batch["_position"][0] > 0:
+            past_epoch_0.add(batch["_worker"])
+        else:
+            keys += batch["key"]
+        if len(past_epoch_0) == max(1, workers) or i >= max_batches:
             break
-        keys += batch["key"]
     return keys
 
 
@@ -120,6 +127,8 @@ def test_resumed_reader_continues_the_same_sequence(train_shards, workers):
     """Across an epoch boundary (5,000 samples = 104 batches of 48): same keys and same augmentations."""
     straight, _ = run_stream(train_shards, 120, workers=workers)
     first, state = run_stream(train_shards, 61, workers=workers)
+    if workers:  # stopped in the middle of a worker's transfer: that worker first sends the rest of it
+        assert 61 % state["batches_per_transfer"] != 0
     rest, _ = run_stream(train_shards, 59, state, workers=workers)
     assert first + rest == straight
     # Not trivially equal: a fresh (non-resumed) stream restarts instead.

@@ -1,4 +1,6 @@
 """DataLoader over a ShardStream that tracks the stream position in the main process."""
+import math
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -13,20 +15,27 @@ def move_to(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def as_made(transfer: list[dict]) -> list[dict]:
+    """The stream's batches as it made them. The DataLoader's default (`default_convert`) would walk every label and
+    key of every batch looking for NumPy arrays: ~5 µs per sample, 1 % of the time it takes to make a 32-px view."""
+    return transfer
+
+
 class StreamLoader:
     """Iterates batches of a ShardStream (workers in a fixed round-robin order) and records what was consumed.
 
     `state` is the resume state of this rank after the last batch handed out; `skip_counts()` sums the per-worker
-    seen/skipped counters carried by the batches.
+    seen/skipped counters carried by the batches. `prefetch_factor` is in batches per worker (at least two transfers).
     """
 
     def __init__(self, stream: ShardStream, num_workers: int = 0, device: torch.device | None = None,
                  prefetch_factor: int = 4):
         self.stream, self.num_workers, self.device = stream, num_workers, device or torch.device("cpu")
-        self.state = StreamState(stream.start.batches, dict(stream.start.workers))
+        self.state = StreamState(stream.start.batches, dict(stream.start.workers), stream.batches_per_transfer)
         self._counts: dict[int, tuple[int, int]] = {}
-        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                 prefetch_factor=prefetch_factor if num_workers else None,
+        transfers_ahead = max(2, math.ceil(prefetch_factor / stream.batches_per_transfer))
+        self.loader = DataLoader(stream, batch_size=None, collate_fn=as_made, num_workers=num_workers,
+                                 prefetch_factor=transfers_ahead if num_workers else None,
                                  pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def __iter__(self):
@@ -34,11 +43,12 @@ class StreamLoader:
         # randomness (dropout, drop path) continues exactly as in an uninterrupted run.
         with torch.random.fork_rng(devices=[]):
             batches = iter(self.loader)
-        for batch in batches:
-            self.state.update(batch)
-            self._counts[int(batch["_worker"])] = (int(batch["_seen"]), int(batch["_skipped"]))
-            batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
-            yield move_to(batch, self.device)
+        for transfer in batches:
+            for batch in transfer:
+                self.state.update(batch)
+                self._counts[int(batch["_worker"])] = (int(batch["_seen"]), int(batch["_skipped"]))
+                batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
+                yield move_to(batch, self.device)
 
     def skip_counts(self) -> tuple[int, int]:
         seen = sum(c[0] for c in self._counts.values())
