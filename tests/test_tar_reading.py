@@ -48,8 +48,8 @@ def test_written_shards_take_the_fast_path_and_match_webdataset(train_shards):
 
 def test_ustar_prefix_directories_metadata_and_case(tmp_path):
     deep = "d" * 60 + "/" + "e" * 60  # > 100 characters: stored in the ustar prefix field
-    members = {f"{deep}/a.JPG": jpeg_bytes(), f"{deep}/a.cls": b"3", "__index__/x.json": b"{}", "__meta__": b"{}", "b.x.json": b"[1]",
-               "b.x.png": b"png-bytes", "c.txt": b"hello"}
+    members = {f"{deep}/a.JPG": jpeg_bytes(), f"{deep}/a.cls": b"3", "__index__/x.json": b"{}", "__meta__": b"{}",
+               "b.x.json": b"[1]", "b.x.png": b"png-bytes", "c.txt": b"hello"}
     url = make_tar(tmp_path / "p.tar", members, directories=["dir/"])
     with open(url, "rb") as f:
         members, damage = plain_ustar_members(f.read())

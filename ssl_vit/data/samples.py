@@ -7,10 +7,11 @@ Plain uncompressed ustar archives (what `ssl-vit shards write`, webdataset's Tar
 produce) take a fast path: one `struct` unpack per member header, checksums verified in one numpy pass, and members
 grouped into samples without a dict per member. Python's `tarfile`, which webdataset's iterator uses, spends ~60 µs
 parsing each member header, and webdataset's `group_by_keys` another ~4 µs per member; with three members per sample
-that was a third of the time it takes to decode and crop a 32-px JPEG (now ~15 µs per sample in all). Archives the
-fast path does not cover (compression, pax or GNU extension headers) go to webdataset's `tar_file_iterator` and
-`group_by_keys`; tests check that both paths give the same samples. A damaged plain archive is reported with where it breaks — `tarfile` in stream mode ends
-silently at a header with a bad checksum, which would lose the rest of a shard without a word.
+that was a third of the time it takes to decode and crop a 32-px JPEG (the fast path: ~19 µs per sample, reading the
+file included). Archives it does not cover (compression, pax or GNU extension headers) go to webdataset's
+`tar_file_iterator` and `group_by_keys`; tests check that both paths give the same samples. A damaged plain archive is
+reported with where it breaks — `tarfile` in stream mode ends silently at a header with a bad checksum, which would
+lose the rest of a shard without a word.
 """
 import io
 import json
