@@ -58,10 +58,10 @@ class DINO(Method):
 
     def __init__(self, backbone: BackboneSpec, out_dim: int = 65536, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, norm_last_layer: bool = True, use_bn_in_head: bool = False,
-                 num_global: int = 2,
-                 student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
-                 warmup_teacher_temp_epochs: float = 30, center_momentum: float = 0.9, centering: str = "center",
-                 momentum_teacher: float = 0.996, freeze_last_layer_epochs: float = 1):
+                 num_global: int = 2, student_temp: float = 0.1, teacher_temp: float = 0.07,
+                 warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: float = 30,
+                 center_momentum: float = 0.9, centering: str = "center", momentum_teacher: float = 0.996,
+                 freeze_last_layer_epochs: float = 1):
         super().__init__()
         _validate(num_global, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, momentum_teacher,
                   freeze_last_layer_epochs)

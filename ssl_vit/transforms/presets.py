@@ -34,11 +34,13 @@ def dino_views(global_size: int = 224, local_size: int = 96, num_local: int = 10
         raise SslVitError(f"views.num_local: must be >= 0, got {num_local}")
     check_scale(global_scale, "views.global_scale")
     check_scale(local_scale, "views.local_scale")
-    on = 1.0 if blur else 0.0
-    views = [ViewSpec(global_size, scale=global_scale, blur=1.0 * on, **DINO_JITTER),
-             ViewSpec(global_size, scale=global_scale, blur=0.1 * on, solarize=0.2, **DINO_JITTER)]
+    def blur_p(p: float) -> float:
+        return p if blur else 0.0
+
+    views = [ViewSpec(global_size, scale=global_scale, blur=blur_p(1.0), **DINO_JITTER),
+             ViewSpec(global_size, scale=global_scale, blur=blur_p(0.1), solarize=0.2, **DINO_JITTER)]
     if num_local:
-        views.append(ViewSpec(local_size, count=num_local, scale=local_scale, blur=0.5 * on, **DINO_JITTER))
+        views.append(ViewSpec(local_size, count=num_local, scale=local_scale, blur=blur_p(0.5), **DINO_JITTER))
     return views
 
 
