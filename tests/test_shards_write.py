@@ -182,14 +182,13 @@ def test_tar_with_a_top_folder(tmp_path, suffix, mode):
     assert not list(tmp_path.glob("*.tmp"))  # the decompressed copy is removed
 
 
-def test_folder_warnings_for_loose_images_and_empty_classes(tmp_path):
+def test_folder_warning_for_empty_classes(tmp_path):
+    """Loose images next to class folders are an error since issue 11: tests/test_unlabeled_sources.py."""
     make_pngs(tmp_path / "src" / "b", 1)
     (tmp_path / "src" / "a").mkdir()
-    save(Image.new("RGB", (4, 4)), tmp_path / "src" / "loose.png")
     with pytest.warns(RuntimeWarning) as record:
         index = write_shards(str(tmp_path / "src"), str(tmp_path / "o"), workers=1, progress=False)
     messages = " ".join(str(w.message) for w in record)
-    assert "ignored 1 image(s) outside class folders (e.g. loose.png)" in messages
     assert "without images get no samples: a (0)" in messages
     assert index["classes"] == ["a", "b"] and index["class_counts"] == [0, 1]
 
@@ -340,11 +339,12 @@ def test_missing_or_empty_source(tmp_path, setup, match):
 
 @pytest.mark.parametrize("name,text,match", [
     ("l.csv", "file,label\na.png,1\n", r"l\.csv: CSV header lacks column 'path'"),
-    ("l.csv", "path,class\na.png,1\n", r"l\.csv: CSV header lacks column 'label'"),
+    ("l.csv", "path,class\na.png,1\n", r"no readable images in .*l\.csv: all 1 listed files"),  # unlabeled list
     ("l.csv", "", r"l\.csv: CSV header lacks column 'path'"),
     ("l.csv", "path,label\n", r"no images in .*l\.csv"),
     ("l.csv", "path,label\na.png,-1\n", r"l\.csv:2: integer labels must be >= 0"),
-    ("l.jsonl", '{"path": "a.png"}\n', r"l\.jsonl:1: object lacks key 'label'"),
+    ("l.jsonl", '{"path": "a.png"}\n{"path": "b.png", "label": 1}\n', r"l\.jsonl:1: object lacks key 'label'"),
+    ("l.jsonl", '{"label": 1}\n', r"l\.jsonl:1: expected an object with key 'path'"),
     ("l.jsonl", '{"path": "a.png", "label": 1}\nnot json\n', r"l\.jsonl:2: not JSON"),
     ("l.jsonl", '{"path": "a.png", "label": 1.5}\n', r"l\.jsonl:1: label must be a class name or an integer"),
 ])
@@ -370,9 +370,9 @@ def test_bad_options(tmp_path, bundled_test):
             write_shards(str(bundled_test), str(tmp_path / "o"), progress=False, **kwargs)
     with pytest.raises(SslVitError, match="is a folder"):
         write_shards(str(bundled_test), str(tmp_path), progress=False)
-    (tmp_path / "list.txt").write_text("a.png,1\n")
-    with pytest.raises(SslVitError, match=r"unsupported source .*list\.txt"):
-        write_shards(str(tmp_path / "list.txt"), str(tmp_path / "o"), progress=False)
+    (tmp_path / "list.lst").write_text("a.png,1\n")
+    with pytest.raises(SslVitError, match=r"unsupported source .*list\.lst"):
+        write_shards(str(tmp_path / "list.lst"), str(tmp_path / "o"), progress=False)
     (tmp_path / "bad.tar.gz").write_bytes(gzip.compress(b"not a tar" * 100))
     with pytest.raises(SslVitError, match=r"cannot read tar .*bad\.tar\.gz"):
         write_shards(str(tmp_path / "bad.tar.gz"), str(tmp_path / "o"), progress=False)

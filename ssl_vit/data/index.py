@@ -1,8 +1,10 @@
 """The shard index (`OUT-index.json`) and the write plan (`OUT-plan.json`): names, atomic writes, validation.
 
 Index format `ssl_vit.shards/1`:
-`{"format", "shards": [{"name", "samples", "bytes", "sha256"}], "num_samples", "classes", "class_counts", "seed",
-"source", "skipped"}`; shard names are relative to the index file's folder.
+`{"format", "shards": [{"name", "samples", "bytes", "sha256"}], "num_samples", "labeled", "classes", "class_counts",
+"seed", "source", "skipped"}`; shard names are relative to the index file's folder (or absolute paths and URLs, for
+shards indexed by `ssl-vit shards index`). An unlabeled set has `"labeled": false`, `classes: []` and
+`class_counts: []`; indexes written before the key existed are labelled exactly when they list classes.
 """
 import hashlib
 import json
@@ -54,6 +56,11 @@ def read_json(path, what: str) -> dict:
     return obj
 
 
+def index_is_labeled(index: dict) -> bool:
+    """Whether every sample of the indexed shards has a label."""
+    return bool(index.get("labeled", bool(index["classes"])))
+
+
 def read_index(path) -> dict:
     """Read and validate an index written by `ssl-vit shards write`; every problem is a one-line SslVitError."""
     index = read_json(path, "shard index")
@@ -76,4 +83,8 @@ def read_index(path) -> dict:
     if len(index["class_counts"]) != len(index["classes"]):
         raise SslVitError(f"shard index {path}: {len(index['class_counts'])} class_counts for "
                           f"{len(index['classes'])} classes")
+    labeled = index.get("labeled", bool(index["classes"]))
+    if not isinstance(labeled, bool) or labeled != bool(index["classes"]):
+        raise SslVitError(f"shard index {path}: 'labeled' must be true with classes and false without, got "
+                          f"{labeled!r} with {len(index['classes'])} classes")
     return index

@@ -1,7 +1,7 @@
 """`ssl-vit shards inspect`: what a set of shards holds (classes, formats, sizes), read from the tars themselves.
 
 `verify` recomputes each shard's sha256 and sample count and compares them with the index; the grid shows the
-first N samples with their class names.
+first N samples with their class names (an unlabeled set: with their keys).
 """
 import io
 import json
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ssl_vit.data.image_sources import IMAGE_EXTENSIONS
-from ssl_vit.data.index import index_path_for, read_index, sha256_file
+from ssl_vit.data.index import index_is_labeled, index_path_for, read_index, sha256_file
 from ssl_vit.errors import SslVitError
 from ssl_vit.figure_io import save_png
 
@@ -32,7 +32,7 @@ class ShardScan:
     labels: Counter = field(default_factory=Counter)
     formats: Counter = field(default_factory=Counter)
     sizes: Counter = field(default_factory=Counter)
-    firsts: list = field(default_factory=list)  # (image bytes, label) of the first samples, for the grid
+    firsts: list = field(default_factory=list)  # (image bytes, label, key) of the first samples, for the grid
 
 
 def resolve_index(source) -> Path:
@@ -119,24 +119,25 @@ def iter_tar_samples(path) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 def _scan(shard: Path, keep_first: int) -> ShardScan:
     scan = ShardScan()
-    for _, sample in iter_tar_samples(shard):
-        _count(scan, sample, keep_first)
+    for key, sample in iter_tar_samples(shard):
+        _count(scan, key, sample, keep_first)
     return scan
 
 
-def _count(scan: ShardScan, sample: dict, keep_first: int) -> None:
-    """Add one sample (extension -> bytes) to the scan."""
-    scan.samples += 1
+def _count(scan: ShardScan, key: str, sample: dict, keep_first: int) -> None:
+    """Add one sample (extension -> bytes) to the scan; one without an image is a format, not a sample: the loader
+    skips it, and indexes do not count it."""
     ext = next((e for e in sample if e in IMAGE_KEYS), None)
-    label = _label(sample)
-    scan.labels[label] += 1
     if ext is None:
         scan.formats["(no image)"] += 1
         return
+    scan.samples += 1
+    label = _label(sample)
+    scan.labels[label] += 1
     scan.formats[ext] += 1
     scan.sizes[_size(sample, ext)] += 1
     if len(scan.firsts) < keep_first:
-        scan.firsts.append((sample[ext], label))
+        scan.firsts.append((sample[ext], label, key))
 
 
 def _label(sample: dict) -> int:
@@ -177,6 +178,7 @@ def _report(path: Path, index: dict, scan: ShardScan) -> dict:
     common = [[f"{s[0]}x{s[1]}" if s else "undecodable", n] for s, n in scan.sizes.most_common(TOP_SIZES)]
     return {
         "index": str(path),
+        "labeled": index_is_labeled(index),
         "shards": len(index["shards"]),
         "num_samples": scan.samples,
         "index_num_samples": index["num_samples"],
@@ -190,8 +192,9 @@ def _report(path: Path, index: dict, scan: ShardScan) -> dict:
     }
 
 
-def write_grid(samples: list[tuple[bytes, int]], classes: list[str], png) -> None:
-    """A PNG grid of images titled with their class names (matplotlib's Agg canvas; no pyplot state)."""
+def write_grid(samples: list[tuple[bytes, int, str]], classes: list[str], png) -> None:
+    """A PNG grid of (image, label, key) titled with class names, or with keys when the set has no classes
+    (matplotlib's Agg canvas; no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -201,10 +204,10 @@ def write_grid(samples: list[tuple[bytes, int]], classes: list[str], png) -> Non
     rows = math.ceil(len(samples) / cols)
     fig = Figure(figsize=(cols * 1.2, rows * 1.35), dpi=100)
     FigureCanvasAgg(fig)
-    for i, (data, label) in enumerate(samples):
+    for i, (data, label, key) in enumerate(samples):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.set_axis_off()
-        name = classes[label] if 0 <= label < len(classes) else "(no label)"
+        name = key if not classes else classes[label] if 0 <= label < len(classes) else "(no label)"
         try:
             with Image.open(io.BytesIO(data)) as img:
                 ax.imshow(np.asarray(img.convert("RGB")))
@@ -219,10 +222,13 @@ def format_report(report: dict) -> str:
     """The report as text lines for the terminal."""
     lines = [f"index: {report['index']}",
              f"shards: {report['shards']}  samples: {report['num_samples']}  "
-             f"bytes: {report['bytes'] / 1e6:.2f} MB  skipped at write: {report['skipped_at_write']}",
-             f"classes ({len(report['classes'])}):"]
-    width = max((len(c["name"]) for c in report["classes"]), default=4)
-    lines += [f"  {c['label']:>4}  {c['name']:<{width}}  {c['count']}" for c in report["classes"]]
+             f"bytes: {report['bytes'] / 1e6:.2f} MB  skipped at write: {report['skipped_at_write']}"]
+    if report["labeled"]:
+        lines.append(f"classes ({len(report['classes'])}):")
+        width = max((len(c["name"]) for c in report["classes"]), default=4)
+        lines += [f"  {c['label']:>4}  {c['name']:<{width}}  {c['count']}" for c in report["classes"]]
+    else:
+        lines.append("labels: none (unlabeled set)")
     lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in report["formats"].items()))
     sizes = report["sizes"]
     lines.append(f"sizes: {sizes['distinct']} distinct (w {sizes['width']['min']}..{sizes['width']['max']}, "

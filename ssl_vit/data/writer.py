@@ -7,6 +7,9 @@
    final name is therefore complete, and a re-run keeps it (resume); a different plan is an error unless
    `overwrite`. Keys are `s%09d` by position in the shuffled order (no dots: webdataset splits at the first dot).
 3. `OUT-index.json` lists each shard's sample count, size and sha256 (see `ssl_vit.data.index`).
+
+Labelled samples hold `<key>.<ext>`, `<key>.cls` (class index) and `<key>.json` ({"path", "size", "mode", "label"});
+unlabeled ones (a source without labels) have no `cls` and no "label" in their json.
 """
 import hashlib
 import json
@@ -42,19 +45,20 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**1
 class ShardTask:
     path: str
     first_key: int
-    items: list[tuple[str, int, tuple]]  # (ref, label, location) in key order
-    classes: list[str]
+    items: list[tuple[str, int, tuple]]  # (ref, label, location) in key order; label -1: unlabeled
+    classes: list[str]  # [] for an unlabeled set
 
 
 def write_shards(src, out_prefix, *, max_count=None, max_size=None, seed=0, workers=2, progress=True,
-                 overwrite=False) -> dict:
-    """Write `OUT-000000.tar`, ... plus `OUT-plan.json` and `OUT-index.json`; returns the index dict."""
+                 overwrite=False, unlabeled=False) -> dict:
+    """Write `OUT-000000.tar`, ... plus `OUT-plan.json` and `OUT-index.json`; returns the index dict. `unlabeled`:
+    read every image of a folder (or list) without labels (see `image_sources` for the folder rule)."""
     out_prefix = _check_prefix(out_prefix)
     max_size = parse_size(DEFAULT_MAX_SIZE if max_size is None else max_size)
     max_count = None if max_count is None else _check_int("max count", max_count, 1)
     seed, workers = _check_int("seed", seed, 0), _check_int("workers", workers, 0)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    with open_source(src, Path(f"{out_prefix}-source.tar.tmp")) as source:
+    with open_source(src, Path(f"{out_prefix}-source.tar.tmp"), unlabeled) as source:
         if not source.images:
             raise SslVitError(f"no readable images in {src}: all {len(source.skipped)} listed files are unreadable")
         plan, order = make_plan(source, seed, max_count, max_size)
@@ -179,7 +183,7 @@ def run_tasks(tasks: list[ShardTask], workers: int, bar: tqdm) -> list[dict]:
     """Run shard tasks in order (workers <= 1) or in a process pool; the bar counts samples as they are written."""
     if workers <= 1 or len(tasks) == 1:
         return [run_task(task, bar.update) for task in tasks]
-    ctx = _mp_context()
+    ctx = mp_context(__name__)
     progress = ctx.Queue()
     with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(progress,)) as pool:
         pending = pool.map_async(_pool_task, tasks, chunksize=1)
@@ -192,12 +196,13 @@ def run_tasks(tasks: list[ShardTask], workers: int, bar: tqdm) -> list[dict]:
     return results
 
 
-def _mp_context():
-    """forkserver where available: workers fork from a clean single-threaded server that has imported this module
-    once (spawn would re-import torch via webdataset in every worker; fork copies the caller's threads' locks)."""
+def mp_context(preload: str):
+    """forkserver where available: workers fork from a clean single-threaded server that has imported the module
+    `preload` once (spawn would re-import torch via webdataset in every worker; fork copies the caller's threads'
+    locks)."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload([preload])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -246,7 +251,7 @@ class _HashingWriter:
 
 def _write_shard(task: ShardTask, report) -> dict:
     final = Path(task.path)
-    counts, skipped, reported = [0] * len(task.classes), [], 0
+    counts, skipped, reported, written = [0] * len(task.classes), [], 0, 0
     try:
         with atomic_write(final) as raw:
             out = _HashingWriter(raw)
@@ -256,14 +261,16 @@ def _write_shard(task: ShardTask, report) -> dict:
                     sample = _sample(task.first_key + j, ref, label, location, task.classes, skipped)
                     if sample is not None:
                         tar.write(sample)
-                        counts[label] += 1
+                        written += 1
+                        if label >= 0:
+                            counts[label] += 1
                     if j + 1 - reported >= 32:
                         report(j + 1 - reported)
                         reported = j + 1
     except OSError as e:
         raise SslVitError(f"cannot write shard {final}: {e}") from None
     report(len(task.items) - reported)
-    return {"name": final.name, "samples": sum(counts), "bytes": out.count, "sha256": out.digest.hexdigest(),
+    return {"name": final.name, "samples": written, "bytes": out.count, "sha256": out.digest.hexdigest(),
             "class_counts": counts, "skipped": skipped}
 
 
@@ -273,9 +280,13 @@ def _sample(key: int, ref: str, label: int, location: tuple, classes: list[str],
     except Exception as e:  # PIL and file reads raise many types; any of them means "unusable image"
         skipped.append((ref, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
         return None
-    meta = {"path": ref, "size": meta["size"], "mode": meta["mode"], "label": classes[label]}
-    return {"__key__": f"s{key:09d}", ext: data, "cls": str(label).encode("ascii"),
-            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+    meta = {"path": ref, "size": meta["size"], "mode": meta["mode"]}
+    sample = {"__key__": f"s{key:09d}", ext: data}
+    if label >= 0:
+        meta["label"] = classes[label]
+        sample["cls"] = str(label).encode("ascii")
+    sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    return sample
 
 
 def _summarize_existing(task: ShardTask) -> dict:
@@ -285,7 +296,10 @@ def _summarize_existing(task: ShardTask) -> dict:
     try:
         for key, sample in iter_tar_samples(path):
             keys.add(key)
-            counts[int(sample["cls"])] += 1
+            if task.classes:
+                counts[int(sample["cls"])] += 1
+            elif "cls" in sample:
+                raise ValueError(f"{key} has a label, this plan has none")
     except (SslVitError, KeyError, ValueError, IndexError) as e:
         raise SslVitError(f"existing shard {path} does not hold this plan's samples ({e}); delete it to rewrite "
                           "it, or pass --overwrite") from None
@@ -307,10 +321,11 @@ def _finish(src, out_prefix: Path, plan: dict, source: SourceSet, results: list[
     total = sum(r["samples"] for r in results)
     if total == 0:
         raise SslVitError(f"no readable images in {src}: all {len(skipped)} were skipped")
-    class_counts = np.sum([r["class_counts"] for r in results], axis=0).tolist()
+    class_counts = np.sum([r["class_counts"] for r in results], axis=0, dtype=np.int64).tolist()
     index = {"format": INDEX_FORMAT,
              "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in results],
-             "num_samples": total, "classes": plan["classes"], "class_counts": class_counts,
+             "num_samples": total, "labeled": bool(plan["classes"]), "classes": plan["classes"],
+             "class_counts": class_counts,
              "seed": plan["seed"], "source": str(src), "skipped": len(skipped)}
     write_index(index_path_for(out_prefix), index)
     return index
