@@ -1,0 +1,143 @@
+"""`ssl-vit shards index`: our index (`ssl_vit.data.index`) for WebDataset shards that other tools wrote.
+
+img2dataset (`<key>.jpg` + `<key>.json` + `<key>.txt`, no `cls`), webdataset's `TarWriter`/`ShardWriter` and the like
+come without sample counts, so a stream over them knows neither its epoch length nor its ETA. Scanning each shard
+once (in a process pool) gives per shard the samples the loader will use, the bytes and sha256 of what was read, and
+the labels: the set is labelled when every sample has one (`cls`, as the loader reads it), with classes "0".."max".
+Samples without an image (or with an unreadable label) are the ones the loader skips: counted as skipped, not as
+samples. A damaged shard is an error: an index that counts only its first half would be wrong.
+"""
+import hashlib
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+from webdataset import gopen
+
+from ssl_vit.data.index import INDEX_FORMAT, write_index
+from ssl_vit.data.samples import IMAGE_KEYS, BadSample, decode_label, read_shard
+from ssl_vit.data.sources import expand_source
+from ssl_vit.data.writer import mp_context
+from ssl_vit.errors import SslVitError
+
+DEFAULT_WORKERS = 4  # reading is mostly waiting on storage (or a `pipe:` command), not on the CPU
+_CHUNK = 1 << 20
+
+
+def index_shards(pattern, out, *, workers: int = DEFAULT_WORKERS, progress: bool = True) -> dict:
+    """Scan the shards of `pattern` (brace pattern, glob, list, `pipe:` URL) and write their index to `out`."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise SslVitError(f"workers must be an integer >= 0, got {workers!r}")
+    urls = expand_source(pattern).urls
+    out = Path(out)
+    if out.suffix != ".json":
+        raise SslVitError(f"index path {out} must end in .json (shard sources read an index by that suffix)")
+    with tqdm(total=len(urls), unit="shard", desc=f"index {out.name}", disable=not progress) as bar:
+        scans = _scan_all(urls, workers, bar)
+    index = _index(str(pattern), out, scans)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_index(out, index)
+    return index
+
+
+def _scan_all(urls: list[str], workers: int, bar: tqdm) -> list[dict]:
+    """Scans in shard order; the bar counts finished shards."""
+    if workers <= 1 or len(urls) == 1:
+        scans = []
+        for url in urls:
+            scans.append(scan_shard(url))
+            bar.update(1)
+        return scans
+    scans = []
+    with mp_context(__name__).Pool(min(workers, len(urls))) as pool:
+        for scan in pool.imap(scan_shard, urls):
+            scans.append(scan)
+            bar.update(1)
+    return scans
+
+
+def scan_shard(url: str) -> dict:
+    """{"url", "samples", "bytes", "sha256", "labels": {label: count} (-1: no label), "skipped": count}."""
+    size, sha256 = _digest(url)
+    labels, skipped = Counter(), 0
+    for sample in _read_samples(url):
+        try:
+            if not any(k in sample for k in IMAGE_KEYS):
+                raise BadSample("no image")
+            labels[max(decode_label(sample), -1)] += 1
+        except (BadSample, ValueError):  # the loader skips these samples too
+            skipped += 1
+    return {"url": url, "samples": sum(labels.values()), "bytes": size, "sha256": sha256, "labels": dict(labels),
+            "skipped": skipped}
+
+
+def _read_samples(url: str) -> list[dict]:
+    """The samples of one shard (`{"__key__", "__url__", ext: bytes}`); a damaged shard is an error naming it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = read_shard(url)
+    damage = next((w for w in caught if issubclass(w.category, RuntimeWarning)), None)
+    if damage is not None:  # the reader's note that it skips the rest does not apply here
+        raise SslVitError(f"cannot index a damaged shard: {str(damage.message).partition('; ')[0]}")
+    return samples
+
+
+def _digest(url: str) -> tuple[int, str]:
+    """Bytes and sha256 of the shard as read (for a `pipe:` URL: its command's output, read a second time)."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        stream = gopen(url, "rb")
+    except OSError as e:
+        raise SslVitError(f"cannot open shard {url}: {e}") from None
+    try:
+        with stream:  # closing a `pipe:` stream waits for its command and raises on a failed one
+            while block := stream.read(_CHUNK):
+                digest.update(block)
+                size += len(block)
+    except Exception as e:  # webdataset raises a bare Exception, with its arguments' reprs, for a failed command
+        status = getattr(stream, "status", None)
+        raise SslVitError(f"cannot read shard {url}: " + (f"its command exited with status {status}" if status
+                                                          else str(e))) from None
+    return size, digest.hexdigest()
+
+
+def _index(source: str, out: Path, scans: list[dict]) -> dict:
+    labels = Counter()
+    for scan in scans:
+        labels.update(scan["labels"])
+    total, unlabeled = sum(labels.values()), labels.get(-1, 0)
+    if total == 0:
+        raise SslVitError(f"no samples with an image in {source} ({len(scans)} shard(s), image extensions "
+                          f"{' '.join(IMAGE_KEYS)})")
+    labeled = unlabeled == 0
+    num_classes = max(labels) + 1 if labeled else 0
+    index = {"format": INDEX_FORMAT,
+             "shards": [_entry(s, out.parent) for s in scans],
+             "num_samples": total, "labeled": labeled, "classes": [str(i) for i in range(num_classes)],
+             "class_counts": [labels.get(i, 0) for i in range(num_classes)],
+             "source": source, "skipped": sum(s["skipped"] for s in scans)}
+    if 0 < unlabeled < total:
+        index["unlabeled_samples"] = unlabeled
+    return index
+
+
+def _entry(scan: dict, folder: Path) -> dict:
+    entry = {"name": shard_name(scan["url"], folder), "samples": scan["samples"], "bytes": scan["bytes"],
+             "sha256": scan["sha256"]}
+    if scan["skipped"]:
+        entry["skipped"] = scan["skipped"]
+    return entry
+
+
+def shard_name(url: str, folder: Path) -> str:
+    """A local shard under the index's folder by its relative path, another local one by its absolute path, and a
+    URL or `pipe:` command as given."""
+    if url.startswith("pipe:") or "://" in url:
+        return url
+    path = Path(url).resolve()
+    try:
+        return path.relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
