@@ -103,6 +103,15 @@ def load_cache(folder):
     return load_features(folder)
 
 
+def load_labelled_cache(folder, name: str, needed_for: str):
+    """A cache whose every sample has a label; else one line naming the cache and how many labels are missing."""
+    from ssl_vit.eval.feature_cache import require_labels
+
+    cache = load_cache(folder)
+    require_labels(cache.labels, name, needed_for, cache=folder)
+    return cache
+
+
 def write_result(path, result: dict) -> None:
     from ssl_vit.atomic_io import write_json_atomic
 
@@ -115,7 +124,8 @@ def write_result(path, result: dict) -> None:
 def run_knn(args) -> int:
     from ssl_vit.eval.knn import knn_classify
 
-    train, test = load_cache(args.train_features), load_cache(args.test_features)
+    train = load_labelled_cache(args.train_features, "train", "k-NN")
+    test = load_labelled_cache(args.test_features, "test", "k-NN")
     result = knn_classify(train.features, train.labels, test.features, test.labels, ks=args.k,
                           temperature=args.temperature, chunk_size=args.chunk_size, num_threads=args.threads)
     result["features"] = {"train": str(args.train_features), "test": str(args.test_features),
@@ -137,7 +147,8 @@ def format_knn(result: dict) -> str:
 def run_linear_probe(args) -> int:
     from ssl_vit.eval.linear_probe import linear_probe
 
-    train, test = load_cache(args.train_features), load_cache(args.test_features)
+    train = load_labelled_cache(args.train_features, "train", "the linear probe")
+    test = load_labelled_cache(args.test_features, "test", "the linear probe")
     result = linear_probe(train, test, lrs=args.lrs, epochs=args.epochs, batch_size=args.batch_size,
                           val_fraction=args.val_fraction, seed=args.seed, weight_decay=args.weight_decay,
                           num_threads=args.threads)
@@ -279,7 +290,7 @@ def format_neighbours(index, scores, ids, query=None) -> str:
 def run_index_eval(args) -> int:
     from ssl_vit.eval.retrieval import RetrievalIndex, evaluate
 
-    index, cache = RetrievalIndex.load(args.index), load_cache(args.features)
+    index, cache = RetrievalIndex.load(args.index), load_labelled_cache(args.features, "query", "label recall")
     exclude = args.exclude_self == "yes" or (
         args.exclude_self == "auto" and index.source.get("features") == str(Path(args.features).resolve()))
     result = evaluate(index, cache.features, cache.labels, ks=args.k,
@@ -297,7 +308,7 @@ def run_index_eval(args) -> int:
 def run_index_compare(args) -> int:
     from ssl_vit.eval.retrieval import compare_index_kinds
 
-    cache = load_cache(args.features)
+    cache = load_labelled_cache(args.features, "query", "label recall")
     result = compare_index_kinds(cache.features, cache.labels, args.kinds, k=args.k, keys=cache.keys,
                                  num_queries=args.num_queries)
     print(f"{'kind':>6} {'build s':>8} {'queries/s':>10} {'recall vs flat':>15} {'label recall':>13}")

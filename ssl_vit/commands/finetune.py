@@ -49,6 +49,8 @@ def finetune(recipe, recipe_path: str = "") -> dict:
     if not recipe.model.init:
         raise SslVitError(f"model.init: fine-tuning needs a pretrained backbone (--init PATH or model.init=PATH)"
                           f"{' in ' + recipe_path if recipe_path else ''}")
+    for key, source in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+        require_labelled_shards(key, source)
     if recipe.data.eval:
         expand_source(recipe.data.eval)  # a missing evaluation set is named now, not after training
     trainer = Trainer(recipe)
@@ -61,3 +63,15 @@ def finetune(recipe, recipe_path: str = "") -> dict:
     if trainer.acc.is_main_process:
         write_json_atomic(trainer.out_dir / "finetune_eval.json", result)
     return result
+
+
+def require_labelled_shards(key: str, source) -> None:
+    """Fine-tuning trains and scores a classifier: an index that says its shards are unlabeled is refused now, not
+    at the first unlabeled batch. Patterns without an index are checked by the batches themselves."""
+    from ssl_vit.data.index import index_is_labeled, read_index
+    from ssl_vit.errors import SslVitError
+
+    for part in source if isinstance(source, (list, tuple)) else [source]:
+        if str(part).strip().endswith(".json") and not index_is_labeled(read_index(str(part).strip())):
+            raise SslVitError(f"{key}: {part} indexes unlabeled shards; fine-tuning needs a class label on every "
+                              "sample (pretrain on unlabeled shards with MAE or DINO instead)")

@@ -37,6 +37,17 @@ class FeatureSet:
         return bool(len(self.labels)) and bool((np.asarray(self.labels) >= 0).all())
 
 
+def require_labels(labels, name: str, needed_for: str, cache=None) -> None:
+    """A one-line error when any of `labels` is -1 (a sample without a label), naming the feature cache if given."""
+    labels = np.asarray(labels)
+    missing = int((labels < 0).sum())
+    if missing:
+        where = f" in feature cache {cache}" if cache else ""
+        raise SslVitError(f"{name} labels missing{where}: {missing} samples have label -1, out of {len(labels)}; "
+                          f"{needed_for} needs a label for every sample (unlabeled features serve retrieval: "
+                          "ssl-vit index build)")
+
+
 def save_features(folder, features, labels, keys, meta=None) -> Path:
     """Write a cache to `folder` (replacing one already there); rows are reordered so that keys are sorted."""
     folder = Path(folder)

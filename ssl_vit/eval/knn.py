@@ -13,6 +13,7 @@ import torch
 
 from ssl_vit.errors import SslVitError
 from ssl_vit.eval import faiss_utils
+from ssl_vit.eval.feature_cache import require_labels
 
 DEFAULT_KS = (10, 20, 100, 200)
 VOTE_ELEMENTS = 1 << 22  # rows x classes of one dense vote block (32 MiB in float64)
@@ -126,8 +127,7 @@ def _check_inputs(train_feats, train_labels, test_feats, test_labels, ks, temper
             raise SslVitError(f"{name} labels have shape {labels.shape} but there are {len(feats)} {name} features")
         if not np.issubdtype(labels.dtype, np.integer):
             raise SslVitError(f"{name} labels must be integers, got {labels.dtype}")
-        if (labels < 0).any():
-            raise SslVitError(f"{name} labels missing: {int((labels < 0).sum())} samples have label -1")
+        require_labels(labels, name, "k-NN")
     try:
         ks = tuple(sorted({int(k) for k in ks}))
     except (TypeError, ValueError):

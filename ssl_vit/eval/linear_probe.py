@@ -20,7 +20,7 @@ from torch import nn
 
 from ssl_vit.errors import SslVitError
 from ssl_vit.eval import faiss_utils
-from ssl_vit.eval.feature_cache import FeatureSet
+from ssl_vit.eval.feature_cache import FeatureSet, require_labels
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
@@ -197,9 +197,7 @@ def _check_args(train: FeatureSet, test: FeatureSet, lrs, epochs, batch_size, va
     for name, fs in (("train", train), ("test", test)):
         if len(fs) == 0:
             raise SslVitError(f"empty evaluation set: {name} features")
-        if not fs.has_all_labels():
-            raise SslVitError(f"{name} labels missing: {int((np.asarray(fs.labels) < 0).sum())} samples have "
-                              "label -1 (the linear probe needs labelled features)")
+        require_labels(fs.labels, name, "the linear probe")
     if train.dim != test.dim:
         raise SslVitError(f"train features have dim {train.dim} but test features have dim {test.dim}")
     lrs = tuple(float(lr) for lr in lrs)

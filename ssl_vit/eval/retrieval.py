@@ -19,7 +19,7 @@ import numpy as np
 from ssl_vit.errors import SslVitError
 from ssl_vit.figure_io import save_png
 from ssl_vit.eval import faiss_utils
-from ssl_vit.eval.feature_cache import replace_dir
+from ssl_vit.eval.feature_cache import replace_dir, require_labels
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 METRICS = ("cosine", "ip", "l2")
@@ -214,9 +214,9 @@ def evaluate(index: RetrievalIndex, queries, query_labels, ks=(1, 5, 10), exclud
     """
     queries = faiss_utils.as_float32_2d(queries, "query features")
     query_labels = np.asarray(query_labels, dtype=np.int64)
-    if len(query_labels) != len(queries) or (query_labels < 0).any():
-        raise SslVitError(f"query labels missing: need one label >= 0 per query ({len(queries)} queries, "
-                          f"{int((query_labels < 0).sum())} labels -1, {len(query_labels)} labels)")
+    if len(query_labels) != len(queries):
+        raise SslVitError(f"query labels missing: {len(queries)} queries but {len(query_labels)} labels")
+    require_labels(query_labels, "query", "label recall")
     if (index.labels < 0).all():
         raise SslVitError("the index has no labels (built without them): label-based evaluation is impossible")
     ks = tuple(sorted({int(k) for k in ks}))
