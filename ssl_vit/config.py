@@ -23,7 +23,8 @@ class DataConfig:
     train: Any = ""                  # shards: index.json, brace pattern, glob, pipe: URL, or a list of them
     batch_size: int = 64             # global batch: processes × per-process batch × accumulation steps
     num_workers: int = 2             # DataLoader workers per process
-    group_size: int = 2              # shards read together and shuffled as one block
+    shuffle_buffer: int = 1000       # samples each reader shuffles at a time (its memory: this many raw samples)
+    samples_per_epoch: int = 0       # 0: from the shards' index; set it for shards without one (epoch-based keys)
     max_skip_fraction: float = 0.01  # stop once more than this fraction of samples is unreadable
     num_classes: int = 0             # 0: the number of classes in the shards' index.json
     eval: Any = ""                   # fine-tuning: shards the trained classifier is scored on after training
@@ -230,6 +231,8 @@ def validate(r: Recipe) -> None:
     _check(0.0 <= r.mae.mask_ratio < 1.0, "mae.mask_ratio", f"must be in [0, 1), got {r.mae.mask_ratio}")
     _check(r.data.batch_size > 0, "data.batch_size", f"must be positive, got {r.data.batch_size}")
     _check(r.data.num_workers >= 0, "data.num_workers", "must be ≥ 0")
+    _check(r.data.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be ≥ 1 sample, got {r.data.shuffle_buffer}")
+    _check(r.data.samples_per_epoch >= 0, "data.samples_per_epoch", "must be ≥ 0")
     _check(0.0 <= r.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
     _check(r.optim.accum_steps >= 1, "optim.accum_steps", "must be ≥ 1")
     _check(r.data.batch_size % r.optim.accum_steps == 0, "data.batch_size",
@@ -255,6 +258,15 @@ def validate(r: Recipe) -> None:
     _check(r.mae.decoder_depth >= 1, "mae.decoder_depth", "must be ≥ 1")
     if r.method == "mae" and r.mae.decoder_dim % r.mae.decoder_heads:
         raise SslVitError(f"mae.decoder_dim: {r.mae.decoder_dim} is not divisible by mae.decoder_heads")
+
+
+def epoch_settings(r: Recipe) -> dict[str, float]:
+    """The recipe keys counted in epochs that are set (> 0) for this recipe's method."""
+    keys = {"train.epochs": r.train.epochs, "optim.warmup_epochs": r.optim.warmup_epochs}
+    if r.method == "dino":
+        keys.update({"dino.warmup_teacher_temp_epochs": r.dino.warmup_teacher_temp_epochs,
+                     "dino.freeze_last_layer_epochs": r.dino.freeze_last_layer_epochs})
+    return {k: v for k, v in keys.items() if v > 0}
 
 
 def check_world(r: Recipe, num_processes: int) -> int:

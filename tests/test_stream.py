@@ -1,6 +1,7 @@
 """The streaming reader on real shards: exactly-once splits, exact resume, bad input."""
 import json
 import warnings
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -73,30 +74,48 @@ def test_eval_labels_and_images_match_source(test_shards, bundled_test):
     assert checked == 1000
 
 
-def first_epoch_keys(stream: ShardStream, workers: int, max_batches: int = 400) -> list[str]:
-    """Keys of epoch 0, read until every worker has moved on to epoch 1."""
-    keys, past_epoch_0 = [], set()
-    for i, batch in enumerate(StreamLoader(stream, workers)):
-        if batch["_position"][0] > 0:
-            past_epoch_0.add(batch["_worker"])
-        else:
-            keys += batch["key"]
-        if len(past_epoch_0) == max(1, workers) or i >= max_batches:
-            break
-    return keys
+def epoch_keys(index: Path, world: int, workers: int, micro_batch: int, epochs: int, *, seed: int = 3,
+               shuffle_buffer: int = 300) -> list[list[str]]:
+    """Keys trained on in each epoch (each rank's batches [e·P, (e+1)·P), P = samples // global batch)."""
+    num_samples = expand_source(str(index)).num_samples
+    per_epoch = num_samples // (world * micro_batch)
+    by_epoch = [[] for _ in range(epochs)]
+    for rank in range(world):
+        stream = ShardStream(str(index), two_views, micro_batch, mode="train", seed=seed, rank=rank,
+                             world_size=world, num_workers=workers, shuffle_buffer=shuffle_buffer)
+        for i, batch in enumerate(islice(StreamLoader(stream, workers), epochs * per_epoch)):
+            by_epoch[i // per_epoch] += batch["key"]
+    return by_epoch
 
 
 def test_train_mode_split_disjoint_and_complete(train_shards):
-    """2 ranks × 2 workers: in epoch 0 every sample is read by exactly one (rank, worker)."""
+    """2 ranks × 2 workers: each epoch's steps hold every sample exactly once (5,000 = 25 global batches of 200)."""
     expected = set(index_keys(train_shards))
-    keys = []
-    for rank in range(2):
-        # 10 shards of 500 over 4 slots → 1,500/1,500/1,000/1,000 samples; batch 100 ends each slot's epoch exactly.
-        stream = ShardStream(str(train_shards), two_views, 100, mode="train", seed=3, rank=rank, world_size=2,
-                             num_workers=2, group_size=2)
-        keys += first_epoch_keys(stream, 2)
-    assert len(keys) == len(set(keys)) == len(expected) == 5000
-    assert set(keys) == expected
+    for keys in epoch_keys(train_shards, world=2, workers=2, micro_batch=100, epochs=2):
+        assert len(keys) == len(set(keys)) == len(expected) == 5000
+        assert set(keys) == expected
+
+
+@pytest.fixture(scope="module")
+def seven_shards(tmp_path_factory, bundled_test) -> Path:
+    """The bundled test split (1,000 images) as 7 shards: 7 does not divide among 4 or 3 readers."""
+    from ssl_vit.data.writer import write_shards
+
+    out = tmp_path_factory.mktemp("seven") / "s"
+    write_shards(str(bundled_test), str(out), max_count=143, seed=0, workers=1, progress=False)
+    return Path(f"{out}-index.json")
+
+
+@pytest.mark.parametrize("world,workers", [(2, 2), (1, 3)])
+def test_every_sample_once_per_epoch_for_any_shard_count(seven_shards, world, workers):
+    """7 shards on 2 processes × 2 workers (and 1 × 3): epochs of 992 distinct samples (31 batches of 32; the 8
+    left over differ from epoch to epoch), shards split between readers."""
+    expected = set(index_keys(seven_shards))
+    assert len(expected) == 1000 and len(expand_source(str(seven_shards)).shards) == 7
+    epochs = epoch_keys(seven_shards, world=world, workers=workers, micro_batch=32 // world, epochs=3)
+    for keys in epochs:
+        assert len(keys) == len(set(keys)) == 992 and set(keys) <= expected
+    assert len({frozenset(expected - set(keys)) for keys in epochs}) == 3  # the leftovers move
 
 
 def test_train_mode_shuffles_across_epochs_and_seeds(train_shards):
@@ -110,15 +129,13 @@ def test_train_mode_shuffles_across_epochs_and_seeds(train_shards):
     assert len(set(labels.tolist())) >= 5  # shuffled: a batch mixes classes
 
 
-def run_stream(index: Path, n: int, state=None, workers=2):
-    stream = ShardStream(str(index), two_views, 48, mode="train", seed=7, num_workers=workers, group_size=2)
-    if state is not None:
-        stream.resume_from(json.loads(json.dumps(state)))  # as stored in a checkpoint
-    loader, out = StreamLoader(stream, workers), []
-    for batch in loader:
-        out.append((batch["key"], batch["views"][0].sum().item(), batch["views"][1].sum().item()))
-        if len(out) == n:
-            break
+def run_stream(index: Path, n: int, states=None, first_batch=0, workers=2, world=1, rank=0, micro_batch=48):
+    stream = ShardStream(str(index), two_views, micro_batch, mode="train", seed=7, num_workers=workers,
+                         shuffle_buffer=700, world_size=world, rank=rank)
+    if states is not None:
+        stream.resume_from(json.loads(json.dumps(states)), first_batch)  # as stored in a checkpoint
+    loader = StreamLoader(stream, workers)
+    out = [(b["key"], b["views"][0].sum().item(), b["views"][1].sum().item()) for b in islice(loader, n)]
     return out, loader.state.to_dict()
 
 
@@ -128,12 +145,28 @@ def test_resumed_reader_continues_the_same_sequence(train_shards, workers):
     straight, _ = run_stream(train_shards, 120, workers=workers)
     first, state = run_stream(train_shards, 61, workers=workers)
     if workers:  # stopped in the middle of a worker's transfer: that worker first sends the rest of it
-        assert 61 % state["batches_per_transfer"] != 0
-    rest, _ = run_stream(train_shards, 59, state, workers=workers)
+        assert 61 % state["layout"]["per_transfer"] != 0
+    rest, _ = run_stream(train_shards, 59, [state], 61, workers=workers)
     assert first + rest == straight
     # Not trivially equal: a fresh (non-resumed) stream restarts instead.
     restarted, _ = run_stream(train_shards, 59, workers=workers)
     assert restarted != rest
+
+
+def test_resume_on_another_layout_keeps_each_epoch_exact(seven_shards):
+    """2 processes × 2 workers stopped mid-epoch, resumed as 1 process × 3 workers (and that resumed again as
+    2 × 1 within the same epoch): the epoch's samples exactly once, none lost; then whole epochs as usual."""
+    per_epoch = 1000 // 32
+    first = [run_stream(seven_shards, 11, workers=2, world=2, rank=r, micro_batch=16) for r in range(2)]
+    states = [state for _, state in first]
+    second, state = run_stream(seven_shards, 9, states, 11, workers=3, micro_batch=32)
+    third = [run_stream(seven_shards, 2 * per_epoch - 20, [state], 20, workers=1, world=2, rank=r,
+                        micro_batch=16)[0] for r in range(2)]
+    epoch_0 = [k for out, _ in first for keys, *_ in out for k in keys] + [k for keys, *_ in second for k in keys]
+    epoch_0 += [k for out in third for keys, *_ in out[:per_epoch - 20] for k in keys]
+    epoch_1 = [k for out in third for keys, *_ in out[per_epoch - 20:] for k in keys]
+    for keys in (epoch_0, epoch_1):
+        assert len(keys) == len(set(keys)) == 992
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
@@ -200,9 +233,9 @@ def test_missing_sources_are_one_line_errors(tmp_path):
         expand_source(str(tmp_path / "index.json"))
 
 
-def test_too_few_shards_for_readers_is_an_error_not_a_hang(tmp_path):
+def test_too_few_uncounted_shards_for_readers_is_an_error_not_a_hang(tmp_path):
     path = write_tar(tmp_path / "one-000000.tar", [good(i) for i in range(10)])
-    with pytest.raises(SslVitError, match="1 shards cannot feed 2 processes × 2 workers"):
+    with pytest.raises(SslVitError, match="1 shards without sample counts cannot feed 2 processes × 2 workers"):
         ShardStream(str(path), two_views, 4, mode="train", world_size=2, num_workers=2)
 
 

@@ -1,10 +1,13 @@
 """DataLoader over a ShardStream that tracks the stream position in the main process."""
+import logging
 import math
 
 import torch
 from torch.utils.data import DataLoader
 
 from ssl_vit.data.stream import ShardStream, StreamState
+
+log = logging.getLogger("ssl_vit.data")
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
@@ -25,14 +28,18 @@ class StreamLoader:
     """Iterates batches of a ShardStream (workers in a fixed round-robin order) and records what was consumed.
 
     `state` is the resume state of this rank after the last batch handed out; `skip_counts()` sums the per-worker
-    seen/skipped counters carried by the batches. `prefetch_factor` is in batches per worker (at least two transfers).
+    seen/skipped counters. A skipped sample is warned about once, when the batch it was skipped from is consumed
+    (not when a worker reads ahead, nor again in a later epoch). `prefetch_factor` is in batches per worker (at least
+    two transfers).
     """
 
     def __init__(self, stream: ShardStream, num_workers: int = 0, device: torch.device | None = None,
                  prefetch_factor: int = 4):
         self.stream, self.num_workers, self.device = stream, num_workers, device or torch.device("cpu")
-        self.state = StreamState(stream.start.batches, dict(stream.start.workers), stream.batches_per_transfer)
+        start = stream.start
+        self.state = StreamState(start.batches, dict(start.workers), start.layout, start.resplit)
         self._counts: dict[int, tuple[int, int]] = {}
+        self._warned: set[str] = set()
         transfers_ahead = max(2, math.ceil(prefetch_factor / stream.batches_per_transfer))
         self.loader = DataLoader(stream, batch_size=None, collate_fn=as_made, num_workers=num_workers,
                                  prefetch_factor=transfers_ahead if num_workers else None,
@@ -42,13 +49,20 @@ class StreamLoader:
         # Starting workers draws their base seed from the global RNG; fork it so that a resumed run's model-side
         # randomness (dropout, drop path) continues exactly as in an uninterrupted run.
         with torch.random.fork_rng(devices=[]):
-            batches = iter(self.loader)
-        for transfer in batches:
-            for batch in transfer:
-                self.state.update(batch)
-                self._counts[int(batch["_worker"])] = (int(batch["_seen"]), int(batch["_skipped"]))
+            transfers = iter(self.loader)
+        for transfer in transfers:
+            for batch, meta in transfer:
+                self.state.update(meta)
+                self._counts[meta.worker] = (meta.seen, meta.skipped)
+                self._warn(meta.bad)
                 batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
                 yield move_to(batch, self.device)
+
+    def _warn(self, messages: list[str]) -> None:
+        for message in messages:
+            if message not in self._warned:
+                self._warned.add(message)
+                log.warning("skipped: %s", message)
 
     def skip_counts(self) -> tuple[int, int]:
         seen = sum(c[0] for c in self._counts.values())

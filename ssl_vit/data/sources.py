@@ -6,7 +6,7 @@ s3://bucket/train-{000000..000099}.tar -`, brace-expanded into one command per s
 any of these (a YAML list, or a comma-free Python list).
 """
 import glob
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
@@ -24,15 +24,21 @@ class Shard:
 class ShardList:
     shards: list[Shard]
     classes: list[str] | None = None
+    unlabeled_sources: list[str] = field(default_factory=list)  # indexes that say their samples carry no labels
 
     @property
     def urls(self) -> list[str]:
         return [s.url for s in self.shards]
 
     @property
-    def num_samples(self) -> int | None:
+    def counts(self) -> list[int] | None:
+        """Samples per shard, or None unless every shard's count is known."""
         counts = [s.num_samples for s in self.shards]
-        return None if any(c is None for c in counts) else sum(counts)
+        return None if any(c is None for c in counts) else counts
+
+    @property
+    def num_samples(self) -> int | None:
+        return None if self.counts is None else sum(self.counts)
 
 
 def _from_index(path: str) -> ShardList:
@@ -42,20 +48,26 @@ def _from_index(path: str) -> ShardList:
     folder = Path(path).parent
     shards = []
     for entry in index["shards"]:
-        url = entry["name"] if "://" in entry["name"] else str(folder / entry["name"])
-        if not Path(url).exists():
-            raise SslVitError(f"missing shard: {url} (listed in {path})")
+        url = entry["name"]
+        if not is_remote(url):
+            url = str(folder / url)  # relative names are relative to the index; absolute ones stay
+            if not Path(url).exists():
+                raise SslVitError(f"missing shard: {url} (listed in {path})")
         shards.append(Shard(url, int(entry["samples"])))
-    return ShardList(shards, index.get("classes"))
+    unlabeled = index.get("labeled") is False or not index.get("classes")
+    return ShardList(shards, index.get("classes"), unlabeled_sources=[path] if unlabeled else [])
+
+
+def is_remote(url: str) -> bool:
+    """A `pipe:` command or a URL (http, s3, gs, ...), which webdataset's gopen opens."""
+    return url.startswith("pipe:") or "://" in url
 
 
 def _expand_one(source: str) -> ShardList:
     source = source.strip()
     if not source:
         raise SslVitError("empty shard source")
-    if source.startswith("pipe:"):
-        return ShardList([Shard(url) for url in braceexpand.braceexpand(source)])
-    if "://" in source:  # http(s), s3, gs: webdataset's gopen handles these URLs
+    if is_remote(source):
         return ShardList([Shard(url) for url in braceexpand.braceexpand(source)])
     if source.endswith(".json"):
         if not Path(source).is_file():
@@ -90,4 +102,4 @@ def expand_source(source) -> ShardList:
     if not shards:
         raise SslVitError(f"empty shard list: {source!r}")
     classes = next((p.classes for p in parts if p.classes), None)
-    return ShardList(shards, classes)
+    return ShardList(shards, classes, [u for p in parts for u in p.unlabeled_sources])

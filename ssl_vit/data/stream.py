@@ -1,93 +1,89 @@
-"""The streaming reader: shards → (rank, worker) split → block shuffle → decode → views → batches.
+"""The streaming reader: shards → slots (rank × worker) → shuffle window → decode → views → batches.
 
-Every (rank, DataLoader worker) pair is one *slot*. The dataset itself assigns work to slots, so accelerate must not
-shard or dispatch the loader again (the trainer builds the DataLoader itself and moves batches to the device).
+Every (rank, DataLoader worker) pair is one *slot*. The dataset itself assigns work to slots (`epochs.EpochPlan`), so
+accelerate must not shard or dispatch the loader again (the trainer builds the DataLoader itself and moves batches to
+the device).
 
-Training (`mode="train"`): endless. In epoch e the shard order is a permutation seeded by (seed, e); slot s takes
-every (world·workers)-th shard from position s. A slot reads `group_size` shards at a time and emits their samples in
-a permutation seeded by (seed, e, slot, group): a shuffle buffer whose state is a pure function of the position
-(epoch, group, offset), so a resumed run continues the same stream exactly. Augmentation randomness is seeded by
-(seed, epoch, sample key) in torch's CPU generator (restored after each batch), so it does not depend on which
-process decodes a sample.
+Training (`mode="train"`): endless. A slot reads its pieces of shards for the epoch as the bytes arrive and shuffles
+them through a window of `shuffle_buffer` samples: window k is emitted in a permutation seeded by (seed, epoch, slot,
+k). Memory is one window of raw samples, whatever the shard size, and the first batch comes after one window has
+arrived. A slot's position is (epoch, samples consumed); restoring it re-reads the pieces up to the window it falls
+in without decoding anything (seek on local files), so a resumed run continues the same stream exactly.
+Augmentation randomness is seeded by (seed, epoch, sample key) in torch's CPU generator (restored after each batch),
+so it does not depend on which process decodes a sample.
 
 Evaluation (`mode="eval"`): every sample exactly once, in shard order, with its key; shards are dealt round-robin
 to slots, so slots may hold unequal counts (the feature extractor gathers variable-length results).
 
-Batches are formed inside the worker (`DataLoader(batch_size=None)`); each carries its slot's position, so the
-trainer knows where every worker stands. A worker hands over `batches_per_transfer` batches at a time: every transfer
-from a worker process costs ~1 ms in the worker and ~1 ms in the main process whatever its size, which for small
-images (a 64-image batch of 32-px crops takes ~45 ms to make) is a few per cent of the machine; so batches of small
-views travel in groups of at least TRANSFER_BYTES (batches of 224-px views travel alone). The DataLoader hands
-out transfers from workers in a fixed round-robin order; on resume the logical worker ids are rotated, and the worker
-that was in the middle of a transfer first sends the rest of it, so that the batch sequence continues where it
-stopped.
+Batches are formed inside the worker (`DataLoader(batch_size=None)`), next to a `BatchMeta` saying where the slot
+stands. A worker hands over `per_transfer` batches at a time: every transfer from a worker process costs ~1 ms in the
+worker and ~1 ms in the main process whatever its size (measured in bench/results), so batches of small views travel
+in groups of at least TRANSFER_BYTES. The DataLoader takes transfers from workers in a fixed round-robin order; on
+resume the logical worker ids are rotated, and the worker that was in the middle of a transfer first sends the rest
+of it, so that the batch sequence continues where it stopped.
 """
 import contextlib
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Callable
 
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from ssl_vit.data.samples import BadSample, decode_image, decode_label, read_shard
+from ssl_vit.data.epochs import EpochPlan, Layout, resplit_state, window_order
+from ssl_vit.data.samples import BadSample, decode_image, decode_label
 from ssl_vit.data.sources import ShardList, expand_source
+from ssl_vit.data.tar_reader import iter_samples
 from ssl_vit.errors import SslVitError
+from ssl_vit.seeding import stable_seed
 
 log = logging.getLogger("ssl_vit.data")
 
 MIN_SAMPLES_BEFORE_SKIP_CHECK = 100
 TRANSFER_BYTES = 3 << 20  # with workers, batches of views are handed over in groups of at least this size
 MAX_BATCHES_PER_TRANSFER = 8
-
-
-def stable_seed(*parts) -> int:
-    """A 63-bit seed from any printable parts, identical across processes and Python runs (unlike hash())."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def permutation(n: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=generator).tolist()
+DEFAULT_SHUFFLE_BUFFER = 1000
 
 
 @dataclass
-class Position:
-    """Where one slot stands: the next sample is `offset` in group `group` of epoch `epoch`."""
+class BatchMeta:
+    """Where the slot that made a batch stands after it, and the samples it skipped (messages, for warnings)."""
 
-    epoch: int = 0
-    group: int = 0
-    offset: int = 0
-
-    def as_list(self) -> list[int]:
-        return [self.epoch, self.group, self.offset]
+    worker: int
+    position: list[int]  # [epoch, samples consumed in that epoch]
+    seen: int
+    skipped: int
+    bad: list[str] = field(default_factory=list)
 
 
 @dataclass
 class StreamState:
-    """Resume state of one rank: batches consumed, each logical worker's position after its last batch, and how many
-    batches a worker hands over at a time (the round-robin unit)."""
+    """Resume state of one rank: batches consumed, each logical worker's position after its last batch, and the
+    layout (ranks, workers, micro-batch, transfer, window) that wrote it."""
 
     batches: int = 0
     workers: dict[int, list[int]] = field(default_factory=dict)
-    batches_per_transfer: int = 1
+    layout: dict | None = None
+    resplit: dict | None = None
 
     def to_dict(self) -> dict:
         return {"batches": self.batches, "workers": {str(k): v for k, v in self.workers.items()},
-                "batches_per_transfer": self.batches_per_transfer}
+                "layout": self.layout, "resplit": self.resplit}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StreamState":
-        return cls(int(d["batches"]), {int(k): list(v) for k, v in d["workers"].items()},
-                   int(d.get("batches_per_transfer", 1)))
+        if "layout" not in d:
+            raise SslVitError("stream state from an older ssl_vit (before bounded-memory streaming): restart the run "
+                              "or resume it with the version that wrote it")
+        return cls(int(d["batches"]), {int(k): list(v) for k, v in d["workers"].items()}, d["layout"],
+                   d.get("resplit"))
 
-    def update(self, batch: dict) -> None:
+    def update(self, meta: BatchMeta) -> None:
         """Record a consumed batch (call in the main process, in consumption order)."""
         self.batches += 1
-        self.workers[int(batch["_worker"])] = list(batch["_position"])
+        self.workers[meta.worker] = list(meta.position)
 
 
 def collate(items: list[tuple[list[torch.Tensor], int, str]]) -> dict:
@@ -101,35 +97,68 @@ def collate(items: list[tuple[list[torch.Tensor], int, str]]) -> dict:
 
 
 class ShardStream(IterableDataset):
-    """Batches of views from WebDataset shards for one rank; see the module docstring for the guarantees."""
+    """Batches of views from WebDataset shards for one rank; see the module docstring for the guarantees.
+
+    `batches_per_epoch` (per rank; steps per epoch × accumulation steps) defaults to what one global batch of
+    `batch_size × world_size` gives. `require_labels`: a sample without a label is an error naming it."""
 
     def __init__(self, source, transform: Callable, batch_size: int, *, mode: str = "train", seed: int = 0,
-                 group_size: int = 1, rank: int = 0, world_size: int = 1, max_skip_fraction: float = 0.01,
-                 num_workers: int = 0):
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, rank: int = 0, world_size: int = 1,
+                 max_skip_fraction: float = 0.01, num_workers: int = 0, batches_per_epoch: int | None = None,
+                 require_labels: bool = False):
         if mode not in ("train", "eval"):
             raise SslVitError(f"stream mode must be 'train' or 'eval', got {mode!r}")
         if batch_size < 1:
             raise SslVitError(f"batch size must be ≥ 1, got {batch_size}")
+        if shuffle_buffer < 1:
+            raise SslVitError(f"data.shuffle_buffer must be ≥ 1 sample, got {shuffle_buffer}")
         self.shards: ShardList = source if isinstance(source, ShardList) else expand_source(source)
         self.transform, self.batch_size, self.mode, self.seed = transform, batch_size, mode, seed
-        self.group_size, self.rank, self.world_size = max(1, group_size), rank, world_size
-        self.max_skip_fraction, self.num_workers = max_skip_fraction, max(0, num_workers)
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(0, num_workers)
+        self.max_skip_fraction, self.require_labels = max_skip_fraction, require_labels
+        workers = max(1, self.num_workers)
+        counts = self.shards.counts
+        if mode == "train" and counts is not None:
+            if batches_per_epoch is None:
+                batches_per_epoch = self.shards.num_samples // (batch_size * world_size)
+            if batches_per_epoch < 1:
+                raise SslVitError(f"{self.shards.num_samples} samples cannot fill one global batch of "
+                                  f"{batch_size * world_size}: lower data.batch_size or add data")
+        elif mode == "train" and len(self.shards.shards) < world_size * workers:
+            raise SslVitError(f"{len(self.shards.shards)} shards without sample counts cannot feed {world_size} "
+                              f"processes × {workers} workers = {world_size * workers} readers; write an index "
+                              "(ssl-vit shards index) so shards can be split, or use fewer workers")
         sizes = getattr(transform, "sizes", None)  # MultiViewTransform's view sizes
-        self.start = StreamState(batches_per_transfer=batches_per_transfer(batch_size, sizes) if self.num_workers
-                                 else 1)
-        slots = self.world_size * max(1, self.num_workers)
-        if mode == "train" and len(self.shards.shards) < slots:
-            raise SslVitError(f"{len(self.shards.shards)} shards cannot feed {self.world_size} processes × "
-                              f"{max(1, self.num_workers)} workers = {slots} readers; write more, smaller shards "
-                              "(ssl-vit shards write --max-count) or use fewer workers")
+        per_transfer = batches_per_transfer(batch_size, sizes) if self.num_workers else 1
+        self.layout = Layout(world_size, workers, batch_size, per_transfer, shuffle_buffer,
+                             batches_per_epoch if counts is not None else None)
+        self.plan = EpochPlan(len(self.shards.shards), counts, seed, self.layout)
+        self.start = StreamState(0, {w: [0, 0] for w in range(workers)}, self.layout.to_dict())
 
-    def resume_from(self, state: StreamState | dict) -> None:
-        """Continue from `state` (it keeps the transfer size it was written with, so the sequence continues)."""
-        self.start = state if isinstance(state, StreamState) else StreamState.from_dict(state)
+    def resume_from(self, states: list[dict], first_batch: int) -> None:
+        """Continue from the stream states of every rank of the run that wrote them. The same layout continues
+        exactly; another one (processes, workers, micro-batch, window) re-splits the rest of the epoch."""
+        old = [StreamState.from_dict(s) for s in states]
+        if old[0].layout == self.layout.to_dict() and len(old) == self.world_size:
+            self.start = old[self.rank]
+            self.plan = EpochPlan(len(self.shards.shards), self.shards.counts, self.seed, self.layout,
+                                  self.start.resplit)
+            return
+        if self.shards.counts is None:
+            raise SslVitError("resuming on another number of processes or workers needs shard sample counts: write "
+                              "an index for these shards (ssl-vit shards index), or resume with "
+                              f"{old[0].layout['world']} processes × {old[0].layout['workers']} workers")
+        old_layout = Layout(**old[0].layout)
+        positions = {rank * old_layout.workers + w: p for rank, s in enumerate(old) for w, p in s.workers.items()}
+        record, epoch = resplit_state(self.shards.counts, self.seed, old_layout, positions, old[0].resplit,
+                                      first_batch)
+        self.plan = EpochPlan(len(self.shards.shards), self.shards.counts, self.seed, self.layout, record)
+        self.start = StreamState(first_batch, {w: [epoch, 0] for w in range(self.layout.workers)},
+                                 self.layout.to_dict(), record)
 
     @property
     def batches_per_transfer(self) -> int:
-        return self.start.batches_per_transfer
+        return self.layout.per_transfer
 
     def _logical_worker(self) -> tuple[int, int, int]:
         """(logical worker id, number of workers, batches in this worker's first transfer)."""
@@ -143,11 +172,11 @@ class ShardStream(IterableDataset):
         return (physical + transfers_done) % workers, workers, first
 
     def __iter__(self):
-        """Lists of batches: one transfer from this worker each."""
+        """Lists of (batch, BatchMeta): one transfer from this worker each."""
         worker, workers, first_transfer = self._logical_worker()
-        slot, num_slots = self.rank * workers + worker, self.world_size * workers
-        samples = self._train_samples(slot, num_slots, worker) if self.mode == "train" else \
-            self._eval_samples(slot, num_slots)
+        slot = self.rank * workers + worker
+        samples = self._train_samples(slot, worker) if self.mode == "train" else \
+            self._eval_samples(slot, self.world_size * workers)
         return self._transfers(self._batches(samples, worker), first_transfer)
 
     def _transfers(self, batches, first: int):
@@ -161,32 +190,59 @@ class ShardStream(IterableDataset):
             yield transfer
 
     # -- sample streams: yield (raw sample, epoch, position after it) -------------------------------------------
-    def shard_order(self, epoch: int, slot: int, num_slots: int) -> list[int]:
-        order = permutation(len(self.shards.shards), stable_seed(self.seed, "shards", epoch))
-        return order[slot::num_slots]
-
-    def _train_samples(self, slot: int, num_slots: int, worker: int):
-        position = Position(*self.start.workers.get(worker, [0, 0, 0]))
-        epoch, first_group, first_offset = position.epoch, position.group, position.offset
+    def _train_samples(self, slot: int, worker: int):
+        epoch, consumed = self.start.workers[worker]
+        idle_epochs = 0
         while True:
-            mine = self.shard_order(epoch, slot, num_slots)
-            groups = [mine[i:i + self.group_size] for i in range(0, len(mine), self.group_size)]
-            for g in range(first_group, len(groups)):
-                group = [s for i in groups[g] for s in read_shard(self.shards.shards[i].url)]
-                order = permutation(len(group), stable_seed(self.seed, "group", epoch, slot, g))
-                for offset in range(first_offset, len(order)):
-                    yield group[order[offset]], epoch, Position(epoch, g, offset + 1)
-                first_offset = 0
-            epoch, first_group = epoch + 1, 0
+            pieces = self.plan.pieces(epoch, slot)
+            emitted = 0
+            for item in self._window_shuffled(pieces, epoch, slot, consumed):
+                emitted += 1
+                yield item
+            idle_epochs = idle_epochs + 1 if pieces and not emitted and not consumed else 0
+            if idle_epochs > 1:
+                raise SslVitError(f"shards {', '.join(self.shards.shards[p[0]].url for p in pieces[:3])} gave no "
+                                  "samples for two epochs: are they empty, or is their index out of date?")
+            epoch, consumed = epoch + 1, 0
+
+    def _window_shuffled(self, pieces, epoch: int, slot: int, consumed: int):
+        """The slot's samples of one epoch through the shuffle window, from `consumed` on."""
+        size = self.layout.window
+        window, offset = divmod(consumed, size)
+        samples = self._read(pieces, skip=window * size)
+        buffer = list(islice(samples, size))
+        while buffer:
+            following = next(samples, None)  # one sample ahead: is this the epoch's last window?
+            order = window_order(self.seed, epoch, slot, window, len(buffer))
+            for i in range(offset, len(buffer)):
+                last = following is None and i == len(buffer) - 1
+                yield buffer[order[i]], epoch, [epoch + 1, 0] if last else [epoch, window * size + i + 1]
+            if following is None:
+                return
+            buffer = [following, *islice(samples, size - 1)]
+            window, offset = window + 1, 0
+
+    def _read(self, pieces, skip: int):
+        """Raw samples of the pieces, after skipping `skip` of them undecoded."""
+        for shard, start, stop in pieces:
+            url = self.shards.shards[shard].url
+            if stop is not None and skip >= stop - start:
+                skip -= stop - start
+                continue
+            held = yield from iter_samples(url, start + skip, stop)
+            skip = max(0, skip - (held - start)) if stop is None else 0
 
     def _eval_samples(self, slot: int, num_slots: int):
         for i in range(slot, len(self.shards.shards), num_slots):
-            for offset, sample in enumerate(read_shard(self.shards.shards[i].url)):
-                yield sample, 0, Position(0, i, offset + 1)
+            for sample in iter_samples(self.shards.shards[i].url):
+                yield sample, 0, [0, 0]
 
     # -- decoding and batching --------------------------------------------------------------------------------
     def _decode(self, sample: dict, epoch: int):
         image, label = decode_image(sample), decode_label(sample)
+        if label < 0 and self.require_labels:
+            raise SslVitError(f"sample {sample['__key__']} of shard {sample['__url__']} has no label (no cls): "
+                              "supervised training and fine-tuning need labeled shards")
         torch.default_generator.manual_seed(stable_seed(self.seed, "views", epoch, sample["__key__"]))
         views = self.transform(image)
         return (views if isinstance(views, (list, tuple)) else [views]), label, sample["__key__"]
@@ -195,44 +251,34 @@ class ShardStream(IterableDataset):
         samples, counts = iter(samples), [0, 0]  # seen, skipped
         while True:
             with caller_rng_kept():
-                items, position = self._fill(samples, counts)
-            if len(items) == self.batch_size:
-                yield self._emit(items, worker, position, *counts)
-                continue
-            self._check_skips(*counts, final=True)
-            if items and self.mode == "eval":
-                yield self._emit(items, worker, position, *counts)
-            return
+                items, position, bad = self._fill(samples, counts)
+            if len(items) == self.batch_size or (items and self.mode == "eval"):
+                yield collate(items), BatchMeta(worker, position, *counts, bad)
+            if len(items) < self.batch_size:
+                self._check_skips(*counts, final=True)
+                return
 
-    def _fill(self, samples, counts: list[int]) -> tuple[list, Position | None]:
+    def _fill(self, samples, counts: list[int]) -> tuple[list, list[int] | None, list[str]]:
         """Decode samples until a batch is full or the stream ends; `counts` (seen, skipped) is updated in place."""
-        items, position = [], None
+        items, position, bad = [], None, []
         for sample, epoch, position in samples:
             counts[0] += 1
             try:
                 items.append(self._decode(sample, epoch))
             except BadSample as e:
                 counts[1] += 1
-                log.warning("skipped: %s", e)
+                bad.append(str(e))
                 self._check_skips(*counts)
                 continue
             if len(items) == self.batch_size:
                 break
-        return items, position
-
-    def _emit(self, items, worker: int, position: Position, seen: int, skipped: int) -> dict:
-        batch = collate(items)
-        batch.update(_worker=worker, _position=position.as_list(), _seen=seen, _skipped=skipped)
-        return batch
+        return items, position, bad
 
     def _check_skips(self, seen: int, skipped: int, final: bool = False) -> None:
         if skipped and (seen >= MIN_SAMPLES_BEFORE_SKIP_CHECK or final) and skipped > self.max_skip_fraction * seen:
             raise SslVitError(f"{skipped} of {seen} samples were unreadable ({skipped / seen:.1%} > "
                               f"max_skip_fraction {self.max_skip_fraction:.1%}); see the warnings above for "
                               "shards and keys")
-
-    def samples_per_epoch(self) -> int | None:
-        return self.shards.num_samples
 
 
 @contextlib.contextmanager
@@ -261,4 +307,4 @@ def batches_per_transfer(batch_size: int, view_sizes: list[int] | None) -> int:
 
 
 def steps_per_epoch(num_samples: int | None, global_batch: int) -> int | None:
-    return None if num_samples is None else max(1, math.floor(num_samples / global_batch))
+    return None if num_samples is None else num_samples // global_batch

@@ -99,10 +99,14 @@ def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def read_checkpoint_meta(path: Path, rank: int) -> tuple[dict, dict]:
+def read_checkpoint_meta(path: Path) -> tuple[dict, list[dict]]:
+    """The trainer state and every rank's stream state (a resume on another layout re-splits all of them)."""
     trainer = json.loads((path / "trainer.json").read_text())
-    stream_file = path / f"stream-rank{rank}.json"
-    if not stream_file.is_file():
-        raise SslVitError(f"checkpoint {path} has no stream state for rank {rank}: it was written by "
-                          f"{trainer.get('world_size')} processes; resume with the same number")
-    return trainer, json.loads(stream_file.read_text())
+    streams = []
+    for rank in range(int(trainer["world_size"])):
+        stream_file = path / f"stream-rank{rank}.json"
+        if not stream_file.is_file():
+            raise SslVitError(f"checkpoint {path} lacks {stream_file.name}: it was written by "
+                              f"{trainer['world_size']} processes and is incomplete")
+        streams.append(json.loads(stream_file.read_text()))
+    return trainer, streams

@@ -1,0 +1,236 @@
+"""Read the samples of one tar shard as its members arrive: memory holds one member, whatever the shard size.
+
+A sample is the run of consecutive members that share a key (webdataset's rule: the key is the name up to the first
+dot of its last path part; the suffix after it is lower-cased). Samples before `start` are counted from their headers
+alone: their bodies are skipped (seek on local files, read and discarded on `pipe:` and URLs) and never decoded.
+
+One reader for every archive we meet: plain ustar (our writer, webdataset's TarWriter, `tar`), pax and GNU long-name
+headers (long paths), gzip-compressed shards. A damaged shard (bad header checksum, garbage, truncation, a duplicate
+member) keeps the samples before the damage, drops the one in progress there (it may be incomplete) and the rest,
+with a warning naming the shard and where it breaks: `tarfile` in stream mode ends silently at a bad header, which
+would lose the rest of a shard without a word.
+"""
+import gzip
+import io
+import os
+import re
+import struct
+import warnings
+from typing import Generator, Iterator
+
+from webdataset import gopen
+
+from ssl_vit.errors import SslVitError
+
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+# name, [mode uid gid], size, [mtime], checksum, type flag, [link name, magic + version, owner, devices], prefix
+_HEADER = struct.Struct("100s24x12s12x8sc100x8x80x155s12x")
+_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+_METADATA = re.compile(r"__[^/]*__($|/)")  # webdataset's tar iterator skips these (`__index__/...`, `__meta__`)
+_SKIP_CHUNK = 1 << 20
+
+
+class Damage(Exception):
+    """The archive cannot be read past this point."""
+
+
+def iter_samples(url: str, start: int = 0, stop: int | None = None) -> Generator[dict, None, int]:
+    """Samples `start` ≤ i < `stop` of a shard as `{"__key__", "__url__", suffix: bytes}`, in tar order; returns the
+    number of samples the shard holds (up to `stop`; a damaged shard's intact ones)."""
+    stream = _open(url)
+    index, sample, finished = -1, None, False
+    try:
+        for name, size in _members(stream):
+            match = _KEY_SUFFIX.match(name)
+            if match is None or _is_metadata(name):
+                stream.skip(size + -size % BLOCK)
+                continue
+            key, suffix = match.group(1), match.group(2).lower()
+            if sample is None or key != sample["__key__"]:
+                if sample is not None and index >= start:
+                    yield sample
+                index += 1
+                if stop is not None and index >= stop:
+                    return index  # the rest is not read: a `pipe:` command ends on a broken pipe, which is no error
+                sample = {"__key__": key, "__url__": url}
+            if suffix in sample:
+                raise Damage(f"duplicate file name {name}")
+            if index < start:
+                sample[suffix] = None
+                stream.skip(size)
+            else:
+                sample[suffix] = stream.read_exactly(size)
+            stream.skip(-size % BLOCK)
+        finished = True
+        if sample is not None and index >= start:
+            yield sample
+        return index + 1
+    except Damage as e:
+        finished = True
+        done = max(0, index - start)  # the sample in progress may be incomplete: dropped
+        warnings.warn(f"shard {url} is truncated or corrupt after {done} samples ({e}); the rest of this shard is "
+                      "skipped", RuntimeWarning, stacklevel=2)
+        return max(0, index)
+    finally:
+        stream.close(url, check=finished)
+
+
+def read_shard(url: str) -> list[dict]:
+    """All samples of a (small) shard; training and evaluation stream with `iter_samples` instead."""
+    return list(iter_samples(url))
+
+
+def _is_metadata(name: str) -> bool:
+    return bool(("/" not in name and name.startswith("__") and name.endswith("__")) or _METADATA.match(name))
+
+
+def _members(stream: "_Stream") -> Iterator[tuple[str, int]]:
+    """(name, size) of each regular file; the caller reads or skips its body (and the padding)."""
+    long_name = None
+    while True:
+        header = stream.read_block()
+        if header is None or header == _ZERO_BLOCK:
+            return
+        if header[257:262] != b"ustar":
+            raise Damage(f"unreadable tar header at byte {stream.position - BLOCK}")
+        name, size, checksum, kind, prefix = _HEADER.unpack_from(header)
+        _check_checksum(header, checksum, stream.position - BLOCK)
+        size = _number(size, stream.position - BLOCK)
+        if kind in (b"x", b"L"):  # pax record or GNU long name: names the next member
+            body = stream.read_exactly(size)
+            stream.skip(-size % BLOCK)
+            long_name = _pax_path(body) if kind == b"x" else body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue
+        if kind not in (b"0", b"\0"):  # directories, links, global pax headers, ...
+            stream.skip(size + (-size % BLOCK))
+            long_name = None
+            continue
+        if long_name is None:
+            name = name.split(b"\0", 1)[0]
+            if header[262:263] == b"\0" and prefix[0]:  # POSIX ustar keeps long paths' folders in the prefix field
+                name = prefix.split(b"\0", 1)[0] + b"/" + name
+            long_name = name.decode("utf-8", "surrogateescape")
+        yield long_name, size
+        long_name = None
+
+
+def _check_checksum(header: bytes, field: bytes, where: int) -> None:
+    digits = field.replace(b"\0", b" ").strip()
+    actual = sum(header) - sum(field) + 8 * 0x20  # the checksum field counts as spaces
+    if not digits or not all(48 <= c <= 55 for c in digits) or int(digits, 8) != actual:
+        raise Damage(f"bad tar header checksum at byte {where}")
+
+
+def _number(field: bytes, where: int) -> int:
+    if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(field.replace(b"\0", b" ").strip() or b"0", 8)
+    except ValueError:
+        raise Damage(f"unreadable tar header at byte {where}") from None
+
+
+def _pax_path(body: bytes) -> str | None:
+    """The `path` record of a pax extended header ("<length> path=<value>\\n" records)."""
+    pos = 0
+    while pos < len(body):
+        length = int(body[pos:body.index(b" ", pos)])
+        record = body[body.index(b" ", pos) + 1:pos + length - 1]
+        if record.startswith(b"path="):
+            return record[5:].decode("utf-8", "surrogateescape")
+        pos += length
+    return None
+
+
+class _Stream:
+    """Exact reads and skips over an opened shard, counting bytes (for messages)."""
+
+    def __init__(self, raw, size: int | None = None):
+        self.raw, self.position, self.size = raw, 0, size  # size: a local file's, which skips by seeking
+
+    def read_block(self) -> bytes | None:
+        block = self.raw.read(BLOCK)
+        if not block:
+            return None
+        if len(block) < BLOCK:
+            block += self._more(BLOCK - len(block))
+        if len(block) < BLOCK:
+            raise Damage(f"truncated inside the tar header at byte {self.position}")
+        self.position += BLOCK
+        return block
+
+    def read_exactly(self, n: int) -> bytes:
+        data = self.raw.read(n)
+        if len(data) < n:
+            data += self._more(n - len(data))
+        if len(data) < n:
+            raise Damage(f"truncated inside the member at byte {self.position - BLOCK}")
+        self.position += n
+        return data
+
+    def skip(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self.size is not None:
+            if self.position + n > self.size:
+                raise Damage(f"truncated inside the member at byte {self.position}")
+            self.raw.seek(n, 1)
+            self.position += n
+            return
+        while n:
+            n -= len(self.read_exactly(min(n, _SKIP_CHUNK)))
+
+    def _more(self, n: int) -> bytes:
+        parts = []
+        while n:
+            chunk = self.raw.read(n)
+            if not chunk:
+                break
+            parts.append(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+
+    def close(self, url: str, check: bool) -> None:
+        try:
+            self.raw.close()
+        except Exception as e:  # a failed `pipe:` command reports its exit status here
+            if check:
+                raise SslVitError(f"reading shard {url} failed: {e}") from None
+
+
+def _open(url: str) -> _Stream:
+    try:
+        raw = gopen(url, "rb")
+    except FileNotFoundError:
+        raise SslVitError(f"missing shard: {url}") from None
+    except OSError as e:
+        raise SslVitError(f"cannot open shard {url}: {e}") from None
+    if not hasattr(raw, "peek"):  # `pipe:` and URL streams
+        raw = io.BufferedReader(_RawAdapter(raw), _SKIP_CHUNK)
+    if raw.peek(2)[:2] == b"\x1f\x8b":
+        return _Stream(gzip.GzipFile(fileobj=raw, mode="rb"))
+    try:
+        return _Stream(raw, os.fstat(raw.fileno()).st_size)
+    except (AttributeError, OSError, io.UnsupportedOperation):  # not a local file
+        return _Stream(raw)
+
+
+class _RawAdapter(io.RawIOBase):
+    """A read()-only stream as a raw stream, so that io.BufferedReader can peek at its first bytes."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self.stream.close()
