@@ -94,11 +94,15 @@ def test_index_img2dataset_shards(foreign, tmp_path, capsys, how):
     assert index["num_samples"] == 97 and index["skipped"] == 3 and index["source"] == pattern
     assert index["labeled"] is False and index["classes"] == [] and index["class_counts"] == []
     assert "unlabeled_samples" not in index and not index_is_labeled(index)
-    if how != "pipe":  # the index is a shard source with known sample counts, and inspect verifies it
+    if how == "pipe":
+        assert main(["shards", "inspect", str(out)]) == 2
+        assert "is not a local file: inspect reads local shards only" in capsys.readouterr().err
+    else:  # the index is a shard source with known sample counts, and inspect verifies it
         assert expand_source(str(out)).num_samples == 97
         assert main(["shards", "inspect", str(out), "--verify", "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
-        formats = Counter(next(k for k in s if k not in NOT_IMAGES).lower() for s in samples if set(s) - set(NOT_IMAGES))
+        images = [next(k for k in s if k not in NOT_IMAGES) for s in samples if set(s) - set(NOT_IMAGES)]
+        formats = Counter(ext.lower() for ext in images)
         assert report["verify"]["ok"] and report["labeled"] is False
         assert report["formats"] == {**formats, "(no image)": 3}
 
@@ -144,7 +148,8 @@ def test_bad_input_is_one_line(foreign, tmp_path, capsys):
     cases = [
         (f"{tmp_path}/nothing-*.tar", f"shard pattern matches nothing: {tmp_path}/nothing-*.tar"),
         (f"{tmp_path}/part-{{000000..000001}}.tar", f"missing shard: {tmp_path}/part-000000.tar"),
-        (str(tmp_path / "cut.tar"), f"cannot index a damaged shard: shard {tmp_path}/cut.tar is truncated or corrupt after"),
+        (str(tmp_path / "cut.tar"),
+         f"cannot index a damaged shard: shard {tmp_path}/cut.tar is truncated or corrupt after"),
         (f"pipe:cat {tmp_path}/absent.tar", f"cannot read shard pipe:cat {tmp_path}/absent.tar"),
     ]
     for pattern, message in cases:

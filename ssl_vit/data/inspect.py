@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ssl_vit.data.image_sources import IMAGE_EXTENSIONS
-from ssl_vit.data.index import index_is_labeled, index_path_for, read_index, sha256_file
+from ssl_vit.data.index import index_is_labeled, index_path_for, is_remote, read_index, sha256_file
 from ssl_vit.errors import SslVitError
 from ssl_vit.figure_io import save_png
 
@@ -56,6 +56,9 @@ def inspect_shards(index_path, *, verify=False, grid_png=None, grid_n=64) -> dic
     want = grid_n if grid_png is not None else 0
     total, problems = ShardScan(), []
     for entry in index["shards"]:
+        if is_remote(entry["name"]):
+            raise SslVitError(f"shard {entry['name']} (listed in {path}) is not a local file: inspect reads local "
+                              "shards only")
         shard = path.parent / entry["name"]
         if verify:
             problems += _verify_shard(shard, entry, total, want)

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 from webdataset import gopen
 
-from ssl_vit.data.index import INDEX_FORMAT, write_index
+from ssl_vit.data.index import INDEX_FORMAT, is_remote, write_index
 from ssl_vit.data.samples import IMAGE_KEYS, BadSample, decode_label, read_shard
 from ssl_vit.data.sources import expand_source
 from ssl_vit.data.writer import mp_context
@@ -133,7 +133,7 @@ def _entry(scan: dict, folder: Path) -> dict:
 def shard_name(url: str, folder: Path) -> str:
     """A local shard under the index's folder by its relative path, another local one by its absolute path, and a
     URL or `pipe:` command as given."""
-    if url.startswith("pipe:") or "://" in url:
+    if is_remote(url):
         return url
     path = Path(url).resolve()
     try:
