@@ -56,11 +56,6 @@ def read_json(path, what: str) -> dict:
     return obj
 
 
-def is_remote(name: str) -> bool:
-    """A shard named by a `pipe:` command or a URL (http, s3, gs, ...), not by a local path."""
-    return name.startswith("pipe:") or "://" in name
-
-
 def index_is_labeled(index: dict) -> bool:
     """Whether every sample of the indexed shards has a label."""
     return bool(index.get("labeled", bool(index["classes"])))

@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from ssl_vit.data.image_sources import IMAGE_EXTENSIONS
-from ssl_vit.data.index import index_is_labeled, index_path_for, is_remote, read_index, sha256_file
+from ssl_vit.data.index import index_is_labeled, index_path_for, read_index, sha256_file
+from ssl_vit.data.sources import is_remote
 from ssl_vit.errors import SslVitError
 from ssl_vit.figure_io import save_png
 

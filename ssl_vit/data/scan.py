@@ -2,8 +2,11 @@
 
 img2dataset (`<key>.jpg` + `<key>.json` + `<key>.txt`, no `cls`), webdataset's `TarWriter`/`ShardWriter` and the like
 come without sample counts, so a stream over them knows neither its epoch length nor its ETA. Scanning each shard
-once (in a process pool) gives per shard the samples the loader will use, the bytes and sha256 of what was read, and
-the labels: the set is labelled when every sample has one (`cls`, as the loader reads it), with classes "0".."max".
+(in a process pool) gives per shard the samples the loader will use, the bytes and sha256 of what was read, and the
+labels: the set is labelled when every sample has one (`cls`, as the loader reads it), with classes "0".."max".
+Samples stream member by member through the loader's own tar reader (memory: one member, whatever the shard size);
+the checksum is a second, plain read of the bytes, since that reader opens its own stream (for a `pipe:` URL its
+command runs twice; a digest hook in the reader would save that read).
 Samples without an image (or with an unreadable label) are the ones the loader skips: counted as skipped, not as
 samples. A damaged shard is an error: an index that counts only its first half would be wrong.
 """
@@ -15,9 +18,9 @@ from pathlib import Path
 from tqdm import tqdm
 from webdataset import gopen
 
-from ssl_vit.data.index import INDEX_FORMAT, is_remote, write_index
-from ssl_vit.data.samples import IMAGE_KEYS, BadSample, decode_label, read_shard
-from ssl_vit.data.sources import expand_source
+from ssl_vit.data.index import INDEX_FORMAT, write_index
+from ssl_vit.data.samples import IMAGE_KEYS, BadSample, decode_label, iter_samples
+from ssl_vit.data.sources import expand_source, is_remote
 from ssl_vit.data.writer import mp_context
 from ssl_vit.errors import SslVitError
 
@@ -61,26 +64,20 @@ def scan_shard(url: str) -> dict:
     """{"url", "samples", "bytes", "sha256", "labels": {label: count} (-1: no label), "skipped": count}."""
     size, sha256 = _digest(url)
     labels, skipped = Counter(), 0
-    for sample in _read_samples(url):
-        try:
-            if not any(k in sample for k in IMAGE_KEYS):
-                raise BadSample("no image")
-            labels[max(decode_label(sample), -1)] += 1
-        except (BadSample, ValueError):  # the loader skips these samples too
-            skipped += 1
-    return {"url": url, "samples": sum(labels.values()), "bytes": size, "sha256": sha256, "labels": dict(labels),
-            "skipped": skipped}
-
-
-def _read_samples(url: str) -> list[dict]:
-    """The samples of one shard (`{"__key__", "__url__", ext: bytes}`); a damaged shard is an error naming it."""
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:  # the reader reports damage as a warning
         warnings.simplefilter("always")
-        samples = read_shard(url)
+        for sample in iter_samples(url):
+            try:
+                if not any(k in sample for k in IMAGE_KEYS):
+                    raise BadSample("no image")
+                labels[max(decode_label(sample), -1)] += 1
+            except (BadSample, ValueError):  # the loader skips these samples too
+                skipped += 1
     damage = next((w for w in caught if issubclass(w.category, RuntimeWarning)), None)
     if damage is not None:  # the reader's note that it skips the rest does not apply here
         raise SslVitError(f"cannot index a damaged shard: {str(damage.message).partition('; ')[0]}")
-    return samples
+    return {"url": url, "samples": sum(labels.values()), "bytes": size, "sha256": sha256, "labels": dict(labels),
+            "skipped": skipped}
 
 
 def _digest(url: str) -> tuple[int, str]:
