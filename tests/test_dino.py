@@ -2,6 +2,7 @@
 import copy
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from ssl_vit.losses.dino_loss import DINOLoss, sinkhorn_knopp
 from ssl_vit.methods.dino import DINO
 from ssl_vit.models.backbone import BackboneSpec
 
+ROOT = Path(__file__).resolve().parents[1]
 K, HIDDEN, BOTTLENECK = 256, 128, 32
 
 
@@ -417,3 +419,52 @@ def test_loss_falls_without_collapse_on_real_images(bundled_train):
         untrained = method(final_batch, sched)["loss"]
     assert trained < untrained - 0.2
     assert prototypes >= 8
+
+
+# -- gradient accumulation ----------------------------------------------------------------------------------------
+def accum_trainer(shards, out, accum: int, centering: str):
+    from ssl_vit.config import load_recipe
+    from ssl_vit.train.trainer import Trainer
+
+    recipe = ROOT / "recipes" / "dino_vit_tiny_cifar10.yaml"
+    return Trainer(load_recipe(recipe, [
+        f"data.train={shards}", f"train.out_dir={out}", "train.steps=10", "train.epochs=0", "data.batch_size=8",
+        f"optim.accum_steps={accum}", "model.depth=2", "model.embed_dim=64", "model.num_heads=2", f"dino.out_dim={K}",
+        f"dino.hidden_dim={HIDDEN}", f"dino.bottleneck_dim={BOTTLENECK}", "dino.use_bn_in_head=false",
+        f"dino.centering={centering}", "train.progress=false", "data.num_workers=0"]))
+
+
+@pytest.mark.parametrize("centering", ["center", "sinkhorn_knopp"])
+def test_two_accumulated_micro_batches_equal_one_batch(train_shards, tmp_path, centering):
+    """Two steps with optim.accum_steps=2 over micro-batches of 4 == two steps over the batches of 8: the centre
+    moves once per step over all 8 teacher rows (Eq. 4), Sinkhorn-Knopp spreads them as one batch, and the logged
+    loss, the student and the EMA teacher match."""
+    steps = [random_views(batch=8, seed=s) for s in (1, 2)]
+    runs = {}
+    for accum in (1, 2):
+        trainer = accum_trainer(train_shards, tmp_path / str(accum), accum, centering)
+        logs = []
+        for views in steps:
+            batches = [{"views": [v[i::accum] for v in views]} for i in range(accum)]
+            logs.append(trainer._train_step(batches, trainer._apply_schedules())[0])
+            trainer.step += 1
+        runs[accum] = trainer.method, logs
+    (one, logs_one), (two, logs_two) = runs[1], runs[2]
+    for a, b in zip(logs_one, logs_two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["kl_to_center"] == pytest.approx(b["kl_to_center"], rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(two.loss.center, one.loss.center, rtol=1e-6, atol=1e-7)
+    assert centering != "center" or one.loss.center.abs().sum() > 0
+    for (name, p1), p2 in zip(one.named_parameters(), two.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_prepare_step_targets_cover_the_whole_step():
+    """The teacher runs once over every micro-batch of the step, so its head's BatchNorm and Sinkhorn-Knopp see the
+    step's whole batch: the targets of two halves are those of the whole batch."""
+    views = random_views(batch=8)
+    sched = sched_at(tiny_dino(), 0)
+    halves, whole = (tiny_dino(use_bn_in_head=True, centering="sinkhorn_knopp") for _ in range(2))
+    split = halves.prepare_step([{"views": [v[:4] for v in views]}, {"views": [v[4:] for v in views]}], sched)
+    joined = whole.prepare_step([{"views": views}], sched)[0]["dino_targets"].probs
+    torch.testing.assert_close(torch.cat([b["dino_targets"].probs for b in split], dim=1), joined)

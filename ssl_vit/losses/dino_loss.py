@@ -14,6 +14,7 @@ instead of being approached through an EMA, so a short run does not spend its st
 centre is then neither used nor updated (`kl_to_center` becomes KL(p̄ ‖ uniform), ~0 by construction).
 """
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -63,12 +64,26 @@ def _global_mean(rows: torch.Tensor) -> torch.Tensor:
     return _all_reduce(rows.sum(dim=0)) / (rows.shape[0] * _world_size())
 
 
+@dataclass
+class TeacherTargets:
+    """What the student is trained towards: teacher probabilities `probs` [G, B, K] and two diagnostics over all of
+    them (see `DINOLoss`), so that the micro-batches of one step can share targets computed over the whole step."""
+    probs: torch.Tensor
+    teacher_entropy: torch.Tensor
+    kl_to_center: torch.Tensor
+
+    def split(self, sizes: list[int]) -> list["TeacherTargets"]:
+        """One `TeacherTargets` per consecutive run of `sizes` samples; the diagnostics are shared."""
+        return [replace(self, probs=p) for p in self.probs.split(sizes, dim=1)]
+
+
 class DINOLoss(nn.Module):
     """Centred, sharpened teacher vs. student cross-entropy over pairs of different views (DINO Eq. 1, 3, 4).
 
     `forward(student, teacher, teacher_temp)` takes logits `student` [V, B, K] (views in order: the G global
     views first, then the local ones) and `teacher` [G, B, K] (global views only; teacher view g and student view g
-    are the same crop, so that pair is skipped). It returns a dict of tensors:
+    are the same crop, so that pair is skipped). It is `student_loss(student, teacher_targets(teacher, teacher_temp))`
+    and returns a dict of tensors:
 
     - `loss`: the mean of H(P_t(x_g), P_s(x_v)) over the G·V − G pairs with g ≠ v and over the batch.
     - `teacher_entropy`: mean over teacher rows of the entropy −Σ_k P_t,k log P_t,k (nats). It tends to ln K when
@@ -82,7 +97,7 @@ class DINOLoss(nn.Module):
       centring flattens a dimension that dominates every output.
 
     Both diagnostics use the centre before this call's update. The centre (a buffer, saved in checkpoints) is
-    updated only in training mode.
+    updated by `teacher_targets`, only in training mode.
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
@@ -102,7 +117,7 @@ class DINOLoss(nn.Module):
         self.centering = centering
         self.register_buffer("center", torch.zeros(out_dim))
 
-    def _check(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float) -> None:
+    def _check(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
         if student.ndim != 3 or teacher.ndim != 3:
             raise SslVitError(f"DINOLoss: expected student [V, B, K] and teacher [G, B, K] logits, got "
                               f"{tuple(student.shape)} and {tuple(teacher.shape)}")
@@ -112,32 +127,45 @@ class DINOLoss(nn.Module):
                               f"share batch size and out_dim={self.out_dim}")
         if not 1 <= g <= v or v < 2:
             raise SslVitError(f"DINOLoss: need ≥ 2 student views and 1..{v} teacher views, got V={v}, G={g}")
-        if teacher_temp <= 0:
-            raise SslVitError(f"DINOLoss: teacher_temp must be positive, got {teacher_temp}")
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float) -> dict:
-        self._check(student, teacher, teacher_temp)
-        g, v, b = teacher.shape[0], student.shape[0], student.shape[1]
+        self._check(student, teacher)
+        return self.student_loss(student, self.teacher_targets(teacher, teacher_temp))
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher: torch.Tensor, teacher_temp: float) -> TeacherTargets:
+        """P_t of the teacher logits `teacher` [G, B, K]: centred and sharpened (Eq. 4), or Sinkhorn-Knopp; then, in
+        training mode, the centre moves towards these logits' mean."""
+        if teacher_temp <= 0:
+            raise SslVitError(f"DINOLoss: teacher_temp must be positive, got {teacher_temp}")
+        g, b = teacher.shape[:2]
         teacher = _at_least_fp32(teacher.detach())
-        log_ps = F.log_softmax(_at_least_fp32(student) / self.student_temp, dim=-1)  # [V, B, K]
         if self.centering == "sinkhorn_knopp":
             pt = sinkhorn_knopp(teacher.flatten(0, 1), teacher_temp).unflatten(0, (g, b))  # [G, B, K]
             log_pt = pt.clamp_min(1e-30).log()
         else:
             log_pt = F.log_softmax((teacher - self.center) / teacher_temp, dim=-1)  # [G, B, K]
             pt = log_pt.exp()
+        entropy = -(pt * log_pt).sum(dim=-1).mean()
+        mean_pt = pt.mean(dim=(0, 1))  # [K]
+        log_q = F.log_softmax(self.center / teacher_temp, dim=-1)
+        kl = (mean_pt * (mean_pt.clamp_min(1e-30).log() - log_q)).sum()
+        if self.training and self.centering == "center":
+            self.update_center(teacher.flatten(0, 1))
+        return TeacherTargets(pt, entropy, kl)
+
+    def student_loss(self, student: torch.Tensor, targets: TeacherTargets) -> dict:
+        """The cross-entropy of the student logits `student` [V, B, K] to `targets` (probs [G, B, K])."""
+        self._check(student, targets.probs)
+        pt, g, v, b = targets.probs, targets.probs.shape[0], student.shape[0], student.shape[1]
+        log_ps = F.log_softmax(_at_least_fp32(student) / self.student_temp, dim=-1)  # [V, B, K]
         # Cross-entropy of every (teacher view, student view) pair in one contraction.
         ce = -torch.einsum("gbk,vbk->gv", pt, log_ps) / b  # [G, V]
         pairs = ~torch.eye(g, v, dtype=torch.bool, device=ce.device)
         loss = ce[pairs].mean()
-        with torch.no_grad():
-            entropy = -(pt * log_pt).sum(dim=-1).mean()
-            mean_pt = pt.mean(dim=(0, 1))  # [K]
-            log_q = F.log_softmax(self.center / teacher_temp, dim=-1)
-            kl = (mean_pt * (mean_pt.clamp_min(1e-30).log() - log_q)).sum()
-            if self.training and self.centering == "center":
-                self.update_center(teacher.flatten(0, 1))
-        return {"loss": loss, "teacher_entropy": entropy, "student_kl": loss.detach() - entropy, "kl_to_center": kl}
+        entropy = targets.teacher_entropy
+        return {"loss": loss, "teacher_entropy": entropy, "student_kl": loss.detach() - entropy,
+                "kl_to_center": targets.kl_to_center}
 
     @torch.no_grad()
     def update_center(self, teacher_rows: torch.Tensor) -> None:

@@ -2,11 +2,12 @@
 
 The trainer never asks which method it runs. Per optimizer step it:
   1. evaluates `schedules[name](step)` for every schedule (`lr`, `wd` from the trainer, plus `method.schedules()`),
-  2. calls `out = model(batch, sched)` (the DDP-wrapped method) for each accumulation micro-batch,
-     backpropagates `out['loss']`,
-  3. calls `method.before_optimizer_step(step, sched)` (e.g. DINO cancels last-layer gradients),
-  4. clips, steps the optimizer,
-  5. calls `method.on_step_end(step, sched)` (e.g. the EMA teacher update).
+  2. calls `batches = method.prepare_step(batches, sched)` once with all accumulation micro-batches (e.g. DINO's
+     teacher targets over the whole step),
+  3. calls `out = model(batch, sched)` (the DDP-wrapped method) for each micro-batch, backpropagates `out['loss']`,
+  4. calls `method.before_optimizer_step(step, sched)` (e.g. DINO cancels last-layer gradients),
+  5. clips, steps the optimizer,
+  6. calls `method.on_step_end(step, sched)` (e.g. the EMA teacher update).
 """
 from abc import ABC, abstractmethod
 from typing import Callable
@@ -47,6 +48,11 @@ class Method(nn.Module, ABC):
                 (no_decay if name in skip else decay).append(param)
         return [dict(params=decay, weight_decay=weight_decay, wd_scale=1.0),
                 dict(params=no_decay, weight_decay=0.0, wd_scale=0.0)]
+
+    @torch.no_grad()
+    def prepare_step(self, batches: list[dict], sched: dict) -> list[dict]:
+        """Called once per optimizer step with all its micro-batches, before any forward; returns what to forward."""
+        return batches
 
     def before_optimizer_step(self, step: int, sched: dict) -> None:
         """Called after backward, before clipping and the optimizer step."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from ssl_vit.errors import SslVitError
 from ssl_vit.heads.dino_head import DINOHead
-from ssl_vit.losses.dino_loss import DINOLoss
+from ssl_vit.losses.dino_loss import DINOLoss, TeacherTargets
 from ssl_vit.methods.base import Method
 from ssl_vit.models.backbone import BackboneSpec, create_backbone
 from ssl_vit.train.schedules import cosine, linear_warmup_then_constant
@@ -39,6 +39,9 @@ class MultiCropNet(nn.Module):
             start = end
         logits = self.head(torch.cat(feats))  # [V*B, K]
         return logits.unflatten(0, (len(views), -1))  # [V, B, K]
+
+
+TARGETS = "dino_targets"  # the batch entry `prepare_step` adds
 
 
 def _sched(sched: dict, name: str) -> float:
@@ -93,14 +96,30 @@ class DINO(Method):
                                         start=self.warmup_teacher_temp, end=self.teacher_temp),
                 "freeze_last_layer": partial(_before, frozen_steps)}
 
+    def prepare_step(self, batches: list[dict], sched: dict) -> list[dict]:
+        """The teacher's targets for all micro-batches of the step at once: with `optim.accum_steps` > 1 the centre
+        (or Sinkhorn-Knopp) and the teacher head's BatchNorm then see the step's whole batch, as one large batch
+        would, and the centre moves once per optimizer step."""
+        for batch in batches:
+            self._check_views(batch["views"])
+        targets = self._teacher_targets([batch["views"] for batch in batches], _sched(sched, "teacher_temp"))
+        return [{**batch, TARGETS: t} for batch, t in zip(batches, targets)]
+
     def forward(self, batch: dict, sched: dict) -> dict:
         views = batch["views"]
         self._check_views(views)
-        student = self.student(views)  # [V, B, K]
-        with torch.no_grad():
-            teacher = self.teacher(views[:self.num_global])  # [G, B, K]
-        out = self.loss(student, teacher, _sched(sched, "teacher_temp"))
+        targets = batch[TARGETS] if TARGETS in batch else \
+            self._teacher_targets([views], _sched(sched, "teacher_temp"))[0]
+        out = self.loss.student_loss(self.student(views), targets)  # student logits [V, B, K]
         return {**out, "teacher_temp": _sched(sched, "teacher_temp"), "momentum": _sched(sched, "momentum")}
+
+    @torch.no_grad()
+    def _teacher_targets(self, views_per_batch: list, teacher_temp: float) -> list[TeacherTargets]:
+        """One teacher pass over the global views of every micro-batch → targets per micro-batch."""
+        sizes = [views[0].shape[0] for views in views_per_batch]
+        global_views = [torch.cat([views[g] for views in views_per_batch]) for g in range(self.num_global)]
+        teacher = self.teacher(global_views)  # [G, ΣB, K]
+        return self.loss.teacher_targets(teacher, teacher_temp).split(sizes)
 
     def _check_views(self, views) -> None:
         if not isinstance(views, (list, tuple)) or len(views) < max(2, self.num_global):

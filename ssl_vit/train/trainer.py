@@ -126,6 +126,8 @@ class Trainer:
         """One optimizer step over `accum_steps` micro-batches; returns (logs, finite)."""
         accum = self.recipe.optim.accum_steps
         totals: dict[str, float] = {}
+        with self.acc.autocast():
+            batches = self.method.prepare_step(batches, sched)
         for i, batch in enumerate(batches):
             batch.update(step=self.step, seed=self.recipe.seed)
             sync = contextlib.nullcontext() if i == accum - 1 else self.acc.no_sync(self.model)
