@@ -92,12 +92,11 @@ def load_mae_method(run_dir: Path) -> nn.Module:
 
 
 def eval_batch(images: list[Image.Image], img_size: int):
-    """Images → (normalised batch [B, 3, S, S], the view spec that undoes it), with the evaluation transform."""
-    from ssl_vit.transforms import MultiViewTransform, eval_views
+    """Images → normalised batch [B, 3, S, S], with the evaluation transform."""
+    from ssl_vit.transforms import MultiViewTransform, eval_views, normalize
 
-    specs = eval_views(img_size, resize=img_size)
-    transform = MultiViewTransform(specs)
-    return torch.stack([transform(img)[0] for img in images]), specs[0]  # [B, 3, S, S]
+    transform = MultiViewTransform(eval_views(img_size, resize=img_size))
+    return normalize(torch.stack([transform(img)[0] for img in images]))  # [B, 3, S, S]
 
 
 @torch.no_grad()
@@ -108,8 +107,8 @@ def dino_panels(run_dir: Path, images: list[Image.Image]) -> tuple[torch.Tensor,
     from ssl_vit.transforms import denormalize
 
     model, meta = load_eval_backbone(run_dir)
-    batch, spec = eval_batch(images, int(meta["img_size"]))
-    return denormalize(batch, spec).permute(0, 2, 3, 1), attention_maps(model, batch)
+    batch = eval_batch(images, int(meta["img_size"]))
+    return denormalize(batch).permute(0, 2, 3, 1), attention_maps(model, batch)
 
 
 @torch.no_grad()
@@ -119,9 +118,9 @@ def mae_panels(run_dir: Path, images: list[Image.Image]) -> tuple[torch.Tensor, 
     from ssl_vit.transforms import denormalize
 
     method = load_mae_method(run_dir)
-    batch, spec = eval_batch(images, method.img_size[0])
+    batch = eval_batch(images, method.img_size[0])
     pred, mask = method.reconstruct(batch)  # [B, 3, S, S] each; mask 1 on removed patches
-    visible = denormalize(batch, spec) * (1 - mask)
+    visible = denormalize(batch) * (1 - mask)
     masked = visible + 0.5 * mask
-    recon = visible + denormalize(pred, spec) * mask
+    recon = visible + denormalize(pred) * mask
     return masked.permute(0, 2, 3, 1), recon.permute(0, 2, 3, 1), float(mask.mean())

@@ -1,5 +1,6 @@
 """Augmentation views: preset shapes on real CIFAR images, determinism from torch's RNG alone, DINO per-view
-pipelines, validation messages, and the evaluation crop against a hand-written PIL reference."""
+settings, validation messages, and the evaluation crop against a hand-written PIL reference. (Distributions against
+the torchvision pipelines and the device path: test_view_paths.py.)"""
 import io
 import pickle
 import random
@@ -14,8 +15,8 @@ from PIL import Image, ImageOps
 
 from ssl_vit.config import load_recipe
 from ssl_vit.errors import SslVitError
-from ssl_vit.transforms import (MultiViewTransform, TorchSeededRandAugment, ViewSpec, build_view_transform,
-                                denormalize, dino_views, eval_views, mae_views, seed_all_view_rngs, supervised_views,
+from ssl_vit.transforms import (MultiViewTransform, TorchSeededRandAugment, ViewSpec, denormalize, dino_views,
+                                eval_views, mae_views, normalize, seed_all_view_rngs, supervised_views,
                                 views_from_recipe)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,10 +70,7 @@ def test_presets_give_the_views_their_recipes_ask_for(specs, sizes, image):
     views = views_of(specs, image, 0)
     assert mv.num_views == len(views) == len(sizes) and mv.sizes == sizes
     assert [tuple(v.shape) for v in views] == [(3, s, s) for s in sizes]
-    assert all(type(v) is torch.Tensor and v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
-    # normalised with ImageNet mean/std: every value lies within the range [0, 1] maps to
-    lo, hi = torch.tensor(-MEAN / STD).view(3, 1, 1).float(), torch.tensor((1 - MEAN) / STD).view(3, 1, 1).float()
-    assert all(((v >= lo - 1e-5) & (v <= hi + 1e-5)).all() for v in views)
+    assert all(type(v) is torch.Tensor and v.dtype == torch.uint8 for v in views)  # normalised once per batch
 
 
 def test_cifar_sizes_come_from_the_shipped_recipe_and_overrides(image):
@@ -139,35 +137,16 @@ def test_multiview_transform_pickles_for_dataloader_workers(image):
     assert all(torch.equal(x, y) for x, y in zip(a, clone(image)))
 
 
-# -- DINO pipeline contents ---------------------------------------------------------------------------------------
-def find(steps, kind):
-    """(probability, op) of the first op of `kind`, bare or inside a RandomApply; None when absent."""
-    for step in steps.transforms:
-        if isinstance(step, T.RandomApply) and isinstance(step.transforms[0], kind):
-            return step.p, step.transforms[0]
-        if isinstance(step, kind):
-            return getattr(step, "p", 1.0), step
-    return None
-
-
+# -- DINO per-view settings ---------------------------------------------------------------------------------------
 def test_dino_views_carry_the_papers_per_view_augmentations():
-    steps = [t.steps for t in MultiViewTransform(dino_views(224, 96, 10)).transforms]
-    assert len(steps) == 12
-    assert [find(s, T.GaussianBlur)[0] for s in steps] == [1.0, 0.1] + [0.5] * 10
-    assert [(find(s, T.RandomSolarize) or (0.0,))[0] for s in steps] == [0.0, 0.2] + [0.0] * 10
-    assert [find(s, T.GaussianBlur)[1].kernel_size for s in steps] == [(23, 23)] * 2 + [(9, 9)] * 10
-    assert all(find(s, T.GaussianBlur)[1].sigma == [0.1, 2.0] for s in steps)
-    assert find(steps[1], T.RandomSolarize)[1].threshold == pytest.approx(128 / 255)
-    for s, size, scale in zip(steps, [224, 224, 96], [(0.4, 1.0), (0.4, 1.0), (0.05, 0.4)]):
-        p, jitter = find(s, T.ColorJitter)
-        assert p == 0.8 and (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == \
-            ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
-        assert find(s, T.RandomGrayscale)[0] == 0.2 and find(s, T.RandomHorizontalFlip)[0] == 0.5
-        rrc = find(s, T.RandomResizedCrop)[1]
-        assert rrc.size == (size, size) and rrc.scale == scale
-        assert rrc.interpolation == T.InterpolationMode.BICUBIC
-    assert [find(t.steps, T.GaussianBlur)[1].kernel_size for t in
-            MultiViewTransform(dino_views(32, 16, 1)).transforms] == [(3, 3)] * 3
+    specs = [s for s in dino_views(224, 96, 10) for _ in range(s.count)]
+    assert len(specs) == 12
+    assert [s.blur for s in specs] == [1.0, 0.1] + [0.5] * 10 and [s.solarize for s in specs] == [0.0, 0.2] + [0.0] * 10
+    assert [s.blur_kernel for s in specs] == [23] * 2 + [9] * 10
+    for s, size, scale in zip(specs, [224, 224, 96], [(0.4, 1.0), (0.4, 1.0), (0.05, 0.4)]):
+        assert (s.color_jitter, s.jitter_strength, s.grayscale, s.flip) == (0.8, (0.4, 0.4, 0.2, 0.1), 0.2, 0.5)
+        assert (s.size, s.scale, s.interpolation) == (size, scale, "bicubic")
+    assert [s.blur_kernel for s in dino_views(32, 16, 1)] == [3] * 3
 
 
 def test_mae_and_supervised_presets():
@@ -175,9 +154,8 @@ def test_mae_and_supervised_presets():
     assert (mae.scale, mae.flip, mae.interpolation, mae.color_jitter, mae.blur) == ((0.2, 1.0), 0.5, "bicubic", 0, 0)
     (sup,) = supervised_views(224, "rand-m9-mstd0.5-inc1")
     assert (sup.scale, sup.flip, sup.randaugment) == ((0.08, 1.0), 0.5, "rand-m9-mstd0.5-inc1")
-    steps = build_view_transform(sup).steps
-    assert find(steps, TorchSeededRandAugment) is not None
-    assert find(build_view_transform(mae).steps, TorchSeededRandAugment) is None
+    assert isinstance(MultiViewTransform([sup]).randaugments[0], TorchSeededRandAugment)
+    assert MultiViewTransform([mae]).randaugments == [None]
 
 
 # -- single-op references -----------------------------------------------------------------------------------------
@@ -186,27 +164,31 @@ def fixed(**kw) -> ViewSpec:
     return ViewSpec(32, crop="center", resize=32, flip=0.0, **kw)
 
 
+def view(spec: ViewSpec, image) -> torch.Tensor:
+    return MultiViewTransform([spec])(image)[0]
+
+
 def test_solarize_and_grayscale_match_pil(image):
-    solar = build_view_transform(fixed(solarize=1.0))(image)
-    assert torch.allclose(solar, reference_normalize(np.array(ImageOps.solarize(image, 128))), atol=1e-5)
-    gray = build_view_transform(fixed(grayscale=1.0))(image)
-    assert torch.allclose(gray, reference_normalize(np.array(image.convert("L").convert("RGB"))), atol=1e-5)
+    assert np.array_equal(view(fixed(solarize=1.0), image).permute(1, 2, 0).numpy(),
+                          np.array(ImageOps.solarize(image, 128)))
+    assert np.array_equal(view(fixed(grayscale=1.0), image).permute(1, 2, 0).numpy(),
+                          np.array(image.convert("L").convert("RGB")))
 
 
 def test_blur_smooths_and_jitter_changes_colours(images):
     def roughness(t):
+        t = t.float()
         return (t[:, :, 1:] - t[:, :, :-1]).abs().mean() + (t[:, 1:] - t[:, :-1]).abs().mean()
 
-    plain, blurred, jitter = (build_view_transform(fixed(**kw)) for kw in ({}, {"blur": 1.0}, {"color_jitter": 1.0}))
     torch.manual_seed(0)
     for img in images:
-        assert roughness(blurred(img)) < roughness(plain(img))
-        assert not torch.allclose(jitter(img), plain(img))
+        assert roughness(view(fixed(blur=1.0), img)) < roughness(view(fixed(), img))
+        assert not torch.equal(view(fixed(color_jitter=1.0), img), view(fixed(), img))
 
 
-def test_float_conversion_and_normalisation_match_torchvision(image):
+def test_normalisation_matches_torchvision(image):
     reference = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(MEAN), list(STD))])
-    assert torch.allclose(build_view_transform(fixed())(image), reference(image), atol=1e-6)
+    assert torch.allclose(normalize(view(fixed(), image)), reference(image), atol=1e-6)
 
 
 # -- evaluation transform -----------------------------------------------------------------------------------------
@@ -219,24 +201,24 @@ def test_eval_view_resizes_shorter_side_and_centre_crops():
     a = transform(img)[0]
     torch.manual_seed(1)
     b = transform(img)[0]
-    assert torch.equal(a, b) and torch.allclose(a, expected, atol=1e-5)
+    assert torch.equal(a, b) and torch.allclose(normalize(a), expected, atol=1e-5)
 
 
 def test_eval_default_resize_ratio_and_identity_at_cifar_size(image):
     assert eval_views(224)[0].resize_to == 256 and eval_views(32)[0].resize_to == 37
-    view = MultiViewTransform(eval_views(32, resize=32))(image)[0]
+    view = normalize(MultiViewTransform(eval_views(32, resize=32))(image)[0])
     assert torch.allclose(view, reference_normalize(np.array(image)), atol=1e-5)
-    assert torch.allclose(denormalize(view, eval_views(32)[0]), torch.from_numpy(np.array(image)).permute(2, 0, 1)
-                          .float() / 255, atol=1e-5)
+    assert torch.allclose(denormalize(view), torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255,
+                          atol=1e-5)
     batch = torch.stack([view, view])  # [2, 3, 32, 32]
-    assert denormalize(batch, eval_views(32)[0]).shape == batch.shape
+    assert denormalize(batch).shape == batch.shape
 
 
 # -- recipes and validation ---------------------------------------------------------------------------------------
 def test_explicit_list_equals_the_preset(image):
     jitter = {"color_jitter": 0.8, "jitter_strength": [0.4, 0.4, 0.2, 0.1], "grayscale": 0.2, "flip": 0.5}
-    explicit = [{"size": 32, "scale": [0.4, 1], "blur": 1, **jitter},
-                {"size": 32, "scale": [0.4, 1], "blur": 0.1, "solarize": 0.2, **jitter},
+    explicit = [{"size": 32, "scale": [0.4, 1], "blur": 1, "global_view": True, **jitter},
+                {"size": 32, "scale": [0.4, 1], "blur": 0.1, "solarize": 0.2, "global_view": True, **jitter},
                 {"size": 16, "count": 4, "scale": [0.05, 0.4], "blur": 0.5, **jitter}]
     preset = views_from_recipe({"preset": "dino", "global_size": 32, "local_size": 16, "num_local": 4})
     assert views_from_recipe(explicit) == preset == dino_views(32, 16, 4)
@@ -274,8 +256,7 @@ def test_explicit_list_equals_the_preset(image):
     ([{"size": 32, "jitter_strength": [0.4, 0.4, 0.2, 0.9]}], "views[0].jitter_strength: need brightness"),
     ([{"size": 32, "crop": "random"}], "views[0].crop: must be one of rrc, center, got 'random'"),
     ([{"size": 32, "crop": "center", "resize": 20}], "views[0].resize: must be 0"),
-    ([{"size": 32, "std": [0.2, 0.0, 0.2]}], "views[0].std: every channel must be > 0"),
-    ([{"size": 32, "mean": [0.5, 0.5]}], "views[0].mean: expected a list of 3 numbers"),
+    ([{"size": 32, "mean": [0.5, 0.5, 0.5]}], "unknown view key 'views[0].mean'"),
     ([{"size": 32, "interpolation": "lanczos"}], "views[0].interpolation: must be one of"),
     ([{"size": 1, "blur": 0.5}], "views[0].blur: a blurred view needs size >= 2"),
 ])
@@ -293,9 +274,9 @@ def test_direct_construction_is_validated_and_normalised():
 
 
 def test_bad_images_and_tensors_fail_clearly(image):
-    transform = build_view_transform(mae_views(32)[0])
+    transform = MultiViewTransform(mae_views(32))
     with pytest.raises(SslVitError, match="expected a PIL image, got Tensor"):
         transform(torch.zeros(3, 32, 32))
-    assert transform(image.convert("L")).shape == (3, 32, 32)  # grayscale input becomes 3 channels
+    assert transform(image.convert("L"))[0].shape == (3, 32, 32)  # grayscale input becomes 3 channels
     with pytest.raises(SslVitError, match=r"denormalize: expected a tensor \[..., 3, H, W\]"):
-        denormalize(torch.zeros(1, 32, 32), mae_views(32)[0])
+        denormalize(torch.zeros(1, 32, 32))

@@ -6,15 +6,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_vit.data.stream import ShardStream, StreamState
+from ssl_vit.transforms.gpu_views import views_to_device
 
 log = logging.getLogger("ssl_vit.data")
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
-    non_blocking = device.type == "cuda"
+    """The batch on `device`, its uint8 views normalised there (JPEG bytes decoded there: `gpu_views`)."""
     out = dict(batch)
-    out["views"] = [v.to(device, non_blocking=non_blocking) for v in batch["views"]]
-    out["label"] = batch["label"].to(device, non_blocking=non_blocking)
+    out["views"] = views_to_device(batch["views"], device)
+    out["label"] = batch["label"].to(device, non_blocking=device.type == "cuda")
     return out
 
 

@@ -20,7 +20,7 @@ from ssl_vit.data.samples import BadSample, decode_image
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
 from ssl_vit.eval.feature_cache import replace_dir
-from ssl_vit.transforms import MultiViewTransform, eval_views
+from ssl_vit.transforms import MultiViewTransform, eval_views, normalize
 
 POOLINGS = ("cls", "avg", "cls+avg")
 EMBED_BATCH = 64
@@ -52,7 +52,8 @@ def embed_images(model: nn.Module, images: list, *, image_size: int, resize: int
     transform, out = eval_transform(image_size, resize), []
     model = model.eval()
     for start in range(0, len(images), EMBED_BATCH):
-        batch = torch.stack([transform(img)[0] for img in images[start:start + EMBED_BATCH]])  # [B, 3, H, W]
+        pixels = torch.stack([transform(img)[0] for img in images[start:start + EMBED_BATCH]])  # [B, 3, H, W]
+        batch = normalize(pixels)
         out.append(pooled_features(model, batch, pooling, last_blocks).numpy())
     return np.concatenate(out)
 

@@ -1,12 +1,9 @@
-"""One augmented view: its spec (`ViewSpec`), the transform built from it, and the multi-view wrapper.
+"""One kind of augmented view (`ViewSpec`) and the multi-view transform that draws and makes them.
 
-Every random choice comes from torch's global RNG (torchvision transforms draw from it), so a reader that seeds torch
-per sample (restoring its state afterwards) gets the same views on every run and after a resume. timm's RandAugment
-is the exception — it draws from Python's `random` and NumPy — so `TorchSeededRandAugment` reseeds both from torch
-for each call and restores them afterwards.
-
-The ops run on PIL images up to grayscale (cheapest there at 32 px), then on a float tensor in [0, 1] for blur and
-solarization (torchvision's blur on a PIL image round-trips through a tensor anyway), then normalisation.
+Every random choice comes from torch's CPU generator (drawn in `params.draw_params` before decoding, then applied by
+`cpu_views` or `gpu_views`), so a reader that seeds torch per sample (restoring its state afterwards) gets the same
+views on every run and after a resume. timm's RandAugment is the exception — it draws from Python's `random` and
+NumPy — so `TorchSeededRandAugment` reseeds both from torch for each call and restores them afterwards.
 """
 import dataclasses
 import random
@@ -17,22 +14,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as T
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
-from torchvision.transforms import InterpolationMode
 
 from ssl_vit.config import _coerce as coerce_recipe_value
 from ssl_vit.errors import SslVitError
+from ssl_vit.transforms.cpu_views import PIL_FILTERS, decode_for_views, make_views
+from ssl_vit.transforms.gpu_views import encode_views
+from ssl_vit.transforms.normalize import MEAN
+from ssl_vit.transforms.params import draw_params
 
-INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-                  "nearest": InterpolationMode.NEAREST}
 CROPS = ("rrc", "center")
 PROBABILITIES = ("flip", "color_jitter", "grayscale", "blur", "solarize")
-BLUR_SIGMA = (0.1, 2.0)
-SOLARIZE_THRESHOLD = 128  # on the 0..255 scale, as PIL's ImageOps.solarize in the DINO code
 EVAL_CROP_RATIO = 0.875
 # timm's config string: rand, then dash-separated sections m<int> n<int> p<float> mstd<float> mmax<int> inc<0|1> t<name>
 RANDAUGMENT_RE = re.compile(r"rand(-(m\d+|n\d+|p\d*\.?\d+|mstd\d*\.?\d+|mmax\d+|inc[01]|t[a-z0-9]+))*")
@@ -46,7 +40,8 @@ class ViewSpec:
     (0.2, 1) and a flip; DINO (Caron et al., 2021, Sec. 3.1 "multi-crop" and App. "data augmentation") adds colour
     jitter (p 0.8, strengths 0.4/0.4/0.2/0.1), grayscale (p 0.2), Gaussian blur and solarization per view, from BYOL
     (Grill et al., 2020, App. B, Table 6). `crop="center"` is the evaluation transform: resize the shorter side to
-    `resize` (0: size / 0.875) and centre-crop `size`.
+    `resize` (0: size / 0.875) and centre-crop `size`. `global_view` marks DINO's global views, the ones its teacher
+    sees too; they come first (sizes cannot tell them apart: a local crop may be as large as a global one).
     """
     size: int
     count: int = 1
@@ -61,9 +56,8 @@ class ViewSpec:
     randaugment: str = ""
     crop: str = "rrc"
     resize: int = 0
-    mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
-    std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
     interpolation: str = "bicubic"
+    global_view: bool = False
 
     def __post_init__(self):
         values = checked_view_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "ViewSpec")
@@ -142,10 +136,8 @@ def checked_view_values(values: dict, where: str) -> dict:
     if v["resize"] < 0 or (v["crop"] == "center" and 0 < v["resize"] < v["size"]):
         raise SslVitError(f"{where}.resize: must be 0 (size / {EVAL_CROP_RATIO}) or >= size {v['size']}, "
                           f"got {v['resize']}")
-    if min(v["std"]) <= 0:
-        raise SslVitError(f"{where}.std: every channel must be > 0, got {list(v['std'])}")
-    if v["interpolation"] not in INTERPOLATIONS:
-        raise SslVitError(f"{where}.interpolation: must be one of {', '.join(INTERPOLATIONS)}, "
+    if v["interpolation"] not in PIL_FILTERS:
+        raise SslVitError(f"{where}.interpolation: must be one of {', '.join(PIL_FILTERS)}, "
                           f"got {v['interpolation']!r}")
     if v["blur"] > 0 and v["size"] < 2:
         raise SslVitError(f"{where}.blur: a blurred view needs size >= 2, got size {v['size']}")
@@ -178,104 +170,42 @@ class TorchSeededRandAugment:
         return f"TorchSeededRandAugment({self.config!r})"
 
 
-class PILToFloat:
-    """PIL RGB image → float tensor [3, H, W] in [0, 1] (what ToImage + ToDtype do, in a third of the time)."""
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        pixels = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))  # [H, W, 3]
-        return pixels.permute(2, 0, 1).float().div_(255)  # [3, H, W]
-
-    def __repr__(self):
-        return "PILToFloat()"
-
-
-class Normalize:
-    """(x - mean) / std per channel on a float tensor [3, H, W]."""
-
-    def __init__(self, mean, std):
-        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean).div_(self.std)
-
-    def __repr__(self):
-        return f"Normalize(mean={[round(m, 4) for m in self.mean.flatten().tolist()]}, " \
-               f"std={[round(s, 4) for s in self.std.flatten().tolist()]})"
-
-
-def _pil_steps(spec: ViewSpec) -> list:
-    interp = INTERPOLATIONS[spec.interpolation]
-    if spec.crop == "center":
-        steps = [T.Resize(spec.resize_to, interpolation=interp), T.CenterCrop(spec.size)]
-    else:
-        steps = [T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, interpolation=interp)]
-    if spec.flip > 0:
-        steps.append(T.RandomHorizontalFlip(spec.flip))
-    if spec.randaugment:
-        steps.append(TorchSeededRandAugment(spec.randaugment, spec.size, spec.mean, spec.interpolation))
-    if spec.color_jitter > 0:
-        steps.append(T.RandomApply([T.ColorJitter(*spec.jitter_strength)], p=spec.color_jitter))
-    if spec.grayscale > 0:
-        steps.append(T.RandomGrayscale(spec.grayscale))
-    return steps
-
-
-def _tensor_steps(spec: ViewSpec) -> list:
-    steps = [PILToFloat()]
-    if spec.blur > 0:
-        steps.append(T.RandomApply([T.GaussianBlur(spec.blur_kernel, sigma=BLUR_SIGMA)], p=spec.blur))
-    if spec.solarize > 0:
-        steps.append(T.RandomSolarize(SOLARIZE_THRESHOLD / 255, p=spec.solarize))
-    steps.append(Normalize(spec.mean, spec.std))
-    return steps
-
-
-class ViewTransform:
-    """PIL image → one normalised view [3, size, size] drawn as `spec` says; `.steps` lists the ops in order."""
-
-    def __init__(self, spec: ViewSpec):
-        self.spec = spec
-        self.steps = T.Compose(_pil_steps(spec) + _tensor_steps(spec))
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        if not isinstance(img, Image.Image):
-            raise SslVitError(f"view transform: expected a PIL image, got {type(img).__name__}")
-        return self.steps(img if img.mode == "RGB" else img.convert("RGB"))  # [3, size, size]
-
-    def __repr__(self):
-        return f"ViewTransform({self.steps})"
-
-
-def build_view_transform(spec: ViewSpec) -> ViewTransform:
-    return ViewTransform(spec)
-
-
 class MultiViewTransform:
-    """Views of one image, in spec order, each spec repeated `count` times (DINO's multi-crop, Caron et al., 2021,
-    Sec. 3.1: 2 global views then the local ones)."""
+    """Views of one image as uint8 [3, S, S] tensors, in spec order, each spec repeated `count` times (DINO's
+    multi-crop, Caron et al., 2021, Sec. 3.1: 2 global views then the local ones).
 
-    def __init__(self, specs: list[ViewSpec]):
+    The image may be lazily opened (`ssl_vit.data.samples.open_image`: header read, pixels not decoded): the views'
+    choices are drawn first, then the JPEG is decoded at the smallest scale they allow (see cpu_views). With
+    `decode="gpu"` a lazily opened JPEG is not decoded here at all: the result is its bytes and the drawn choices
+    (`gpu_views.EncodedViews`), decoded and augmented a batch at a time on the device. An unreadable image raises
+    BadSample naming the sample.
+    """
+
+    def __init__(self, specs: list[ViewSpec], decode: str = "cpu"):
         if not specs:
             raise SslVitError("views: need at least one view spec")
-        self.specs = list(specs)
-        self.transforms = [t for s in self.specs for t in [build_view_transform(s)] * s.count]
+        if decode not in ("cpu", "gpu"):
+            raise SslVitError(f"view transform decode must be cpu or gpu (resolve auto first), got {decode!r}")
+        self.specs, self.decode = list(specs), decode
+        self.randaugments = [TorchSeededRandAugment(s.randaugment, s.size, MEAN, s.interpolation) if s.randaugment
+                             else None for s in self.specs]
         self.sizes = [s.size for s in self.specs for _ in range(s.count)]
 
     @property
     def num_views(self) -> int:
-        return len(self.transforms)
+        return len(self.sizes)
 
-    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
-        return [t(img) for t in self.transforms]
-
-
-def denormalize(t: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
-    """Undo a view's normalisation for plotting: [..., 3, H, W] → same shape, clamped to [0, 1]."""
-    if t.dim() < 3 or t.shape[-3] != 3:
-        raise SslVitError(f"denormalize: expected a tensor [..., 3, H, W], got shape {list(t.shape)}")
-    mean = torch.tensor(spec.mean, dtype=t.dtype, device=t.device).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=t.dtype, device=t.device).view(3, 1, 1)
-    return (t * std + mean).clamp(0, 1)
+    def __call__(self, image: Image.Image):
+        if not isinstance(image, Image.Image):
+            raise SslVitError(f"view transform: expected a PIL image, got {type(image).__name__}")
+        rows = [draw_params(spec, spec.count, *image.size) for spec in self.specs]
+        if self.decode == "gpu":
+            encoded = encode_views(image, rows)
+            if encoded is not None:
+                return encoded
+        decoded, scale = decode_for_views(image, self.specs, rows)
+        return [view for spec, r, ra in zip(self.specs, rows, self.randaugments)
+                for view in make_views(decoded, scale, spec, r, ra)]
 
 
 def seed_all_view_rngs(seed: int) -> None:

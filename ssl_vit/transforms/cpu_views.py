@@ -1,0 +1,100 @@
+"""The CPU path: one image → uint8 views, decoding no more pixels than the views need.
+
+The boxes are drawn from the image header (`params.draw_params`), then the JPEG is decoded once at the largest DCT
+scale (1/2, 1/4, 1/8: PIL's `draft`, libjpeg-turbo's scaled IDCT) that still leaves every box at least as many pixels
+as its view has, and each box is resampled straight from that image (PIL `resize(box=...)`: crop and resize in one
+pass, no crop copy). The ops after the crop are the PIL calls torchvision makes on PIL images (ImageEnhance for
+brightness, contrast and saturation, an HSV shift for hue, "L" for grayscale) without torchvision's
+per-call dispatch, then the blur and solarize of `color` on the uint8 view. Views stay uint8 [3, S, S]; normalisation
+happens once per batch (`normalize.normalize_views`). The device path runs the same arithmetic as tensor ops
+(`color.augment`); here PIL's C loops are 2-3x faster than torch's CPU kernels on one image's views.
+
+Decoding at 1/2 where every box keeps ≥ 2× its view's side makes those views 0.6-2.3 % less sharp (mean horizontal
+gradient, scikit-image photographs, boxes 2-3× the view) than resampling the full decode; at ~500×375 px it rarely
+applies (a 224-px view needs a ≥ 448-px box). Making DINO's local crops from a further-reduced copy (Image.reduce)
+would save ~6 % of DINO's time but loses 3-4 % sharpness, so it is not done.
+
+An evaluation view (`crop="center"`) is decoded at full size and made exactly as torchvision's Resize + CenterCrop
+make it, so features match those computed before this path existed.
+"""
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageEnhance
+
+from ssl_vit.data.samples import SAMPLE_INFO, BadSample
+from ssl_vit.transforms import params as P
+from ssl_vit.transforms.color import SOLARIZE_THRESHOLD, gaussian_blur
+
+PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def decode_for_views(image: Image.Image, specs: list, rows: list[np.ndarray]) -> tuple[Image.Image, int]:
+    """(the decoded RGB image, its DCT scale s): pixel (i, j) of it covers source pixels [s·i, s·i + s).
+    An image that does not decode raises BadSample naming its sample."""
+    scale = 1
+    if all(spec.crop != "center" for spec in specs):
+        boxes = np.concatenate(rows)[:, [P.X, P.Y, P.W, P.H]]
+        sizes = np.concatenate([[spec.size] * len(r) for spec, r in zip(specs, rows)])
+        wanted, full_width = P.draft_scale(boxes, sizes), image.width
+        drafted = image.draft("RGB", (image.width // wanted, image.height // wanted)) if wanted > 1 else None
+        if drafted is not None:  # a JPEG not decoded yet
+            scale = round(full_width / drafted[1][2])
+    try:
+        image.load()
+        return (image if image.mode == "RGB" else image.convert("RGB")), scale
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise BadSample(f"corrupt image in {image.info.get(SAMPLE_INFO, 'an image')}: {e}") from None
+
+
+def make_views(image: Image.Image, scale: int, spec, rows: np.ndarray, randaugment=None) -> list[torch.Tensor]:
+    """The uint8 views [3, S, S] of `spec` from `image` (decoded at DCT scale 1/`scale`), one per row of choices."""
+    return [view_pixels(image, scale, spec, row, randaugment) for row in rows]
+
+
+def view_pixels(image: Image.Image, scale: int, spec, row: np.ndarray, randaugment=None) -> torch.Tensor:
+    if spec.crop == "center":
+        interpolation = TF.InterpolationMode(spec.interpolation)
+        view = TF.center_crop(TF.resize(image, [spec.resize_to], interpolation=interpolation), [spec.size])
+    else:
+        x, y, w, h = row[[P.X, P.Y, P.W, P.H]] / scale
+        view = image.resize((spec.size, spec.size), PIL_FILTERS[spec.interpolation], box=(x, y, x + w, y + h))
+    if row[P.FLIP]:
+        view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    if randaugment is not None:
+        view = randaugment(view)
+    if row[P.JITTER]:
+        view = color_jitter(view, row)
+    if row[P.GRAY]:
+        view = view.convert("L").convert("RGB")
+    pixels = torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
+    if row[P.BLUR]:
+        blurred = gaussian_blur(pixels.unsqueeze(0).float(), torch.from_numpy(row[P.SIGMA:P.SIGMA + 1]),
+                                spec.blur_kernel)
+        pixels = blurred[0].round_().clamp_(0, 255).to(torch.uint8)
+    if row[P.SOLARIZE]:
+        pixels = torch.where(pixels >= SOLARIZE_THRESHOLD, 255 - pixels, pixels)
+    return pixels
+
+
+def color_jitter(view: Image.Image, row: np.ndarray) -> Image.Image:
+    """torchvision's ColorJitter on a PIL image, with the drawn order and factors."""
+    for op in row[P.ORDER:P.ORDER + 4].astype(int):
+        factor = float(row[P.BRIGHTNESS + op])
+        if op == 0:
+            view = ImageEnhance.Brightness(view).enhance(factor)
+        elif op == 1:
+            view = ImageEnhance.Contrast(view).enhance(factor)
+        elif op == 2:
+            view = ImageEnhance.Color(view).enhance(factor)
+        else:
+            view = shift_hue(view, factor)
+    return view
+
+
+def shift_hue(view: Image.Image, factor: float) -> Image.Image:
+    """torchvision's `adjust_hue` for PIL images: rotate the 8-bit HSV hue by `factor` of a turn."""
+    h, s, v = view.convert("HSV").split()
+    hue = np.array(h, dtype=np.uint8)
+    hue += np.int32(factor * 255).astype(np.uint8)  # wraps around, as it should
+    return Image.merge("HSV", (Image.fromarray(hue, "L"), s, v)).convert("RGB")
