@@ -60,7 +60,7 @@ def test_eval_labels_and_images_match_source(test_shards, bundled_test):
     from PIL import Image
 
     source = read_tar_images(bundled_test)
-    stream = ShardStream(str(test_shards), lambda im: [T.PILToTensor()(im)], 50, mode="eval")
+    stream = ShardStream(str(test_shards), lambda im: [T.PILToTensor()(im).float()], 50, mode="eval")
     urls = expand_source(str(test_shards)).urls
     meta = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False)}
     checked = 0
