@@ -422,7 +422,7 @@ def test_loss_falls_without_collapse_on_real_images(bundled_train):
 
 
 # -- gradient accumulation ----------------------------------------------------------------------------------------
-def accum_trainer(shards, out, accum: int, centering: str):
+def accum_trainer(shards, out, accum: int, centering: str, extra=()):
     from ssl_vit.config import load_recipe
     from ssl_vit.train.trainer import Trainer
 
@@ -431,7 +431,7 @@ def accum_trainer(shards, out, accum: int, centering: str):
         f"data.train={shards}", f"train.out_dir={out}", "train.steps=10", "train.epochs=0", "data.batch_size=8",
         f"optim.accum_steps={accum}", "model.depth=2", "model.embed_dim=64", "model.num_heads=2", f"dino.out_dim={K}",
         f"dino.hidden_dim={HIDDEN}", f"dino.bottleneck_dim={BOTTLENECK}", "dino.use_bn_in_head=false",
-        f"dino.centering={centering}", "train.progress=false", "data.num_workers=0"]))
+        f"dino.centering={centering}", "train.progress=false", "data.num_workers=0", *extra]))
 
 
 @pytest.mark.parametrize("centering", ["center", "sinkhorn_knopp"])
@@ -468,3 +468,32 @@ def test_prepare_step_targets_cover_the_whole_step():
     split = halves.prepare_step([{"views": [v[:4] for v in views]}, {"views": [v[4:] for v in views]}], sched)
     joined = whole.prepare_step([{"views": views}], sched)[0]["dino_targets"].probs
     torch.testing.assert_close(torch.cat([b["dino_targets"].probs for b in split], dim=1), joined)
+
+
+# -- which views are global ---------------------------------------------------------------------------------------
+def test_global_views_are_marked_not_guessed_from_sizes():
+    from ssl_vit.transforms.presets import dino_views, global_view_count, views_from_recipe
+
+    assert global_view_count(dino_views(32, 32, 3)) == 2  # local crops as large as the global ones stay local
+    assert global_view_count(dino_views(32, 16, 0)) == 2
+    unmarked = views_from_recipe([{"size": 32, "count": 2}, {"size": 16, "count": 2}])
+    assert global_view_count(unmarked) == 0
+    with pytest.raises(SslVitError, match="num_global_views: DINO needs ≥ 1 global view"):
+        tiny_dino(num_global=global_view_count(unmarked))
+    local_first = views_from_recipe([{"size": 16}, {"size": 32, "count": 2, "global_view": True}])
+    with pytest.raises(SslVitError, match=r"views\[1\]: a global view .* must come before every local view"):
+        global_view_count(local_first)
+    two_sizes = views_from_recipe([{"size": 32, "global_view": True}, {"size": 24, "global_view": True}])
+    with pytest.raises(SslVitError, match="must share one size, got"):
+        global_view_count(two_sizes)
+
+
+def test_trainer_gives_the_teacher_the_global_views_only(train_shards, tmp_path):
+    trainer = accum_trainer(train_shards, tmp_path, 1, "center", ["views.local_size=32"])
+    assert trainer.method.num_global == 2
+    batch = {"views": [torch.randn(2, 3, 32, 32) for _ in range(4)]}  # 2 global + 2 local views, all 32 px
+    seen = []
+    handle = trainer.method.teacher.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    trainer._train_step([batch], trainer._apply_schedules())
+    handle.remove()
+    assert seen == [2]

@@ -115,3 +115,21 @@ def test_two_process_accelerate_launch_sees_disjoint_data(train_shards, tmp_path
     assert [len(k) for k in keys] == [6 * 16, 6 * 16]  # 16 per process per step
     assert not set(keys[0]) & set(keys[1])
     assert len(set(keys[0])) == len(keys[0])
+
+
+@pytest.mark.slow
+def test_each_process_draws_its_own_drop_path_masks_from_the_same_weights(train_shards, tmp_path):
+    out = tmp_path / "draws.json"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "tests" / "rank_draws.py"), str(out), recipe_for("mae"), f"data.train={train_shards}",
+           f"train.out_dir={tmp_path / 'run'}", "train.steps=1", "train.epochs=0", "data.batch_size=32",
+           "model.drop_path_rate=0.5", *TINY, *METHOD_ARGS["mae"]]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    draws = json.loads(out.read_text())
+    assert draws["world_size"] == 2
+    assert draws["checksums"][0] == draws["checksums"][1]
+    first, second = draws["features"]
+    assert first != second

@@ -158,7 +158,8 @@ def _before(limit: int, step: int) -> float:
 
 
 def _validate(num_global, teacher_temp, warmup_teacher_temp, warmup_epochs, momentum, freeze_epochs) -> None:
-    checks = [(num_global >= 1, "num_global_views", f"DINO needs ≥ 1 global view, got {num_global}"),
+    checks = [(num_global >= 1, "num_global_views", f"DINO needs ≥ 1 global view (views marked global_view: true, as the "
+              f"dino preset marks them), got {num_global}"),
               (teacher_temp > 0, "dino.teacher_temp", f"must be positive, got {teacher_temp}"),
               (warmup_teacher_temp > 0, "dino.warmup_teacher_temp", f"must be positive, got {warmup_teacher_temp}"),
               (warmup_epochs >= 0, "dino.warmup_teacher_temp_epochs", f"must be ≥ 0, got {warmup_epochs}"),

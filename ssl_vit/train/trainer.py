@@ -27,6 +27,7 @@ from ssl_vit.train.checkpoint import code_version, find_checkpoint, read_checkpo
 from ssl_vit.train.run_log import RunLog
 from ssl_vit.train.schedules import cosine
 from ssl_vit.transforms import MultiViewTransform, views_from_recipe
+from ssl_vit.transforms.presets import global_view_count
 
 
 def resolve_precision(value: str) -> str:
@@ -59,10 +60,10 @@ class Trainer:
             raise SslVitError("train.epochs needs shard sample counts (train from an index.json) — or set train.steps")
         self.total_steps = r.train.steps or math.ceil(r.train.epochs * self.spe)
         self.spe = self.spe or self.total_steps
-        largest = max(s.size for s in specs)
-        num_global = sum(s.count for s in specs if s.size == largest)
         num_classes = r.data.num_classes or len(self.classes)
-        method = build_method(r, num_classes=num_classes, num_global_views=num_global)
+        method = build_method(r, num_classes=num_classes, num_global_views=global_view_count(specs))
+        # Every process starts from the same weights, then draws its own drop-path masks and the like.
+        set_seed(r.seed + self.acc.process_index)
         if self.acc.num_processes > 1 and self.acc.device.type == "cuda":
             # BatchNorm (DINO's optional head BN) normalises over the global batch, as the reference does; torch's
             # SyncBatchNorm runs on GPUs only, so CPU processes keep per-process statistics.

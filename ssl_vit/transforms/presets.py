@@ -21,10 +21,10 @@ def mae_views(size: int = 224) -> list[ViewSpec]:
 def dino_views(global_size: int = 224, local_size: int = 96, num_local: int = 10,
                global_scale: tuple[float, float] = (0.4, 1.0),
                local_scale: tuple[float, float] = (0.05, 0.4), blur: bool = True) -> list[ViewSpec]:
-    """DINO multi-crop (Caron et al., 2021, Sec. 3.1; official `DataAugmentationDINO`): global view 1 always blurred,
-    global view 2 blurred with p 0.1 and solarized with p 0.2, `num_local` local views blurred with p 0.5; all with
-    flip, colour jitter p 0.8 (0.4, 0.4, 0.2, 0.1) and grayscale p 0.2. `blur=False` drops the Gaussian blur, as
-    CIFAR-scale recipes do: at 32 px the blur kernel is 3 px wide."""
+    """DINO multi-crop (Caron et al., 2021, Sec. 3.1; official `DataAugmentationDINO`): two global views (marked
+    `global_view`), the first always blurred, the second blurred with p 0.1 and solarized with p 0.2; `num_local`
+    local views blurred with p 0.5; all with flip, colour jitter p 0.8 (0.4, 0.4, 0.2, 0.1) and grayscale p 0.2.
+    `blur=False` drops the Gaussian blur, as CIFAR-scale recipes do: at 32 px the blur kernel is 3 px wide."""
     check_size(global_size, "views.global_size")
     check_size(local_size, "views.local_size")
     if local_size > global_size:
@@ -37,8 +37,8 @@ def dino_views(global_size: int = 224, local_size: int = 96, num_local: int = 10
     def blur_p(p: float) -> float:
         return p if blur else 0.0
 
-    views = [ViewSpec(global_size, scale=global_scale, blur=blur_p(1.0), **DINO_JITTER),
-             ViewSpec(global_size, scale=global_scale, blur=blur_p(0.1), solarize=0.2, **DINO_JITTER)]
+    views = [ViewSpec(global_size, scale=global_scale, blur=blur_p(1.0), global_view=True, **DINO_JITTER),
+             ViewSpec(global_size, scale=global_scale, blur=blur_p(0.1), solarize=0.2, global_view=True, **DINO_JITTER)]
     if num_local:
         views.append(ViewSpec(local_size, count=num_local, scale=local_scale, blur=blur_p(0.5), **DINO_JITTER))
     return views
@@ -91,3 +91,16 @@ def views_from_recipe(value) -> list[ViewSpec]:
                 for i, v in enumerate(value)]
     raise SslVitError(f"views: expected a preset name ({', '.join(PRESETS)}), {{preset: name, ...}} or a non-empty "
                       f"list of view mappings, got {value!r}")
+
+
+def global_view_count(specs: list[ViewSpec]) -> int:
+    """How many views are global (`global_view`, counted with `count`): the first ones, all of one size."""
+    flags = [spec.global_view for spec in specs]
+    first = flags.index(False) if False in flags else len(flags)
+    if any(flags[first:]):
+        raise SslVitError(f"views[{flags.index(True, first)}]: a global view (global_view: true) must come before "
+                          f"every local view")
+    sizes = sorted({spec.size for spec in specs[:first]})
+    if len(sizes) > 1:
+        raise SslVitError(f"views: the global views (global_view: true) must share one size, got {sizes}")
+    return sum(spec.count for spec in specs[:first])
