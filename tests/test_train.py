@@ -133,3 +133,31 @@ def test_each_process_draws_its_own_drop_path_masks_from_the_same_weights(train_
     assert draws["checksums"][0] == draws["checksums"][1]
     first, second = draws["features"]
     assert first != second
+
+
+def test_resume_is_a_flag_and_the_checkpoint_folder_its_own_option(train_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = pretrain_args("mae", train_shards, out, 2, ["data.batch_size=16"])
+    assert main(first) == 0
+    rest = [a for a in first[3:] if not a.startswith("train.steps=")]
+    # What follows --resume is an override, as in `ssl-vit pretrain --recipe r.yaml --resume train.epochs=2`.
+    assert main([*first[:3], "--resume", "train.steps=3", *rest]) == 0
+    assert f"resumed from {out / 'checkpoints' / 'ckpt-00000002'} at step 2" in capsys.readouterr().out
+    assert main([*first[:3], "--resume-from", str(out / "checkpoints" / "ckpt-00000002"), "train.steps=4", *rest]) == 0
+    assert f"resumed from {out / 'checkpoints' / 'ckpt-00000002'} at step 2" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    assert [row["step"] for row in read_log(out / "log.jsonl")] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit):
+        main([*first, "--resume", "--resume-from", str(out)])
+
+
+@pytest.mark.parametrize("verb", ["pretrain", "finetune"])
+def test_resume_options_parse_the_same_in_both_training_verbs(verb):
+    from ssl_vit.cli import build_parser
+
+    parse = build_parser().parse_args
+    args = parse([verb, "--recipe", "r.yaml", "--resume", "train.epochs=2"])
+    assert (args.resume, args.overrides) == ("auto", ["train.epochs=2"])
+    args = parse([verb, "--recipe", "r.yaml", "--resume-from", "runs/x/checkpoints/ckpt-00000010", "train.epochs=2"])
+    assert (args.resume, args.overrides) == ("runs/x/checkpoints/ckpt-00000010", ["train.epochs=2"])
+    assert parse([verb, "--recipe", "r.yaml"]).resume is None

@@ -1,6 +1,8 @@
 """`ssl-vit finetune`: end-to-end fine-tuning of a pretrained backbone, then top-1/top-5 on evaluation shards."""
 import json
 
+from ssl_vit.commands.train import add_resume_options
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -14,8 +16,7 @@ def register(subparsers) -> None:
     p.add_argument("--init", help="pretrained backbone: backbone.safetensors, a run folder or a checkpoint folder "
                                   "(shorthand for model.init=...)")
     p.add_argument("--eval-shards", help="evaluation shards (shorthand for data.eval=...)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the latest checkpoint in train.out_dir (or from the given checkpoint folder)")
+    add_resume_options(p)
     p.add_argument("--out-dir", help="shorthand for train.out_dir=...")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

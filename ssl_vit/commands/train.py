@@ -9,10 +9,19 @@ def register(subparsers) -> None:
                     "accelerate launch -m ssl_vit.train --recipe recipes/<name>.yaml [key=value ...]")
     p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.base_lr=1e-3")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the latest checkpoint in train.out_dir (or from the given checkpoint folder)")
+    add_resume_options(p)
     p.add_argument("--out-dir", help="shorthand for train.out_dir=...")
     p.set_defaults(func=run)
+
+
+def add_resume_options(p) -> None:
+    """`--resume` (a flag: the latest checkpoint in train.out_dir) or `--resume-from CHECKPOINT`; both set
+    `args.resume`, the value of train.resume."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_const", const="auto",
+                       help="continue from the latest checkpoint in train.out_dir (if there is one)")
+    group.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT",
+                       help="continue from this checkpoint folder (<out_dir>/checkpoints/ckpt-<step>)")
 
 
 def run(args) -> int:
