@@ -103,6 +103,7 @@ class TrainConfig:
     progress: bool = True
     on_nonfinite: str = "stop"       # stop | skip (roll back this batch's update and count it)
     audit_keys: bool = False         # write the sample keys each process trained on to <out_dir>/audit/
+    log_with: list = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers: wandb, mlflow, ...
 
 
 @dataclass

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ssl_vit.cli import main
 from ssl_vit.train.run_log import read_log
@@ -161,3 +162,22 @@ def test_resume_options_parse_the_same_in_both_training_verbs(verb):
     args = parse([verb, "--recipe", "r.yaml", "--resume-from", "runs/x/checkpoints/ckpt-00000010", "train.epochs=2"])
     assert (args.resume, args.overrides) == ("runs/x/checkpoints/ckpt-00000010", ["train.epochs=2"])
     assert parse([verb, "--recipe", "r.yaml"]).resume is None
+
+
+def test_run_records_its_recipe_and_logs_through_accelerate_trackers(train_shards, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    extra = ["data.batch_size=16", "train.progress=true", "train.log_every=2"]
+    assert main(pretrain_args("supervised", train_shards, out, 4, extra)) == 0
+    # stderr is not a terminal here: a plain line per logged step instead of a progress bar
+    lines = [line.split() for line in capsys.readouterr().err.splitlines() if " step " in line]
+    assert [words[:4] for words in lines] == [["supervised", "pretrain", "step", "2/4"],
+                                              ["supervised", "pretrain", "step", "4/4"]]
+    assert yaml.safe_load((out / "recipe.yaml").read_text()) == json.loads((out / "recipe.json").read_text())
+    events = EventAccumulator(str(out / "tensorboard" / "ssl_vit"))
+    events.Reload()
+    logged = {row["step"]: row["loss"] for row in read_log(out / "log.jsonl")}
+    assert {s.step: pytest.approx(s.value) for s in events.Scalars("train/loss")} == logged
+    assert main(pretrain_args("supervised", train_shards, out, 4, ["train.log_with=[tensorbord]"])) == 2
+    assert "train.log_with: unknown tracker 'tensorbord'" in capsys.readouterr().err

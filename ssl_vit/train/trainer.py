@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm import tqdm
 
 from ssl_vit.atomic_io import write_json_atomic
 from ssl_vit.config import Recipe, check_world
@@ -24,7 +23,7 @@ from ssl_vit.data.stream import ShardStream, steps_per_epoch
 from ssl_vit.errors import SslVitError
 from ssl_vit.methods import backbone_spec, build_method
 from ssl_vit.train.checkpoint import code_version, find_checkpoint, read_checkpoint_meta, save_checkpoint
-from ssl_vit.train.run_log import RunLog
+from ssl_vit.train.run_log import RunLog, tracking_options
 from ssl_vit.train.schedules import cosine
 from ssl_vit.transforms import MultiViewTransform, views_from_recipe
 from ssl_vit.transforms.presets import global_view_count
@@ -48,7 +47,8 @@ def trainer_schedules(recipe: Recipe, total_steps: int, spe: int, lr_scale_batch
 class Trainer:
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = r = recipe
-        self.acc = accelerator or Accelerator(mixed_precision=resolve_precision(r.train.mixed_precision))
+        self.acc = accelerator or Accelerator(mixed_precision=resolve_precision(r.train.mixed_precision),
+                                              **tracking_options(r.train.log_with, r.train.out_dir))
         set_seed(r.seed)
         self.out_dir = Path(r.train.out_dir)
         self.micro_batch = check_world(r, self.acc.num_processes)
@@ -166,13 +166,11 @@ class Trainer:
     def fit(self) -> dict:
         r, acc = self.recipe, self.acc
         self.loader = StreamLoader(self.stream, r.data.num_workers, device=acc.device)
-        log = RunLog(self.out_dir, enabled=acc.is_main_process)
         if acc.is_main_process:
             truncate_log(self.out_dir / "log.jsonl", self.step)
-            write_json_atomic(self.out_dir / "recipe.json", r.to_dict())
+        log = RunLog(acc, self.out_dir, r.to_dict(), self.total_steps, self.step, r.train.progress,
+                     desc=f"{r.method} pretrain")
         accum, last_ckpt = r.optim.accum_steps, None
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (acc.is_main_process and r.train.progress),
-                   desc=f"{r.method} pretrain", unit="step", dynamic_ncols=True)
         data_iter = iter(self.loader)
         audit = self._open_audit() if r.train.audit_keys else None
         try:
@@ -191,8 +189,7 @@ class Trainer:
                 self.images_seen += r.data.batch_size
                 self.train_seconds += dt
                 ips = r.data.batch_size / dt
-                bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{ips:.0f}")
+                log.step(logs["loss"], ips)
                 if self.step % r.train.log_every == 0 or self.step == self.total_steps:
                     loss = acc.reduce(torch.tensor(logs["loss"], device=acc.device), reduction="mean").item()
                     seen, skipped = self.loader.skip_counts()
@@ -202,7 +199,6 @@ class Trainer:
                 if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
                     last_ckpt = self.save()
         finally:
-            bar.close()
             log.close()
             if audit is not None:
                 audit.close()
