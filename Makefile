@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision are pinned here (the machine's local builds); pyproject keeps ranges.
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# FAISS: the cpu extra here; a GPU machine installs '.[gpu,dev]' instead (README).
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

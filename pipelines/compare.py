@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipelines.compare_config import CompareConfig
+from ssl_vit.pipelines.compare_config import CompareConfig
 from ssl_vit.atomic_io import write_json_atomic
 from ssl_vit.errors import SslVitError
 
@@ -137,7 +137,7 @@ def finetune(cfg: CompareConfig, model_dir: Path, indexes: dict, out: Path) -> N
 
 
 def run_compare(cfg: CompareConfig) -> dict:
-    from pipelines.report import write_report
+    from ssl_vit.pipelines.report import write_report
 
     torch.manual_seed(0)
     out = Path(cfg.out_dir)

@@ -271,7 +271,7 @@ def _panel(run_dir: Path | None, label: str, build):
 def attention_png(models: dict, test_index: str, path: Path, n_images: int = 4) -> None:
     """Per test image (`pick_queries` order): the image, the DINO teacher's last-block CLS→patch attention (mean
     over heads) overlaid, and the MAE input with its masked patches and the reconstruction."""
-    from pipelines.attention import dino_panels, mae_panels
+    from ssl_vit.pipelines.attention import dino_panels, mae_panels
 
     if n_images < 1:
         raise SslVitError(f"attention figure: n_images must be >= 1, got {n_images}")

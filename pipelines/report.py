@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from pipelines.compare_config import CompareConfig
+from ssl_vit.pipelines.compare_config import CompareConfig
 
 COLUMNS = [("model", "model"), ("method", "method"), ("backbone", "backbone"), ("images_seen", "images seen"),
            ("train_seconds", "wall time (s)"), ("images_per_s", "images/s"), ("knn_top1", "k-NN top-1 (k=20)"),
@@ -51,7 +51,7 @@ def backbone_name(cfg: CompareConfig) -> str:
 
 
 def write_report(cfg: CompareConfig, out: Path, models: dict, indexes: dict) -> dict:
-    from pipelines import figures
+    from ssl_vit.pipelines import figures
 
     backbone = backbone_name(cfg)
     rows = [model_row(name, model_dir, _read(out / "eval" / f"{name}.json"), backbone,

@@ -10,8 +10,8 @@ import torch
 from conftest import BUNDLED, ROOT
 from PIL import Image
 
-from pipelines import figures
-from pipelines.attention import last_block_cls_attention, load_mae_method, mae_panels
+from ssl_vit.pipelines import figures
+from ssl_vit.pipelines.attention import last_block_cls_attention, load_mae_method, mae_panels
 from ssl_vit.errors import SslVitError
 
 TINY = ["train.steps=2", "train.epochs=0", "train.log_every=1", "model.depth=2", "model.embed_dim=64",

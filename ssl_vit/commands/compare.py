@@ -13,9 +13,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pipelines.compare import run_compare
-    from pipelines.compare_config import load_compare_recipe
-    from pipelines.report import markdown_table
+    from ssl_vit.pipelines.compare import run_compare
+    from ssl_vit.pipelines.compare_config import load_compare_recipe
+    from ssl_vit.pipelines.report import markdown_table
 
     cfg = load_compare_recipe(args.recipe, args.overrides)
     report = run_compare(cfg)
