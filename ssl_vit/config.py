@@ -16,6 +16,7 @@ from ssl_vit.errors import SslVitError
 
 METHODS = ("mae", "dino", "supervised")
 DINO_CENTERINGS = ("center", "sinkhorn_knopp")
+DECODE_MODES = ("cpu", "gpu", "auto")
 
 
 @dataclass
@@ -26,6 +27,7 @@ class DataConfig:
     shuffle_buffer: int = 1000       # samples each reader shuffles at a time (its memory: this many raw samples)
     samples_per_epoch: int = 0       # 0: from the shards' index; set it for shards without one (epoch-based keys)
     max_skip_fraction: float = 0.01  # stop once more than this fraction of samples is unreadable
+    decode: str = "cpu"              # cpu | gpu | auto: gpu decodes JPEG batches and augments on the CUDA device
     num_classes: int = 0             # 0: the number of classes in the shards' index.json
     eval: Any = ""                   # fine-tuning: shards the trained classifier is scored on after training
     eval_resize: int = 0             # shorter side before the centre crop at evaluation (0: img_size / 0.875)
@@ -104,6 +106,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"       # stop | skip (roll back this batch's update and count it)
     audit_keys: bool = False         # write the sample keys each process trained on to <out_dir>/audit/
     log_with: list = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers: wandb, mlflow, ...
+    threads: int = 0                 # intra-op threads per process; 0: cores left after data.num_workers
 
 
 @dataclass
@@ -235,6 +238,9 @@ def validate(r: Recipe) -> None:
     _check(r.data.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be ≥ 1 sample, got {r.data.shuffle_buffer}")
     _check(r.data.samples_per_epoch >= 0, "data.samples_per_epoch", "must be ≥ 0")
     _check(0.0 <= r.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
+    _check(r.data.decode in DECODE_MODES, "data.decode", f"must be one of {', '.join(DECODE_MODES)}, "
+           f"got {r.data.decode!r}")
+    _check(r.train.threads >= 0, "train.threads", "must be ≥ 0 (0: the cores left after the loader's workers)")
     _check(r.optim.accum_steps >= 1, "optim.accum_steps", "must be ≥ 1")
     _check(r.data.batch_size % r.optim.accum_steps == 0, "data.batch_size",
            f"{r.data.batch_size} is not divisible by optim.accum_steps={r.optim.accum_steps}")

@@ -1,11 +1,11 @@
 """FAISS plumbing shared by k-NN and retrieval: thread counts, GPU detection, normalisation, chunked search."""
 import contextlib
-import os
 
 import faiss
 import numpy as np
 
 from ssl_vit.errors import SslVitError
+from ssl_vit.threads import available_cores
 
 # Rows normalised and added (or searched) per FAISS call: bounds the float32 copies we make of user arrays.
 ADD_CHUNK = 65536
@@ -13,12 +13,13 @@ SEARCH_CHUNK = 16384
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit
 
 
-def default_threads() -> int:
-    """The cores this process may run on (the affinity mask, which `os.cpu_count()` ignores)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+def torch_device(device=None):
+    """`device`, or the accelerator when there is one (CUDA), else the CPU: where evaluation's torch work runs."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @contextlib.contextmanager
@@ -26,7 +27,7 @@ def thread_limit(num_threads=None):
     """Set FAISS's OpenMP pool and torch's intra-op pool (a separate pool) to `num_threads`; restore on exit."""
     import torch
 
-    n = int(num_threads or default_threads())
+    n = int(num_threads or available_cores())
     if n < 1:
         raise SslVitError(f"threads must be >= 1, got {num_threads}")
     old_faiss, old_torch = faiss.omp_get_max_threads(), torch.get_num_threads()

@@ -19,6 +19,7 @@ from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.samples import BadSample, decode_image
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
+from ssl_vit.threads import use_threads
 from ssl_vit.eval.feature_cache import replace_dir
 from ssl_vit.transforms import MultiViewTransform, eval_views, normalize
 
@@ -84,6 +85,7 @@ def extract_features(backbone: nn.Module, source, out_dir, *, accelerator=None, 
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator()
+    use_threads(num_workers)
     out_dir = Path(out_dir)
     parts_dir = out_dir.with_name(out_dir.name + ".parts")
     if acc.is_main_process:

@@ -21,11 +21,12 @@ VOTE_ELEMENTS = 1 << 22  # rows x classes of one dense vote block (32 MiB in flo
 
 def knn_classify(train_feats, train_labels, test_feats, test_labels, ks=DEFAULT_KS, temperature=0.07,
                  num_classes=None, chunk_size=faiss_utils.SEARCH_CHUNK, num_threads=None, use_gpu=None,
-                 return_predictions=False) -> dict:
+                 return_predictions=False, vote_device=None) -> dict:
     """Top-1/top-5 accuracy (%) of the exp(sim/T)-weighted k-NN vote for each k in `ks`.
 
     Ties in the vote go to the smaller class index (for top-1 and for the top-5 cut alike). `num_threads`
     (default: this machine's cores) sets FAISS's OpenMP pool and torch's own pool for the duration of the call.
+    Votes are counted on `vote_device` (default: the accelerator when there is one; the same counts anywhere).
     Returns {"k": {"10": {"top1", "top5"}, ...}, "num_train", "num_test", "dim", "num_classes", "temperature",
     "seconds": {"index", "search", "vote", "total"}, "device", "threads"} and, with `return_predictions`,
     "predictions": {"10": int64 [Nq], ...}.
@@ -44,7 +45,8 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, ks=DEFAULT_
         t0 = time.perf_counter()
         index = faiss_utils.flat_ip_index(train_feats, device)
         seconds = {"index": time.perf_counter() - t0, "search": 0.0, "vote": 0.0}
-        bank_labels = torch.from_numpy(train_labels.astype(np.int64))
+        vote_device = faiss_utils.torch_device(vote_device)
+        bank_labels = torch.from_numpy(train_labels.astype(np.int64)).to(vote_device)
         votes = _Votes(ks, num_classes, len(test_feats), return_predictions)
         chunks = faiss_utils.iter_search(index, test_feats, ks[-1], chunk_size)
         while True:
@@ -55,8 +57,9 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, ks=DEFAULT_
                 break
             t0 = time.perf_counter()
             start, sims, ids = chunk
-            truth = torch.from_numpy(test_labels[start:start + len(ids)].astype(np.int64))
-            votes.add(start, torch.from_numpy(sims), bank_labels[torch.from_numpy(ids)], truth, temperature)
+            truth = torch.from_numpy(test_labels[start:start + len(ids)].astype(np.int64)).to(vote_device)
+            sims, ids = torch.from_numpy(sims).to(vote_device), torch.from_numpy(ids).to(vote_device)
+            votes.add(start, sims, bank_labels[ids], truth, temperature)
             seconds["vote"] += time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
 
@@ -98,7 +101,7 @@ class _Votes:
             self.top1[i] += int((rank == 0).sum())
             self.top5[i] += int((rank < 5).sum())
             if self.predictions is not None:
-                self.predictions[i][start:start + len(truth)] = votes.argmax(1).numpy()  # first max: lowest class
+                self.predictions[i][start:start + len(truth)] = votes.argmax(1).cpu().numpy()  # first max: lowest
 
 
 def _rank_of_truth(votes, truth):
@@ -113,7 +116,7 @@ def _rank_of_truth(votes, truth):
     rows = exact.nonzero()[:, 0]
     if len(rows):
         sub, sub_own = votes[rows], own[rows]  # [r, C], [r, 1]
-        lower = torch.arange(votes.shape[1])[None, :] < truth[rows, None]
+        lower = torch.arange(votes.shape[1], device=votes.device)[None, :] < truth[rows, None]
         rank[rows] = ((sub > sub_own) | ((sub == sub_own) & lower)).sum(1).clamp_(max=5)
     return rank.clamp_(max=5)
 

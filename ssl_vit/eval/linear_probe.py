@@ -26,29 +26,31 @@ DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
 def linear_probe(train: FeatureSet, test: FeatureSet, lrs=DEFAULT_LRS, epochs=100, batch_size=256,
-                 val_fraction=0.1, seed=0, weight_decay=0.0, num_threads=None) -> dict:
+                 val_fraction=0.1, seed=0, weight_decay=0.0, num_threads=None, device=None) -> dict:
     """Train the grid on `train`, choose by validation top-1, report the chosen head's test top-1/top-5 (%).
 
     With meta pooling "cls+avg" (features = [cls ‖ avg]) the grid also spans the cls, avg and cls+avg slices.
     Returns {"best_lr", "best_pooling", "val_top1", "test_top1", "test_top5", "grid": {lr: val_top1} (full
     features), "pooling_grid": {pooling: {lr: val_top1}}, "epochs", "optimizer", "num_train", "num_val", ...}.
+    The grid trains on `device` (default: the accelerator when there is one), the training features held there.
     """
     t_start = time.perf_counter()
     lrs = _check_args(train, test, lrs, epochs, batch_size, val_fraction)
     slices = pooling_slices(train.meta, train.dim)
     num_classes = int(train.labels.max()) + 1
+    device = faiss_utils.torch_device(device)
     with faiss_utils.thread_limit(num_threads):
         fit_idx, val_idx = stratified_split(train.labels, val_fraction, seed)
         choice = _select(train, fit_idx, val_idx, lrs, slices, num_classes,
-                         dict(epochs=epochs, batch_size=batch_size, seed=seed, weight_decay=weight_decay))
-        test_top1, test_top5 = _evaluate(choice["head"], test, num_classes)
+                         dict(epochs=epochs, batch_size=batch_size, seed=seed, weight_decay=weight_decay), device)
+        test_top1, test_top5 = _evaluate(choice["head"], test, num_classes, device)
     full = next(reversed(slices))
     return {"best_lr": choice["lr"], "best_pooling": choice["pooling"], "val_top1": choice["val_top1"],
             "test_top1": test_top1, "test_top5": test_top5, "grid": choice["grid"][full],
             "pooling_grid": choice["grid"], "epochs": epochs, "batch_size": batch_size,
             "weight_decay": weight_decay, "optimizer": "sgd(momentum=0.9), cosine lr",
             "num_train": len(fit_idx), "num_val": len(val_idx), "num_test": len(test),
-            "num_classes": num_classes, "seed": seed, "seconds": time.perf_counter() - t_start}
+            "num_classes": num_classes, "seed": seed, "device": device.type, "seconds": time.perf_counter() - t_start}
 
 
 def pooling_slices(meta: dict, dim: int) -> dict:
@@ -119,18 +121,18 @@ def cosine_factor(step: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
 
-def _select(train: FeatureSet, fit_idx, val_idx, lrs, slices, num_classes, opts) -> dict:
+def _select(train: FeatureSet, fit_idx, val_idx, lrs, slices, num_classes, opts, device) -> dict:
     """Train every head on `fit_idx` rows, score on `val_idx` rows, return the best by validation top-1."""
-    x = torch.from_numpy(np.asarray(train.features[fit_idx], dtype=np.float32))
-    y = torch.from_numpy(np.asarray(train.labels[fit_idx], dtype=np.int64))
+    x = torch.from_numpy(np.asarray(train.features[fit_idx], dtype=np.float32)).to(device)
+    y = torch.from_numpy(np.asarray(train.labels[fit_idx], dtype=np.int64)).to(device)
     if len(x) < 2:
         raise SslVitError(f"linear probe needs at least 2 training samples after the validation split, got {len(x)}")
     generator = torch.Generator().manual_seed(opts["seed"])
-    grid = ProbeGrid(slices, lrs, num_classes, generator)
+    grid = ProbeGrid(slices, lrs, num_classes, generator).to(device)
     _train(grid, x, y, opts, generator)
 
-    xv = torch.from_numpy(np.asarray(train.features[val_idx], dtype=np.float32))
-    yv = torch.from_numpy(np.asarray(train.labels[val_idx], dtype=np.int64))
+    xv = torch.from_numpy(np.asarray(train.features[val_idx], dtype=np.float32)).to(device)
+    yv = torch.from_numpy(np.asarray(train.labels[val_idx], dtype=np.int64)).to(device)
     correct, loss = {}, {}
     grid.eval()
     with torch.no_grad():
@@ -157,7 +159,7 @@ def _train(grid: ProbeGrid, x, y, opts, generator) -> None:
     grid.train()
     step = 0
     for _ in range(opts["epochs"]):
-        order = torch.randperm(len(x), generator=generator)
+        order = torch.randperm(len(x), generator=generator).to(x.device)  # the CPU generator: same order anywhere
         for start in range(0, len(x), batch_size):
             rows = order[start:start + batch_size]
             if len(rows) < 2:  # BatchNorm needs two samples for batch statistics
@@ -173,7 +175,7 @@ def _train(grid: ProbeGrid, x, y, opts, generator) -> None:
             step += 1
 
 
-def _evaluate(head, test: FeatureSet, num_classes: int):
+def _evaluate(head, test: FeatureSet, num_classes: int, device):
     """Test top-1/top-5 (%) of the chosen (slice, BatchNorm + linear) head; the only place test labels are read."""
     columns, module = head
     labels = np.asarray(test.labels, dtype=np.int64)
@@ -184,8 +186,8 @@ def _evaluate(head, test: FeatureSet, num_classes: int):
     top1 = top5 = 0
     with torch.no_grad():
         for start in range(0, len(test), 4096):
-            x = torch.from_numpy(np.array(test.features[start:start + 4096], dtype=np.float32))
-            y = torch.from_numpy(labels[start:start + 4096])
+            x = torch.from_numpy(np.array(test.features[start:start + 4096], dtype=np.float32)).to(device)
+            y = torch.from_numpy(labels[start:start + 4096]).to(device)
             logits = module(x[:, columns])  # [b, C]
             top = logits.topk(min(5, num_classes), dim=1).indices  # [b, 5]
             top1 += int((top[:, 0] == y).sum())

@@ -25,7 +25,8 @@ from ssl_vit.methods import backbone_spec, build_method
 from ssl_vit.train.checkpoint import code_version, find_checkpoint, read_checkpoint_meta, save_checkpoint
 from ssl_vit.train.run_log import RunLog, tracking_options
 from ssl_vit.train.schedules import cosine
-from ssl_vit.transforms import MultiViewTransform, views_from_recipe
+from ssl_vit.threads import use_threads
+from ssl_vit.transforms import MultiViewTransform, resolve_decode, views_from_recipe
 from ssl_vit.transforms.presets import global_view_count
 
 
@@ -50,6 +51,7 @@ class Trainer:
         self.acc = accelerator or Accelerator(mixed_precision=resolve_precision(r.train.mixed_precision),
                                               **tracking_options(r.train.log_with, r.train.out_dir))
         set_seed(r.seed)
+        self.threads = use_threads(r.data.num_workers, r.train.threads)  # the cores the loader's workers leave
         self.out_dir = Path(r.train.out_dir)
         self.micro_batch = check_world(r, self.acc.num_processes)
         specs = views_from_recipe(r.views)
@@ -74,7 +76,8 @@ class Trainer:
         self.method = self.acc.unwrap_model(self.model)
         self.schedules = {**trainer_schedules(r, self.total_steps, self.spe, r.data.batch_size),
                           **self.method.schedules(self.total_steps, self.spe)}
-        self.stream = ShardStream(shards, MultiViewTransform(specs), self.micro_batch, mode="train", seed=r.seed,
+        transform = MultiViewTransform(specs, resolve_decode(r.data.decode, self.acc.device, specs))
+        self.stream = ShardStream(shards, transform, self.micro_batch, mode="train", seed=r.seed,
                                   group_size=r.data.group_size, rank=self.acc.process_index,
                                   world_size=self.acc.num_processes, max_skip_fraction=r.data.max_skip_fraction,
                                   num_workers=r.data.num_workers)
@@ -195,7 +198,8 @@ class Trainer:
                     seen, skipped = self.loader.skip_counts()
                     log.write(self.step, {**logs, "loss": loss, **{k: v for k, v in sched.items()},
                                           "images_per_s": ips, "data_wait_frac": t_data / dt,
-                                          "epoch": self.step / self.spe, "skipped_samples": skipped})
+                                          "epoch": self.step / self.spe, "skipped_samples": skipped,
+                                          "threads": self.threads["threads"]})
                 if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
                     last_ckpt = self.save()
         finally:

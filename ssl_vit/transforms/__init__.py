@@ -1,8 +1,9 @@
 """Augmentation views: specs, the transform built from them (CPU and device paths), normalisation, presets."""
 from ssl_vit.transforms.normalize import MEAN, STD, denormalize, normalize
 from ssl_vit.transforms.presets import PRESETS, dino_views, eval_views, mae_views, supervised_views, views_from_recipe
+from ssl_vit.transforms.gpu_views import resolve_decode
 from ssl_vit.transforms.views import MultiViewTransform, TorchSeededRandAugment, ViewSpec, seed_all_view_rngs
 
 __all__ = ["MEAN", "PRESETS", "STD", "MultiViewTransform", "TorchSeededRandAugment", "ViewSpec", "denormalize",
-           "dino_views", "eval_views", "mae_views", "normalize", "seed_all_view_rngs", "supervised_views",
-           "views_from_recipe"]
+           "dino_views", "eval_views", "mae_views", "normalize", "resolve_decode", "seed_all_view_rngs",
+           "supervised_views", "views_from_recipe"]

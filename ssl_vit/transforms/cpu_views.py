@@ -48,11 +48,25 @@ def decode_for_views(image: Image.Image, specs: list, rows: list[np.ndarray]) ->
 
 
 def make_views(image: Image.Image, scale: int, spec, rows: np.ndarray, randaugment=None) -> list[torch.Tensor]:
-    """The uint8 views [3, S, S] of `spec` from `image` (decoded at DCT scale 1/`scale`), one per row of choices."""
-    return [view_pixels(image, scale, spec, row, randaugment) for row in rows]
+    """The uint8 views [3, S, S] of `spec` from `image` (decoded at DCT scale 1/`scale`), one per row of choices;
+    blur and solarize run once on the stack of those views."""
+    crops = np.stack([np.asarray(pil_view(image, scale, spec, row, randaugment)) for row in rows])
+    views = torch.from_numpy(crops).permute(0, 3, 1, 2)  # [n, 3, S, S], a fresh array: written in place below
+    blurred = np.flatnonzero(rows[:, P.BLUR])
+    if len(blurred):
+        sigma = torch.from_numpy(rows[blurred, P.SIGMA])
+        views[blurred] = gaussian_blur(views[blurred].float(), sigma, spec.blur_kernel).round_().clamp_(0, 255).to(
+            torch.uint8)
+    solarized = np.flatnonzero(rows[:, P.SOLARIZE])
+    if len(solarized):
+        chosen = views[solarized]
+        views[solarized] = torch.where(chosen >= SOLARIZE_THRESHOLD, 255 - chosen, chosen)
+    return list(views)
 
 
-def view_pixels(image: Image.Image, scale: int, spec, row: np.ndarray, randaugment=None) -> torch.Tensor:
+def pil_view(image: Image.Image, scale: int, spec, row: np.ndarray, randaugment=None) -> Image.Image:
+    """The box resampled to the view size (or the evaluation resize + centre crop), flipped, RandAugment-ed,
+    colour-jittered and grayscaled, as PIL images."""
     if spec.crop == "center":
         interpolation = TF.InterpolationMode(spec.interpolation)
         view = TF.center_crop(TF.resize(image, [spec.resize_to], interpolation=interpolation), [spec.size])
@@ -67,14 +81,7 @@ def view_pixels(image: Image.Image, scale: int, spec, row: np.ndarray, randaugme
         view = color_jitter(view, row)
     if row[P.GRAY]:
         view = view.convert("L").convert("RGB")
-    pixels = torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
-    if row[P.BLUR]:
-        blurred = gaussian_blur(pixels.unsqueeze(0).float(), torch.from_numpy(row[P.SIGMA:P.SIGMA + 1]),
-                                spec.blur_kernel)
-        pixels = blurred[0].round_().clamp_(0, 255).to(torch.uint8)
-    if row[P.SOLARIZE]:
-        pixels = torch.where(pixels >= SOLARIZE_THRESHOLD, 255 - pixels, pixels)
-    return pixels
+    return view
 
 
 def color_jitter(view: Image.Image, row: np.ndarray) -> Image.Image:
@@ -82,11 +89,11 @@ def color_jitter(view: Image.Image, row: np.ndarray) -> Image.Image:
     for op in row[P.ORDER:P.ORDER + 4].astype(int):
         factor = float(row[P.BRIGHTNESS + op])
         if op == 0:
-            view = ImageEnhance.Brightness(view).enhance(factor)
+            view = Image.blend(Image.new("RGB", view.size), view, factor)  # ImageEnhance.Brightness
         elif op == 1:
             view = ImageEnhance.Contrast(view).enhance(factor)
         elif op == 2:
-            view = ImageEnhance.Color(view).enhance(factor)
+            view = Image.blend(view.convert("L").convert("RGB"), view, factor)  # ImageEnhance.Color
         else:
             view = shift_hue(view, factor)
     return view
@@ -94,7 +101,6 @@ def color_jitter(view: Image.Image, row: np.ndarray) -> Image.Image:
 
 def shift_hue(view: Image.Image, factor: float) -> Image.Image:
     """torchvision's `adjust_hue` for PIL images: rotate the 8-bit HSV hue by `factor` of a turn."""
-    h, s, v = view.convert("HSV").split()
-    hue = np.array(h, dtype=np.uint8)
-    hue += np.int32(factor * 255).astype(np.uint8)  # wraps around, as it should
-    return Image.merge("HSV", (Image.fromarray(hue, "L"), s, v)).convert("RGB")
+    hsv = np.array(view.convert("HSV"))
+    hsv[..., 0] += np.int32(factor * 255).astype(np.uint8)  # wraps around, as it should
+    return Image.fromarray(hsv, "HSV").convert("RGB")

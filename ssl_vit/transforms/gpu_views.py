@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ssl_vit.config import DECODE_MODES
 from ssl_vit.errors import SslVitError
 from ssl_vit.transforms import params as P
 from ssl_vit.transforms.color import augment, needs_augment
@@ -27,7 +28,6 @@ from ssl_vit.transforms.normalize import normalize
 
 log = logging.getLogger("ssl_vit.data")
 
-DECODE_MODES = ("cpu", "gpu", "auto")
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
 END_OF_IMAGE = b"\xff\xd9"
 CHUNK = 64  # images whose resampling weights are computed together (bounds their memory)
