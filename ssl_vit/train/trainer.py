@@ -23,6 +23,7 @@ from ssl_vit.data.stream import ShardStream, steps_per_epoch
 from ssl_vit.errors import SslVitError
 from ssl_vit.methods import backbone_spec, build_method
 from ssl_vit.train.checkpoint import code_version, find_checkpoint, read_checkpoint_meta, save_checkpoint
+from ssl_vit.train.preemption import PreemptionWatch
 from ssl_vit.train.run_log import RunLog, tracking_options
 from ssl_vit.train.schedules import cosine
 from ssl_vit.threads import use_threads
@@ -167,6 +168,11 @@ class Trainer:
         return open(folder / f"rank{self.acc.process_index}.jsonl", "a")
 
     def fit(self) -> dict:
+        """Train to the end and export; on SIGTERM/SIGUSR1, checkpoint and raise `Preempted` (train/preemption.py)."""
+        with PreemptionWatch(self.acc) as preempt:
+            return self._fit(preempt)
+
+    def _fit(self, preempt: PreemptionWatch) -> dict:
         r, acc = self.recipe, self.acc
         self.loader = StreamLoader(self.stream, r.data.num_workers, device=acc.device)
         if acc.is_main_process:
@@ -180,7 +186,8 @@ class Trainer:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 sched = self._apply_schedules()
-                batches = [next(data_iter) for _ in range(accum)]
+                with preempt.workers_deaf():
+                    batches = [next(data_iter) for _ in range(accum)]
                 t_data = time.perf_counter() - t0
                 if audit is not None:
                     audit.write(json.dumps({"step": self.step, "keys": [k for b in batches for k in b["key"]]}) + "\n")
@@ -202,12 +209,16 @@ class Trainer:
                                           "threads": self.threads["threads"]})
                 if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
                     last_ckpt = self.save()
+                if self.step < self.total_steps and preempt.stop_agreed():
+                    break
         finally:
             log.close()
             if audit is not None:
                 audit.close()
         if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:08d}"):
-            self.save()
+            last_ckpt = self.save()
+        if self.step < self.total_steps:
+            raise preempt.stopped(self.step, last_ckpt)
         return self.finish()
 
     def finish(self) -> dict:
