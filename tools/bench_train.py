@@ -6,7 +6,7 @@ same in-memory batch and precision, measured in the same run, alternating rounds
 For the supervised baseline the plain loop uses a bare `timm.create_model` + cross-entropy, independent of our code.
 Target ≥ 0.95.
 
-    python tools/bench_train.py [--steps 20] [--batch 64] [--depth 6] [--size 32 --patch 4]
+    python tools/bench_train.py [--steps 20] [--batch 64] [--depth 6] [--size 32 --patch 4] [--index INDEX.json]
 """
 import argparse
 import json
@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ssl_vit.config import load_recipe  # noqa: E402
+from ssl_vit.data.loader import StreamLoader  # noqa: E402
 from ssl_vit.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +37,7 @@ def make_trainer(method: str, index: str, out: Path, args) -> Trainer:
 
 
 def batch_in_memory(trainer: Trainer) -> dict:
-    batch = next(iter(trainer.stream))
-    return {k: v for k, v in batch.items() if not k.startswith("_")}
+    return next(iter(StreamLoader(trainer.stream, device=trainer.acc.device)))
 
 
 def ours(trainer: Trainer, batch: dict, steps: int) -> float:
@@ -102,14 +102,17 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--methods", nargs="+", default=["mae", "dino", "supervised"])
+    p.add_argument("--index", help="shards to read the batch from (default: the bundled subset, written here)")
     args = p.parse_args(argv)
     from ssl_vit.data.writer import write_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_shards(str(ROOT / "data" / "cifar10_subset" / "train.tar.gz"), str(tmp / "train"), max_count=500,
-                     progress=False)
-        index = str(tmp / "train-index.json")
+        index = args.index
+        if index is None:
+            write_shards(str(ROOT / "data" / "cifar10_subset" / "train.tar.gz"), str(tmp / "train"), max_count=500,
+                         progress=False)
+            index = str(tmp / "train-index.json")
         results = {"device": "cpu", "threads": torch.get_num_threads(), "batch": args.batch, "depth": args.depth,
                    "img_size": args.size, "patch": args.patch,
                    "methods": {m: bench(m, index, tmp, args) for m in args.methods}}
