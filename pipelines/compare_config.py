@@ -6,6 +6,7 @@ import yaml
 
 from ssl_vit.config import _apply, _check, parse_override, _nest
 from ssl_vit.errors import SslVitError
+from ssl_vit.eval.linear_probe import DEFAULT_LRS
 
 
 @dataclass
@@ -27,7 +28,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     linear_probe: bool = True
     probe_epochs: int = 100
-    probe_lrs: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    probe_lrs: list = field(default_factory=lambda: list(DEFAULT_LRS))
     raw_pixels: bool = True                           # a raw-pixel k-NN row: the floor any backbone should beat
     batch_size: int = 256
     num_workers: int = 1

@@ -71,3 +71,10 @@ def test_bad_comparison_recipe_names_the_key(tmp_path, capsys):
     assert "budget.imagez" in capsys.readouterr().err
     assert main(["compare", "--recipe", RECIPE, "methods=[mae, byol]"]) == 2
     assert "byol" in capsys.readouterr().err
+
+
+def test_the_comparison_probes_the_probes_own_lr_grid():
+    from ssl_vit.eval.linear_probe import DEFAULT_LRS
+    from ssl_vit.pipelines.compare_config import load_compare_recipe
+
+    assert load_compare_recipe(RECIPE).eval.probe_lrs == list(DEFAULT_LRS)

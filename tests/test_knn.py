@@ -186,6 +186,8 @@ def test_cli_knn(tmp_path, capsys):
     assert "error: feature cache" in capsys.readouterr().err
 
 
-def test_feature_set_dim():
-    fs = FeatureSet(np.zeros((2, 5), np.float32), np.zeros(2, np.int64), ["a", "b"], {})
-    assert fs.dim == 5 and len(fs) == 2 and fs.has_all_labels()
+def test_feature_set_dim_len_and_labels():
+    fs = FeatureSet(np.zeros((3, 5), np.float32), np.array([0, 2, 1]), ["a", "b", "c"], {})
+    assert (fs.dim, len(fs)) == (5, 3) and fs.has_all_labels()
+    assert not FeatureSet(fs.features, np.array([0, -1, 1]), fs.keys, {}).has_all_labels()  # -1: no label
+    assert not FeatureSet(np.zeros((0, 5), np.float32), np.zeros(0, np.int64), [], {}).has_all_labels()

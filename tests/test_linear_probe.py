@@ -7,7 +7,7 @@ import pytest
 from ssl_vit.cli import main as cli_main
 from ssl_vit.errors import SslVitError
 from ssl_vit.eval.feature_cache import FeatureSet, save_features
-from ssl_vit.eval.linear_probe import cosine_factor, linear_probe, pooling_slices, stratified_split
+from ssl_vit.eval.linear_probe import DEFAULT_LRS, cosine_factor, linear_probe, pooling_slices, stratified_split
 
 LRS = (1e-3, 1e-2, 1e-1)
 
@@ -128,3 +128,12 @@ def test_cli_linear_probe(tmp_path, capsys):
     direct = linear_probe(train, test, lrs=(0.01, 0.1), epochs=3, batch_size=64, num_threads=1)
     assert saved["grid"] == direct["grid"] and saved["test_top1"] == direct["test_top1"]
     assert "chosen: pooling cls" in capsys.readouterr().out
+
+
+def test_cli_default_grid_is_the_probes_own(tmp_path):
+    train, test = hard_problem(3)
+    for name, fs in (("train", train), ("test", test)):
+        save_features(tmp_path / name, fs.features, fs.labels, fs.keys, {"pooling": "cls"})
+    assert cli_main(["linear-probe", "--train-features", str(tmp_path / "train"), "--test-features",
+                     str(tmp_path / "test"), "--epochs", "1", "--threads", "1", "--out", str(tmp_path / "p.json")]) == 0
+    assert list(json.loads((tmp_path / "p.json").read_text())["grid"]) == [f"{lr:g}" for lr in DEFAULT_LRS]

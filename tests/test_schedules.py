@@ -64,5 +64,19 @@ def test_bad_schedule_arguments(call):
 
 
 def test_schedules_are_pure():
-    assert cosine(7, 50, 1.0, 0.0, 3) == cosine(7, 50, 1.0, 0.0, 3)
+    """A value depends on the step alone, not on the steps asked before: a resumed run asks from the middle."""
+    from ssl_vit.config import Recipe
+    from ssl_vit.train.trainer import trainer_schedules
+
+    recipe = Recipe()
+    recipe.optim.warmup_epochs, recipe.optim.weight_decay_end = 1.0, 0.4
+    schedules = {**trainer_schedules(recipe, 50, 10, 256),
+                 "teacher_temp": lambda s: linear_warmup_then_constant(s, 30, 0.04, 0.07)}
+    steps = list(range(60))
+    shuffled = np.random.default_rng(0).permutation(steps).tolist()
+    for name, f in schedules.items():
+        in_order = [f(s) for s in steps]
+        out_of_order = dict(zip(shuffled, [f(s) for s in shuffled]))
+        assert [out_of_order[s] for s in steps] == in_order, name
+        assert len(set(in_order)) > 2, name  # a schedule that moves
     assert math.isclose(cosine(7, 50, 1.0, 0.0, 3), cosine(7.0, 50, 1.0, 0.0, 3))

@@ -69,7 +69,8 @@ def add_knn_options(p) -> None:
 
 
 def add_probe_options(p) -> None:
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
+    p.add_argument("--lrs", type=float, nargs="+",
+                   help="learning-rate grid (default: the probe's, ssl_vit.eval.linear_probe.DEFAULT_LRS)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out of the train features for selection")
@@ -145,11 +146,11 @@ def format_knn(result: dict) -> str:
 
 
 def run_linear_probe(args) -> int:
-    from ssl_vit.eval.linear_probe import linear_probe
+    from ssl_vit.eval.linear_probe import DEFAULT_LRS, linear_probe
 
     train = load_labelled_cache(args.train_features, "train", "the linear probe")
     test = load_labelled_cache(args.test_features, "test", "the linear probe")
-    result = linear_probe(train, test, lrs=args.lrs, epochs=args.epochs, batch_size=args.batch_size,
+    result = linear_probe(train, test, lrs=args.lrs or DEFAULT_LRS, epochs=args.epochs, batch_size=args.batch_size,
                           val_fraction=args.val_fraction, seed=args.seed, weight_decay=args.weight_decay,
                           num_threads=args.threads)
     print(format_probe(result))

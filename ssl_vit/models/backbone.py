@@ -2,7 +2,6 @@
 from dataclasses import asdict, dataclass, field
 
 import timm
-import torch
 from torch import nn
 
 from ssl_vit.errors import SslVitError
@@ -44,16 +43,5 @@ def create_backbone(spec: BackboneSpec, num_classes: int = 0, **extra) -> nn.Mod
     return model
 
 
-def num_patches(model: nn.Module) -> int:
-    return model.patch_embed.num_patches
-
-
 def patch_size_of(model: nn.Module) -> int:
     return model.patch_embed.patch_size[0]
-
-
-@torch.no_grad()
-def cls_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """CLS token after the final norm: the DINO k-NN feature.  # [B, D]"""
-    tokens = model.forward_features(images)  # [B, prefix + L, D]
-    return tokens[:, 0]

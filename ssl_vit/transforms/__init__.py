@@ -2,8 +2,8 @@
 from ssl_vit.transforms.normalize import MEAN, STD, denormalize, normalize
 from ssl_vit.transforms.presets import PRESETS, dino_views, eval_views, mae_views, supervised_views, views_from_recipe
 from ssl_vit.transforms.gpu_views import resolve_decode
-from ssl_vit.transforms.views import MultiViewTransform, TorchSeededRandAugment, ViewSpec, seed_all_view_rngs
+from ssl_vit.transforms.views import MultiViewTransform, TorchSeededRandAugment, ViewSpec
 
 __all__ = ["MEAN", "PRESETS", "STD", "MultiViewTransform", "TorchSeededRandAugment", "ViewSpec", "denormalize",
-           "dino_views", "eval_views", "mae_views", "normalize", "resolve_decode", "seed_all_view_rngs",
-           "supervised_views", "views_from_recipe"]
+           "dino_views", "eval_views", "mae_views", "normalize", "resolve_decode", "supervised_views",
+           "views_from_recipe"]

@@ -206,11 +206,3 @@ class MultiViewTransform:
         decoded, scale = decode_for_views(image, self.specs, rows)
         return [view for spec, r, ra in zip(self.specs, rows, self.randaugments)
                 for view in make_views(decoded, scale, spec, r, ra)]
-
-
-def seed_all_view_rngs(seed: int) -> None:
-    """Seed every RNG a view transform may touch: torch (all torchvision ops), and Python's `random` and NumPy,
-    which timm's RandAugment uses (TorchSeededRandAugment already reseeds those from torch per call)."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
