@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +36,28 @@ def test_bench_eval_reports_knn_over_faiss():
     assert_ratio(out["ratio_knn_total_over_faiss_search"])
     assert_ratio(out["ratio_knn_total_over_faiss_total"])
     assert set(out["variants"]) == {"faiss_raw", "knn", "torch_matmul_topk"}
+
+
+def test_bench_data_224_reports_ours_over_the_papers_pipelines():
+    out = run_bench("bench_data.py", "--sections", "224", "--photos", 40, "--photo-samples", 8, "--batch", 4,
+                    "--workers", 0, "--rounds", 1)
+    views = out["photos_224"]["views"]
+    assert set(views) == {"mae", "dino"} and views["dino"]["sizes"] == [224] * 2 + [96] * 10
+    for view in views.values():
+        assert_ratio(view["workers=0"]["ratio"])
+
+
+def test_bench_gpu_smoke_runs_every_section():
+    out = run_bench("bench_gpu.py", "--smoke")
+    for name in ("mae", "dino"):
+        assert_ratio(out["views"][name]["gpu_over_cpu"])
+        assert 0 < out["mfu"][name]["mfu"] and out["train"][f"{name}_cpu"]["data_wait_frac"] >= 0
+    assert out["knn"]["torch_seconds"] >= 0 and out["matmul"]["bf16_tflops"] > 0
+
+
+@pytest.mark.slow
+def test_bench_threads_reports_default_and_chosen(train_shards):
+    out = run_bench("bench_threads.py", "--steps", 2, "--rounds", 1, "--batch", 16, "--index", train_shards)
+    for load in ("idle", "busy"):
+        assert out[load]["chosen"]["threads"] == max(1, out["cores"] - out["workers"])
+        assert_ratio(out[load]["chosen_over_default"])

@@ -1,18 +1,31 @@
-"""Benchmark the streaming loader against the decode-only bound; prints JSON.
+"""Benchmark the streaming loader; prints JSON. Two sections (`--sections`):
 
-For MAE views and DINO multi-crop, at 0, 1 and 2 DataLoader workers: samples/s of `ShardStream` + `StreamLoader`
-(steady state, after the first batch) and, in the same run, the bound: the same bytes decoded and cropped by the
-same transform in a plain loop, run in as many processes as the loader uses (0 or 1 worker: one process; 2 workers:
-two). Target: loader ≥ 0.9 × bound. On a shared machine single measurements drift by ±10 %, so loader and bound
-are measured alternately for `--rounds` rounds and the best rate of each is reported (with every round's figures).
+`32` — against the decode-only bound: for MAE views and DINO multi-crop on the bundled CIFAR-10 subset, at 0, 1 and 2
+DataLoader workers, samples/s of `ShardStream` + `StreamLoader` (steady state, after the first batch) and, in the same
+run, the bound: the same bytes decoded and cropped by the same transform in a plain loop, run in as many processes as
+the loader uses. Target: loader ≥ 0.9 × bound.
 
-    python tools/bench_data.py [--shards INDEX.json] [--samples 3000] [--rounds 3] [--size 32 --local-size 16]
-                               [--num-local 4] [--workers 0 1 2]
+`224` — against the reference pipelines at ImageNet size: photographs from scikit-image's wheel cut into ~500×375
+JPEGs (tools/make_photo_shards.py, written to the scratch folder), MAE views (224 px) and DINO multi-crop (2 × 224 +
+10 × 96 px); our loader (views from the header's boxes and a reduced-scale decode, uint8 until the batch, normalised
+once per batch) against the papers' pipelines on the same bytes: DINO's `DataAugmentationDINO` and MAE's
+`transforms_train`, written here from the papers' code (PIL decode of the whole image, torchvision transforms on PIL,
+float views normalised per view, default collate), in a DataLoader with the same workers and batch size. Images/s
+per process = images/s / max(1, workers). Targets: ≥ 2× the reference for DINO multi-crop, ≥ 1.5× for MAE views.
+
+On a shared machine single measurements drift by ±10 %, so the two sides are measured alternately for `--rounds`
+rounds and the best rate of each is reported (with every round's figures).
+
+    python tools/bench_data.py [--sections 32 224] [--samples 3000] [--rounds 3] [--workers 0 1 2]
+                               [--photos 600] [--photo-samples 400] [--shards INDEX.json]
 """
 import argparse
+import importlib.util
+import io
 import json
 import multiprocessing as mp
 import os
+import random
 import sys
 import tempfile
 import time
@@ -21,6 +34,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+
+from PIL import Image, ImageFilter, ImageOps, features  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torchvision import transforms  # noqa: E402
 
 from ssl_vit.data.loader import StreamLoader  # noqa: E402
 from ssl_vit.data.samples import decode_image, read_shard  # noqa: E402
@@ -37,7 +54,7 @@ def view_sets(args) -> dict:
 
 
 def loader_rate(index: str, transform, workers: int, samples: int, batch: int) -> float:
-    stream = ShardStream(index, transform, batch, mode="train", seed=0, num_workers=workers, group_size=1)
+    stream = ShardStream(index, transform, batch, mode="train", seed=0, num_workers=workers)
     batches, t0, n = iter(StreamLoader(stream, workers)), None, 0
     for batch_ in batches:
         if t0 is None:  # start the clock after the first batch: worker start-up is not throughput
@@ -80,36 +97,170 @@ def default_shards(tmp: Path) -> str:
     return f"{out}-index.json"
 
 
+def cifar_section(args, tmp: Path) -> dict:
+    index = args.shards or default_shards(tmp)
+    raw = [s for url in expand_source(index).urls for s in read_shard(url)][: args.samples]
+    results = {"shards": index, "samples_timed": len(raw), "views": {}}
+    for name, specs in view_sets(args).items():
+        transform = MultiViewTransform(specs)
+        rows = {}
+        for workers in args.workers:
+            processes, loaders, bounds = max(1, workers), [], []
+            for _ in range(max(1, args.rounds)):
+                loaders.append(loader_rate(index, transform, workers, len(raw), args.batch))
+                bounds.append(bound_rate(raw, specs, processes))
+            rows[f"workers={workers}"] = {"loader_samples_per_s": round(max(loaders), 1),
+                                          "bound_samples_per_s": round(max(bounds), 1), "processes": processes,
+                                          "ratio": round(max(loaders) / max(bounds), 3),
+                                          "rounds": {"loader": [round(x, 1) for x in loaders],
+                                                     "bound": [round(x, 1) for x in bounds]}}
+        results["views"][name] = {"num_views": transform.num_views, "sizes": transform.sizes, **rows}
+    return results
+
+
+# -- the papers' pipelines (facebookresearch/dino main_dino.py + utils.py; facebookresearch/mae main_pretrain.py) --
+class GaussianBlur:
+    """DINO's utils.GaussianBlur: PIL's blur with a radius drawn from Python's `random`."""
+
+    def __init__(self, p=0.5, radius_min=0.1, radius_max=2.0):
+        self.prob, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img):
+        if random.random() > self.prob:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class Solarization:
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+class DataAugmentationDINO:
+    def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=10):
+        flip_and_color_jitter = transforms.Compose([
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply([transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                                   p=0.8),
+            transforms.RandomGrayscale(p=0.2)])
+        normalize = transforms.Compose([transforms.ToTensor(),
+                                        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        bicubic = transforms.InterpolationMode.BICUBIC
+        self.global_transfo1 = transforms.Compose([
+            transforms.RandomResizedCrop(224, scale=global_crops_scale, interpolation=bicubic),
+            flip_and_color_jitter, GaussianBlur(1.0), normalize])
+        self.global_transfo2 = transforms.Compose([
+            transforms.RandomResizedCrop(224, scale=global_crops_scale, interpolation=bicubic),
+            flip_and_color_jitter, GaussianBlur(0.1), Solarization(0.2), normalize])
+        self.local_crops_number = local_crops_number
+        self.local_transfo = transforms.Compose([
+            transforms.RandomResizedCrop(96, scale=local_crops_scale, interpolation=bicubic),
+            flip_and_color_jitter, GaussianBlur(p=0.5), normalize])
+
+    def __call__(self, image):
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        return crops + [self.local_transfo(image) for _ in range(self.local_crops_number)]
+
+
+def mae_transforms_train(input_size=224):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+
+
+class ReferenceDataset(Dataset):
+    """An ImageFolder over in-memory bytes: torchvision's `pil_loader` (open, convert RGB), then the transform."""
+
+    def __init__(self, items: list[tuple[bytes, int]], transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        data, label = self.items[i]
+        return self.transform(Image.open(io.BytesIO(data)).convert("RGB")), label
+
+
+def timed(batches, samples: int, count) -> float:
+    """Images/s after the first batch (worker start-up is not throughput)."""
+    t0, n = None, 0
+    for batch in batches:
+        if t0 is None:
+            t0 = time.perf_counter()
+            continue
+        n += count(batch)
+        if n >= samples:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def reference_rate(items, transform, workers: int, samples: int, batch: int) -> float:
+    loader = DataLoader(ReferenceDataset(items, transform), batch_size=batch, shuffle=True, drop_last=True,
+                        num_workers=workers, generator=torch.Generator().manual_seed(0))
+    return timed(iter(loader), samples, lambda b: len(b[1]))
+
+
+def photo_shards(tmp: Path, count: int) -> str:
+    spec = importlib.util.spec_from_file_location("make_photo_shards", ROOT / "tools" / "make_photo_shards.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.make_photo_shards(tmp / "photos" / "train", count=count, max_count=max(1, count // 6), seed=0)
+
+
+def photo_section(args, tmp: Path) -> dict:
+    index = photo_shards(tmp, args.photos)
+    raw = [s for url in expand_source(index).urls for s in read_shard(url)]
+    items = [(s["jpg"], int(s["cls"])) for s in raw]
+    samples = min(args.photo_samples, len(items) - 2 * args.batch)
+    results = {"images": len(items), "mean_jpeg_bytes": round(sum(len(d) for d, _ in items) / len(items)),
+               "samples_timed": samples, "batch": args.batch, "views": {}}
+    pipelines = {"mae": (mae_views(224), mae_transforms_train()),
+                 "dino": (dino_views(224, 96, 10), DataAugmentationDINO(local_crops_number=10))}
+    for name, (specs, reference) in pipelines.items():
+        ours, rows = MultiViewTransform(specs), {}
+        for workers in args.workers:
+            mine, theirs = [], []
+            for _ in range(max(1, args.rounds)):
+                mine.append(loader_rate(index, ours, workers, samples, args.batch))
+                theirs.append(reference_rate(items, reference, workers, samples, args.batch))
+            processes = max(1, workers)
+            rows[f"workers={workers}"] = {
+                "ours_images_per_s": round(max(mine), 1), "reference_images_per_s": round(max(theirs), 1),
+                "ours_per_process": round(max(mine) / processes, 1),
+                "reference_per_process": round(max(theirs) / processes, 1),
+                "ratio": round(max(mine) / max(theirs), 3),
+                "rounds": {"ours": [round(x, 1) for x in mine], "reference": [round(x, 1) for x in theirs]}}
+        results["views"][name] = {"sizes": ours.sizes, **rows}
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", help="index.json of shards (default: the bundled CIFAR-10 subset, written to a tmp dir)")
-    p.add_argument("--samples", type=int, default=3000, help="samples timed per measurement")
+    p.add_argument("--sections", nargs="+", choices=["32", "224"], default=["32", "224"])
+    p.add_argument("--shards", help="32-px section: index.json of shards (default: the bundled CIFAR-10 subset)")
+    p.add_argument("--samples", type=int, default=3000, help="32-px section: samples timed per measurement")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--local-size", type=int, default=16)
     p.add_argument("--num-local", type=int, default=4)
+    p.add_argument("--photos", type=int, default=600, help="224-px section: photographs written as shards")
+    p.add_argument("--photo-samples", type=int, default=400, help="224-px section: images timed per measurement")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rounds", type=int, default=3, help="alternate loader and bound this many times; report the best")
+    p.add_argument("--rounds", type=int, default=3, help="alternate the two sides this many times; report the best")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    results = {"cpu_count": os.cpu_count(), "libjpeg_turbo": features.check_feature("libjpeg_turbo")}
     with tempfile.TemporaryDirectory() as tmp:
-        index = args.shards or default_shards(Path(tmp))
-        raw = [s for url in expand_source(index).urls for s in read_shard(url)][: args.samples]
-        results = {"shards": index, "samples_timed": len(raw), "cpu_count": os.cpu_count(), "views": {}}
-        for name, specs in view_sets(args).items():
-            transform = MultiViewTransform(specs)
-            rows = {}
-            for workers in args.workers:
-                processes, loaders, bounds = max(1, workers), [], []
-                for _ in range(max(1, args.rounds)):
-                    loaders.append(loader_rate(index, transform, workers, len(raw), args.batch))
-                    bounds.append(bound_rate(raw, specs, processes))
-                rows[f"workers={workers}"] = {"loader_samples_per_s": round(max(loaders), 1),
-                                              "bound_samples_per_s": round(max(bounds), 1), "processes": processes,
-                                              "ratio": round(max(loaders) / max(bounds), 3),
-                                              "rounds": {"loader": [round(x, 1) for x in loaders],
-                                                         "bound": [round(x, 1) for x in bounds]}}
-            results["views"][name] = {"num_views": transform.num_views, "sizes": transform.sizes, **rows}
+        if "32" in args.sections:
+            results.update(cifar_section(args, Path(tmp)))
+        if "224" in args.sections:
+            results["photos_224"] = photo_section(args, Path(tmp))
     print(json.dumps(results, indent=1))
     return 0
 

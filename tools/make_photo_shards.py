@@ -73,6 +73,7 @@ def make_photo_shards(out_prefix, count: int = 2000, max_count: int = 250, seed:
     """Write the shards and return the path of their index.json."""
     from ssl_vit.data.writer import write_shards
 
+    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(out_prefix).parent) as scratch:
         write_image_tree(Path(scratch), count, seed)
         write_shards(scratch, str(out_prefix), max_count=max_count, seed=seed, workers=workers, progress=False)
@@ -86,7 +87,6 @@ def main(argv=None) -> int:
     p.add_argument("--max-count", type=int, default=250, help="samples per shard")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    Path(args.out_prefix).parent.mkdir(parents=True, exist_ok=True)
     print(make_photo_shards(args.out_prefix, args.count, args.max_count, args.seed))
     return 0
 
