@@ -1,6 +1,5 @@
 """What the attention figure plots, computed from the trained models: a ViT's last-block CLS→patch self-attention
 (DINO teacher) and MAE reconstructions rebuilt from the latest training checkpoint. Drawing lives in figures.py."""
-import json
 from pathlib import Path
 
 import torch
@@ -61,34 +60,14 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def load_mae_method(run_dir: Path) -> nn.Module:
-    """The full MAE method (encoder + decoder) of `run_dir`'s latest checkpoint, in eval mode."""
-    from safetensors.torch import load_file
+    """The whole MAE method of `run_dir`'s latest checkpoint, in eval mode: the reconstructions need the decoder,
+    which the exported backbone leaves out."""
+    from ssl_vit.loading import load_method
 
-    from ssl_vit.config import Recipe, _apply
-    from ssl_vit.methods import build_method
-    from ssl_vit.train.checkpoint import find_checkpoint
-
-    ckpt = find_checkpoint(Path(run_dir), "auto")
-    if ckpt is None:
-        raise SslVitError(f"no checkpoint in {run_dir}/checkpoints (the MAE reconstructions need the decoder)")
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        raise SslVitError(f"checkpoint {ckpt} has no model.safetensors")
-    try:
-        state = json.loads((ckpt / "trainer.json").read_text())
-    except ValueError as e:
-        raise SslVitError(f"{ckpt / 'trainer.json'}: not valid JSON ({e})") from None
-    recipe = Recipe()
-    _apply(recipe, state.get("recipe", {}), "")
-    if recipe.method != "mae":
-        raise SslVitError(f"{ckpt}: expected an MAE checkpoint, its recipe says method {recipe.method!r}")
-    method = build_method(recipe)
-    try:
-        method.load_state_dict(load_file(str(weights)), strict=True)
-    except RuntimeError as e:
-        raise SslVitError(f"checkpoint {weights} does not match its recipe's MAE: "
-                          f"{str(e).strip().splitlines()[-1][:200]}") from None
-    return method.eval()
+    method, meta = load_method(run_dir)
+    if meta["method"] != "mae":
+        raise SslVitError(f"{run_dir}: expected an MAE run, its recipe says method {meta['method']!r}")
+    return method
 
 
 def eval_batch(images: list[Image.Image], img_size: int):
@@ -103,10 +82,10 @@ def eval_batch(images: list[Image.Image], img_size: int):
 def dino_panels(run_dir: Path, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
     """(images in [0, 1] as [B, S, S, 3], head-mean CLS attention [B, S, S]) for the backbone exported in `run_dir`
     (for DINO that is the teacher, the network the paper visualises)."""
-    from ssl_vit.eval.backbones import load_eval_backbone
+    from ssl_vit.loading import load_backbone
     from ssl_vit.transforms import denormalize
 
-    model, meta = load_eval_backbone(run_dir)
+    model, meta = load_backbone(run_dir)
     batch = eval_batch(images, int(meta["img_size"]))
     return denormalize(batch).permute(0, 2, 3, 1), attention_maps(model, batch)
 

@@ -90,14 +90,14 @@ def random_init(cfg: CompareConfig, out: Path) -> None:
 
 
 def extract(cfg: CompareConfig, model_dir: Path | None, source: str, out: Path) -> None:
-    from ssl_vit.eval.backbones import load_eval_backbone
     from ssl_vit.eval.features import extract_features
+    from ssl_vit.loading import load_backbone
 
     e = cfg.eval
     if model_dir is None:
         model, image_size = RawPixels(), raw_image_size(cfg)
     else:
-        model, meta = load_eval_backbone(model_dir)
+        model, meta = load_backbone(model_dir)
         image_size = int(meta["img_size"])
     extract_features(model, source, out, image_size=image_size, resize=e.resize or None, pooling="cls",
                      batch_size=e.batch_size, num_workers=e.num_workers,

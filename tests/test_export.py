@@ -9,10 +9,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ssl_vit.errors import SslVitError
+from ssl_vit.loading import load_backbone
 from ssl_vit.methods.mae import MAE
 from ssl_vit.methods.supervised import Supervised
 from ssl_vit.models.backbone import BackboneSpec
-from ssl_vit.models.export import META_KEY, export_backbone, load_backbone
+from ssl_vit.models.export import META_KEY, export_backbone
 
 SPEC = BackboneSpec(img_size=32, patch_size=4, kwargs=dict(depth=2, embed_dim=64, num_heads=2))
 

@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     """out/ like the compare pipeline's: models/{mae,dino}, features/{mae,dino}/test, plus the test index."""
     from ssl_vit.cli import main
     from ssl_vit.data.writer import write_shards
-    from ssl_vit.eval.backbones import load_eval_backbone
+    from ssl_vit.loading import load_backbone
     from ssl_vit.eval.features import extract_features
 
     out = tmp_path_factory.mktemp("figures")
@@ -39,7 +39,7 @@ def setup(tmp_path_factory):
         code = main(["pretrain", "--recipe", str(ROOT / "recipes" / f"{method}_vit_tiny_cifar10.yaml"),
                      f"data.train={index}", f"train.out_dir={models[method]}", *TINY, *extra])
         assert code in (0, None)
-        model, _ = load_eval_backbone(models[method])
+        model, _ = load_backbone(models[method])
         extract_features(model, index, out / "features" / method / "test", image_size=32, resize=32,
                          batch_size=100, num_workers=0, progress=False)
     return out, index, models
@@ -120,10 +120,10 @@ def test_retrieval_bad_input(setup, tmp_path):
 
 def test_cls_attention_matches_timm_softmax(setup):
     """Reference: timm's own non-fused path, whose softmax output passes through `attn_drop`."""
-    from ssl_vit.eval.backbones import load_eval_backbone
+    from ssl_vit.loading import load_backbone
 
     _, _, models = setup
-    model, _ = load_eval_backbone(models["dino"])
+    model, _ = load_backbone(models["dino"])
     attn = model.blocks[-1].attn
     torch.manual_seed(0)
     images = torch.randn(3, 3, 32, 32)

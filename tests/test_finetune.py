@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from ssl_vit.cli import main
 from ssl_vit.config import load_recipe
-from ssl_vit.methods import backbone_spec, build_method
+from ssl_vit.loading import method_from_recipe
+from ssl_vit.methods import backbone_spec
 from ssl_vit.models.backbone import create_backbone
 from ssl_vit.models.export import export_backbone
 
@@ -31,7 +32,7 @@ def pretrained(tmp_path_factory) -> Path:
 
 def test_finetune_starts_from_pretrained_weights_and_decays_lr_by_layer(pretrained):
     recipe = load_recipe(RECIPE, [*TINY, f"model.init={pretrained}", "optim.layer_decay=0.5"])
-    method = build_method(recipe, num_classes=10)
+    method = method_from_recipe(recipe, num_classes=10)
     weights = load_file(str(pretrained))
     state = method.encoder.state_dict()
     for name, tensor in weights.items():

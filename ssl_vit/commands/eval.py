@@ -218,8 +218,8 @@ def run_index_query(args) -> int:
 
 def embed_query_images(args, index):
     """(features [N, D], PIL images) of the --image files, embedded as the index's features were."""
-    from ssl_vit.eval.backbones import load_eval_backbone
     from ssl_vit.eval.features import embed_images, load_image
+    from ssl_vit.loading import load_backbone
 
     images = [load_image(path) for path in args.image]
     backbone = args.backbone or index.source.get("backbone")
@@ -231,7 +231,7 @@ def embed_query_images(args, index):
     if not Path(backbone).exists():
         recorded = "" if args.backbone else f" (recorded in index {args.index}; pass --backbone)"
         raise SslVitError(f"backbone {backbone} does not exist{recorded}")
-    model, _ = load_eval_backbone(backbone)
+    model, _ = load_backbone(backbone)
     how = {key: index.source[key] for key in EXTRACTION_KEYS}
     features = embed_images(model, images, **how)  # [N, D]
     if features.shape[1] != index.dim:

@@ -1,10 +1,10 @@
 """`ssl-vit features`: extract a feature cache from evaluation shards with a trained backbone."""
-from pathlib import Path
 
 
 def add_extract_options(p) -> None:
     p.add_argument("--backbone", required=True,
-                   help="backbone.safetensors, a run folder (train.out_dir) or a checkpoint folder")
+                   help="backbone.safetensors, a run folder (train.out_dir), a checkpoint folder or timm:<name> "
+                        "(timm's pretrained weights)")
     p.add_argument("--shards", required=True, help="evaluation shards: index.json, brace pattern, glob or pipe: URL")
     p.add_argument("--pooling", choices=("cls", "avg", "cls+avg"), default="cls")
     p.add_argument("--last-blocks", type=int, default=1, help="concatenate the CLS token of the last N blocks")
@@ -31,11 +31,11 @@ def run(args) -> int:
 
 
 def extract_from_args(args, out):
-    from ssl_vit.eval.backbones import load_eval_backbone
     from ssl_vit.eval.features import extract_features
+    from ssl_vit.loading import load_backbone, source_name
 
-    model, meta = load_eval_backbone(args.backbone)
+    model, meta = load_backbone(args.backbone)
     return extract_features(model, args.shards, out, image_size=int(meta["img_size"]), resize=args.resize,
                             pooling=args.pooling, last_blocks=args.last_blocks, batch_size=args.batch_size,
                             num_workers=args.workers, progress=not args.no_progress,
-                            meta={"backbone": str(Path(args.backbone).resolve()), "model_name": meta.get("model_name")})
+                            meta={"backbone": source_name(args.backbone), "model_name": meta.get("model_name")})

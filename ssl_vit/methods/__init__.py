@@ -1,4 +1,5 @@
-"""Method registry: recipe → Method object. The trainer only sees the `Method` contract (methods/base.py)."""
+"""Method registry: recipe → freshly initialised Method (weights from disk: ssl_vit/loading.py). The trainer only sees
+the `Method` contract (methods/base.py)."""
 from dataclasses import asdict
 
 from ssl_vit.config import Recipe
@@ -29,6 +30,6 @@ def build_method(recipe: Recipe, num_classes: int = 0, num_global_views: int = 2
         if num_classes < 2:
             raise SslVitError("data.num_classes: supervised training needs ≥ 2 classes (set it, or train from "
                               "shards whose index.json lists the classes)")
-        return Supervised(spec, num_classes=num_classes, init=recipe.model.init, layer_decay=recipe.optim.layer_decay,
+        return Supervised(spec, num_classes=num_classes, layer_decay=recipe.optim.layer_decay,
                           **asdict(recipe.supervised))
     raise SslVitError(f"method: unknown method {recipe.method!r}")

@@ -1,7 +1,8 @@
 """Supervised baseline and fine-tuning: the same timm ViT with timm's linear head, trained with label-smoothed
 cross-entropy and optional mixup (Zhang et al. 2018) / cutmix (Yun et al. 2019) through `timm.data.Mixup` (DeiT
-recipe, Touvron et al. 2021, Sec. 6). With `model.init` it starts from a pretrained backbone and, with
-`optim.layer_decay` < 1, trains with layer-wise lr decay: MAE's end-to-end fine-tuning (He et al. 2021, App. A.3)."""
+recipe, Touvron et al. 2021, Sec. 6). With `model.init` it starts from a pretrained backbone (copied in by
+`ssl_vit.loading.method_from_recipe`) and, with `optim.layer_decay` < 1, trains with layer-wise lr decay: MAE's
+end-to-end fine-tuning (He et al. 2021, App. A.3)."""
 import contextlib
 
 import numpy as np
@@ -13,7 +14,6 @@ from ssl_vit.losses.classification import classification_loss, top1_accuracy
 from ssl_vit.methods.base import Method
 from ssl_vit.models.backbone import BackboneSpec, create_backbone
 from ssl_vit.models.masking import StepRandomness
-from ssl_vit.models.pretrained import load_pretrained_backbone
 
 
 @contextlib.contextmanager
@@ -35,7 +35,7 @@ class Supervised(Method):
     """
 
     def __init__(self, backbone: BackboneSpec, num_classes: int, label_smoothing: float = 0.1, mixup: float = 0.0,
-                 cutmix: float = 0.0, mixup_prob: float = 1.0, init: str = "", layer_decay: float = 1.0):
+                 cutmix: float = 0.0, mixup_prob: float = 1.0, layer_decay: float = 1.0):
         super().__init__()
         if num_classes < 2:
             raise SslVitError(f"data.num_classes: supervised training needs ≥ 2 classes, got {num_classes}")
@@ -45,8 +45,6 @@ class Supervised(Method):
             raise SslVitError(f"supervised: mixup/cutmix must be ≥ 0 and mixup_prob in [0, 1] "
                               f"(got {mixup}, {cutmix}, {mixup_prob})")
         self.encoder = create_backbone(backbone, num_classes=num_classes)
-        if init:
-            load_pretrained_backbone(self.encoder, init)
         self.layer_decay = layer_decay
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
         self.mixup = None

@@ -5,7 +5,8 @@
 
 The file holds exactly the state dict of `timm.create_model(..., num_classes=0)` (no classifier keys), so timm's
 loader, which drops classifier keys and loads non-strictly when num_classes differs from the model's default
-pretrained config, finds every weight it needs; `load_backbone` loads strictly and names the first mismatch.
+pretrained config, finds every weight it needs; `ssl_vit.loading.load_backbone` loads strictly and names the first
+mismatch.
 """
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 import timm
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ssl_vit.errors import SslVitError
@@ -23,7 +24,7 @@ from ssl_vit.models.backbone import BackboneSpec
 META_KEY = "ssl_vit"
 
 
-def _reference(model_name: str, create_kwargs: dict) -> nn.Module:
+def reference_model(model_name: str, create_kwargs: dict) -> nn.Module:
     """A headless model of this architecture, built on the meta device (shapes only, no memory or init cost)."""
     try:
         with torch.device("meta"):
@@ -51,7 +52,7 @@ def export_backbone(model: nn.Module, spec: BackboneSpec, path, extra_meta: dict
     """
     path = Path(path)
     create_kwargs = spec.create_kwargs()
-    ref = _reference(spec.name, create_kwargs)
+    ref = reference_model(spec.name, create_kwargs)
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     state = {k: v for k, v in model.state_dict().items() if k in expected or not k.startswith("head.")}
     problem = first_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
@@ -91,24 +92,3 @@ def read_backbone_meta(path) -> dict:
     except json.JSONDecodeError as e:
         raise SslVitError(f"backbone {path}: its metadata is not valid JSON ({e})") from None
     raise SslVitError(f"backbone {path}: no ssl_vit metadata in the file and no sidecar {sidecar.name}")
-
-
-def load_backbone(path) -> tuple[nn.Module, dict]:
-    """Rebuild the timm backbone described by the metadata and load the weights strictly; returns (model, meta).
-
-    The model is returned in eval mode.
-    """
-    path = Path(path)
-    meta = read_backbone_meta(path)
-    if "model_name" not in meta or "create_kwargs" not in meta:
-        raise SslVitError(f"backbone {path}: metadata lacks 'model_name'/'create_kwargs'")
-    ref = _reference(meta["model_name"], meta["create_kwargs"])
-    with safe_open(str(path), framework="pt") as f:
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    problem = first_mismatch({k: tuple(v.shape) for k, v in ref.state_dict().items()}, found)
-    if problem:
-        raise SslVitError(f"backbone {path}: weights do not match {meta['model_name']!r} "
-                          f"{meta['create_kwargs']}: {problem}")
-    model = timm.create_model(meta["model_name"], pretrained=False, num_classes=0, **meta["create_kwargs"])
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model.eval(), meta

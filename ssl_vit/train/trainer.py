@@ -21,7 +21,8 @@ from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.sources import expand_source
 from ssl_vit.data.stream import ShardStream, steps_per_epoch
 from ssl_vit.errors import SslVitError
-from ssl_vit.methods import backbone_spec, build_method
+from ssl_vit.loading import method_from_recipe
+from ssl_vit.methods import backbone_spec
 from ssl_vit.train.checkpoint import code_version, find_checkpoint, read_checkpoint_meta, save_checkpoint
 from ssl_vit.train.preemption import PreemptionWatch
 from ssl_vit.train.run_log import RunLog, tracking_options
@@ -64,7 +65,7 @@ class Trainer:
         self.total_steps = r.train.steps or math.ceil(r.train.epochs * self.spe)
         self.spe = self.spe or self.total_steps
         num_classes = r.data.num_classes or len(self.classes)
-        method = build_method(r, num_classes=num_classes, num_global_views=global_view_count(specs))
+        method = method_from_recipe(r, num_classes=num_classes, num_global_views=global_view_count(specs))
         # Every process starts from the same weights, then draws its own drop-path masks and the like.
         set_seed(r.seed + self.acc.process_index)
         if self.acc.num_processes > 1 and self.acc.device.type == "cuda":
