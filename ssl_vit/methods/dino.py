@@ -99,7 +99,8 @@ class DINO(Method):
     def prepare_step(self, batches: list[dict], sched: dict) -> list[dict]:
         """The teacher's targets for all micro-batches of the step at once: with `optim.accum_steps` > 1 the centre
         (or Sinkhorn-Knopp) and the teacher head's BatchNorm then see the step's whole batch, as one large batch
-        would, and the centre moves once per optimizer step."""
+        would, and the centre moves once per optimizer step. (The student head's BatchNorm still normalises each
+        micro-batch: holding the whole batch's student activations is what accumulation avoids.)"""
         for batch in batches:
             self._check_views(batch["views"])
         targets = self._teacher_targets([batch["views"] for batch in batches], _sched(sched, "teacher_temp"))
