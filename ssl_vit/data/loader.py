@@ -51,13 +51,20 @@ class StreamLoader:
         # randomness (dropout, drop path) continues exactly as in an uninterrupted run.
         with torch.random.fork_rng(devices=[]):
             transfers = iter(self.loader)
-        for transfer in transfers:
-            for batch, meta in transfer:
-                self.state.update(meta)
-                self._counts[meta.worker] = (meta.seen, meta.skipped)
-                self._warn(meta.bad)
-                batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
-                yield move_to(batch, self.device)
+        try:
+            for transfer in transfers:
+                for batch, meta in transfer:
+                    self.state.update(meta)
+                    self._counts[meta.worker] = (meta.seen, meta.skipped)
+                    self._warn(meta.bad)
+                    batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
+                    yield move_to(batch, self.device)
+        finally:
+            # Workers end here, also when an error from one of them is on its way up: a traceback would otherwise
+            # keep them alive, and they ignore the signals that end a run (train/preemption.py).
+            shutdown = getattr(transfers, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def _warn(self, messages: list[str]) -> None:
         for message in messages:

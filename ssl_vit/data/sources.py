@@ -42,7 +42,7 @@ class ShardList:
 
 
 def _from_index(path: str) -> ShardList:
-    from ssl_vit.data.index import read_index
+    from ssl_vit.data.index import index_is_labeled, read_index
 
     index = read_index(path)
     folder = Path(path).parent
@@ -54,8 +54,7 @@ def _from_index(path: str) -> ShardList:
             if not Path(url).exists():
                 raise SslVitError(f"missing shard: {url} (listed in {path})")
         shards.append(Shard(url, int(entry["samples"])))
-    unlabeled = index.get("labeled") is False or not index.get("classes")
-    return ShardList(shards, index.get("classes"), unlabeled_sources=[path] if unlabeled else [])
+    return ShardList(shards, index.get("classes"), unlabeled_sources=[] if index_is_labeled(index) else [path])
 
 
 def is_remote(url: str) -> bool:

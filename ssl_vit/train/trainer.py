@@ -16,10 +16,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ssl_vit.atomic_io import write_json_atomic
-from ssl_vit.config import Recipe, check_world
+from ssl_vit.config import Recipe, check_world, epoch_settings
 from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.sources import expand_source
-from ssl_vit.data.stream import ShardStream, steps_per_epoch
+from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
 from ssl_vit.loading import method_from_recipe
 from ssl_vit.methods import backbone_spec
@@ -47,6 +47,27 @@ def trainer_schedules(recipe: Recipe, total_steps: int, spe: int, lr_scale_batch
             "wd": lambda s: cosine(s, total_steps, o.weight_decay, wd_end)}
 
 
+def epoch_length(r: Recipe, shards) -> int:
+    """Optimizer steps per epoch: from the shards' sample counts, or `data.samples_per_epoch`. Without either, an
+    epoch is unknown and every setting counted in epochs is an error (it would silently stretch to the whole run)."""
+    if r.data.samples_per_epoch and shards.num_samples not in (None, r.data.samples_per_epoch):
+        raise SslVitError(f"data.samples_per_epoch={r.data.samples_per_epoch}, but the shards' index counts "
+                          f"{shards.num_samples} samples: leave data.samples_per_epoch at 0 for indexed shards")
+    samples = r.data.samples_per_epoch or shards.num_samples
+    if samples is None:
+        settings = epoch_settings(r)
+        if settings:
+            key = next(iter(settings))
+            raise SslVitError(f"{key}={settings[key]:g} counts epochs, but these shards have no sample counts: write "
+                              "an index (ssl-vit shards index PATTERN --out INDEX.json) and train from it, or set "
+                              f"data.samples_per_epoch (or set {', '.join(settings)} to 0 and use train.steps)")
+        return 0
+    spe = samples // r.data.batch_size
+    if spe < 1:
+        raise SslVitError(f"data.batch_size: {r.data.batch_size} is more than the {samples} samples of an epoch")
+    return spe
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = r = recipe
@@ -59,11 +80,11 @@ class Trainer:
         specs = views_from_recipe(r.views)
         shards = expand_source(r.data.train)
         self.classes = shards.classes or []
-        self.spe = steps_per_epoch(shards.num_samples, r.data.batch_size)
-        if r.train.epochs and self.spe is None:
-            raise SslVitError("train.epochs needs shard sample counts (train from an index.json) — or set train.steps")
+        if r.method == "supervised" and shards.unlabeled_sources:
+            raise SslVitError(f"{shards.unlabeled_sources[0]} holds unlabeled samples: supervised training and "
+                              "fine-tuning need labeled shards (MAE and DINO pretrain on unlabeled ones)")
+        self.spe = epoch_length(r, shards)
         self.total_steps = r.train.steps or math.ceil(r.train.epochs * self.spe)
-        self.spe = self.spe or self.total_steps
         num_classes = r.data.num_classes or len(self.classes)
         method = method_from_recipe(r, num_classes=num_classes, num_global_views=global_view_count(specs))
         # Every process starts from the same weights, then draws its own drop-path masks and the like.
@@ -80,23 +101,25 @@ class Trainer:
                           **self.method.schedules(self.total_steps, self.spe)}
         transform = MultiViewTransform(specs, resolve_decode(r.data.decode, self.acc.device, specs))
         self.stream = ShardStream(shards, transform, self.micro_batch, mode="train", seed=r.seed,
-                                  group_size=r.data.group_size, rank=self.acc.process_index,
+                                  shuffle_buffer=r.data.shuffle_buffer, rank=self.acc.process_index,
                                   world_size=self.acc.num_processes, max_skip_fraction=r.data.max_skip_fraction,
-                                  num_workers=r.data.num_workers)
+                                  num_workers=r.data.num_workers, require_labels=r.method == "supervised",
+                                  batches_per_epoch=self.spe * r.optim.accum_steps if shards.counts else None)
         self.step, self.skipped_steps, self.images_seen, self.train_seconds = 0, 0, 0, 0.0
         self._maybe_resume()
+        self.loader = StreamLoader(self.stream, r.data.num_workers, device=self.acc.device)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _maybe_resume(self) -> None:
         path = find_checkpoint(self.out_dir, self.recipe.train.resume)
         if path is None:
             return
-        trainer_state, stream_state = read_checkpoint_meta(path, self.acc.process_index)
-        if trainer_state["world_size"] != self.acc.num_processes or \
-                stream_state["num_workers"] != self.recipe.data.num_workers:
-            raise SslVitError(f"checkpoint {path} was written by {trainer_state['world_size']} processes × "
-                              f"{stream_state['num_workers']} workers; resume with the same (now "
-                              f"{self.acc.num_processes} × {self.recipe.data.num_workers})")
+        trainer_state, stream_states = read_checkpoint_meta(path)
+        stored_batch = trainer_state["recipe"]["data"]["batch_size"]
+        if stored_batch != self.recipe.data.batch_size:
+            raise SslVitError(f"checkpoint {path} was trained with data.batch_size={stored_batch}; resume with the "
+                              f"same global batch (now {self.recipe.data.batch_size}; the processes, workers and "
+                              "accumulation steps may change)")
         try:
             self.acc.load_state(str(path))
         except (RuntimeError, KeyError, ValueError) as e:
@@ -106,7 +129,7 @@ class Trainer:
         self.skipped_steps = trainer_state.get("skipped_steps", 0)
         self.images_seen = trainer_state.get("images_seen", 0)
         self.train_seconds = trainer_state.get("train_seconds", 0.0)
-        self.stream.resume_from(stream_state["stream"])
+        self.stream.resume_from([state["stream"] for state in stream_states], self.step * self.recipe.optim.accum_steps)
         if self.acc.is_main_process:
             print(f"resumed from {path} at step {self.step}")
 
@@ -175,7 +198,6 @@ class Trainer:
 
     def _fit(self, preempt: PreemptionWatch) -> dict:
         r, acc = self.recipe, self.acc
-        self.loader = StreamLoader(self.stream, r.data.num_workers, device=acc.device)
         if acc.is_main_process:
             truncate_log(self.out_dir / "log.jsonl", self.step)
         log = RunLog(acc, self.out_dir, r.to_dict(), self.total_steps, self.step, r.train.progress,
@@ -206,13 +228,14 @@ class Trainer:
                     seen, skipped = self.loader.skip_counts()
                     log.write(self.step, {**logs, "loss": loss, **{k: v for k, v in sched.items()},
                                           "images_per_s": ips, "data_wait_frac": t_data / dt,
-                                          "epoch": self.step / self.spe, "skipped_samples": skipped,
-                                          "threads": self.threads["threads"]})
+                                          "epoch": self.step / self.spe if self.spe else None,
+                                          "skipped_samples": skipped, "threads": self.threads["threads"]})
                 if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
                     last_ckpt = self.save()
                 if self.step < self.total_steps and preempt.stop_agreed():
                     break
         finally:
+            data_iter.close()  # ends the DataLoader workers now, not whenever the garbage collector gets to them
             log.close()
             if audit is not None:
                 audit.close()
