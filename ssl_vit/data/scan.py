@@ -4,28 +4,25 @@ img2dataset (`<key>.jpg` + `<key>.json` + `<key>.txt`, no `cls`), webdataset's `
 come without sample counts, so a stream over them knows neither its epoch length nor its ETA. Scanning each shard
 (in a process pool) gives per shard the samples the loader will use, the bytes and sha256 of what was read, and the
 labels: the set is labelled when every sample has one (`cls`, as the loader reads it), with classes "0".."max".
-Samples stream member by member through the loader's own tar reader (memory: one member, whatever the shard size);
-the checksum is a second, plain read of the bytes, since that reader opens its own stream (for a `pipe:` URL its
-command runs twice; a digest hook in the reader would save that read).
+Samples stream member by member through the loader's own tar reader (memory: one member, whatever the shard size),
+which passes every byte through the checksum in the same read (a `pipe:` command runs once).
 Samples without an image (or with an unreadable label) are the ones the loader skips: counted as skipped, not as
 samples. A damaged shard is an error: an index that counts only its first half would be wrong.
 """
-import hashlib
 import warnings
 from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
-from webdataset import gopen
 
 from ssl_vit.data.index import INDEX_FORMAT, write_index
-from ssl_vit.data.samples import IMAGE_KEYS, BadSample, decode_label, iter_samples
+from ssl_vit.data.samples import IMAGE_KEYS, BadSample, decode_label
+from ssl_vit.data.tar_reader import Checksum, iter_samples
 from ssl_vit.data.sources import expand_source, is_remote
 from ssl_vit.data.writer import mp_context
 from ssl_vit.errors import SslVitError
 
 DEFAULT_WORKERS = 4  # reading is mostly waiting on storage (or a `pipe:` command), not on the CPU
-_CHUNK = 1 << 20
 
 
 def index_shards(pattern, out, *, workers: int = DEFAULT_WORKERS, progress: bool = True) -> dict:
@@ -62,11 +59,10 @@ def _scan_all(urls: list[str], workers: int, bar: tqdm) -> list[dict]:
 
 def scan_shard(url: str) -> dict:
     """{"url", "samples", "bytes", "sha256", "labels": {label: count} (-1: no label), "skipped": count}."""
-    size, sha256 = _digest(url)
-    labels, skipped = Counter(), 0
+    checksum, labels, skipped = Checksum(), Counter(), 0
     with warnings.catch_warnings(record=True) as caught:  # the reader reports damage as a warning
         warnings.simplefilter("always")
-        for sample in iter_samples(url):
+        for sample in iter_samples(url, checksum=checksum):  # one read: samples and checksum
             try:
                 if not any(k in sample for k in IMAGE_KEYS):
                     raise BadSample("no image")
@@ -76,27 +72,8 @@ def scan_shard(url: str) -> dict:
     damage = next((w for w in caught if issubclass(w.category, RuntimeWarning)), None)
     if damage is not None:  # the reader's note that it skips the rest does not apply here
         raise SslVitError(f"cannot index a damaged shard: {str(damage.message).partition('; ')[0]}")
-    return {"url": url, "samples": sum(labels.values()), "bytes": size, "sha256": sha256, "labels": dict(labels),
-            "skipped": skipped}
-
-
-def _digest(url: str) -> tuple[int, str]:
-    """Bytes and sha256 of the shard as read (for a `pipe:` URL: its command's output, read a second time)."""
-    digest, size = hashlib.sha256(), 0
-    try:
-        stream = gopen(url, "rb")
-    except OSError as e:
-        raise SslVitError(f"cannot open shard {url}: {e}") from None
-    try:
-        with stream:  # closing a `pipe:` stream waits for its command and raises on a failed one
-            while block := stream.read(_CHUNK):
-                digest.update(block)
-                size += len(block)
-    except Exception as e:  # webdataset raises a bare Exception, with its arguments' reprs, for a failed command
-        status = getattr(stream, "status", None)
-        raise SslVitError(f"cannot read shard {url}: " + (f"its command exited with status {status}" if status
-                                                          else str(e))) from None
-    return size, digest.hexdigest()
+    return {"url": url, "samples": sum(labels.values()), "bytes": checksum.size, "sha256": checksum.hexdigest(),
+            "labels": dict(labels), "skipped": skipped}
 
 
 def _index(source: str, out: Path, scans: list[dict]) -> dict:

@@ -53,7 +53,9 @@ def _from_index(path: str) -> ShardList:
             url = str(folder / url)  # relative names are relative to the index; absolute ones stay
             if not Path(url).exists():
                 raise SslVitError(f"missing shard: {url} (listed in {path})")
-        shards.append(Shard(url, int(entry["samples"])))
+        # A shard from another tool may hold samples without an image (`shards index` counts them as skipped): the
+        # reader addresses a shard's samples by position among all of them, and the loader skips those.
+        shards.append(Shard(url, int(entry["samples"]) + int(entry.get("skipped", 0))))
     return ShardList(shards, index.get("classes"), unlabeled_sources=[] if index_is_labeled(index) else [path])
 
 

@@ -11,6 +11,7 @@ with a warning naming the shard and where it breaks: `tarfile` in stream mode en
 would lose the rest of a shard without a word.
 """
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -35,10 +36,26 @@ class Damage(Exception):
     """The archive cannot be read past this point."""
 
 
-def iter_samples(url: str, start: int = 0, stop: int | None = None) -> Generator[dict, None, int]:
+class Checksum:
+    """sha256 and size of every byte read from a shard (`iter_samples(..., checksum=)` then reads it to the end)."""
+
+    def __init__(self):
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def update(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+def iter_samples(url: str, start: int = 0, stop: int | None = None,
+                 checksum: Checksum | None = None) -> Generator[dict, None, int]:
     """Samples `start` ≤ i < `stop` of a shard as `{"__key__", "__url__", suffix: bytes}`, in tar order; returns the
-    number of samples the shard holds (up to `stop`; a damaged shard's intact ones)."""
-    stream = _open(url)
+    number of samples the shard holds (up to `stop`; a damaged shard's intact ones). With `checksum`, every byte of
+    the shard passes through it, in the same single read."""
+    stream = _open(url, checksum)
     index, sample, finished = -1, None, False
     try:
         for name, size in _members(stream):
@@ -65,6 +82,8 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None) -> Generator
         finished = True
         if sample is not None and index >= start:
             yield sample
+        if checksum is not None:
+            stream.drain()
         return index + 1
     except Damage as e:
         finished = True
@@ -181,6 +200,10 @@ class _Stream:
         while n:
             n -= len(self.read_exactly(min(n, _SKIP_CHUNK)))
 
+    def drain(self) -> None:
+        while self.raw.read(_SKIP_CHUNK):
+            pass
+
     def _more(self, n: int) -> bytes:
         parts = []
         while n:
@@ -199,15 +222,18 @@ class _Stream:
                 raise SslVitError(f"reading shard {url} failed: {e}") from None
 
 
-def _open(url: str) -> _Stream:
+def _open(url: str, checksum: Checksum | None = None) -> _Stream:
     try:
         raw = gopen(url, "rb")
     except FileNotFoundError:
         raise SslVitError(f"missing shard: {url}") from None
     except OSError as e:
         raise SslVitError(f"cannot open shard {url}: {e}") from None
+    if checksum is not None:  # every byte is read (no seeking), through the checksum
+        raw = io.BufferedReader(_RawAdapter(raw, url, checksum), _SKIP_CHUNK)
+        return _Stream(gzip.GzipFile(fileobj=raw, mode="rb") if raw.peek(2)[:2] == b"\x1f\x8b" else raw)
     if not hasattr(raw, "peek"):  # `pipe:` and URL streams
-        raw = io.BufferedReader(_RawAdapter(raw), _SKIP_CHUNK)
+        raw = io.BufferedReader(_RawAdapter(raw, url), _SKIP_CHUNK)
     if raw.peek(2)[:2] == b"\x1f\x8b":
         return _Stream(gzip.GzipFile(fileobj=raw, mode="rb"))
     try:
@@ -217,17 +243,25 @@ def _open(url: str) -> _Stream:
 
 
 class _RawAdapter(io.RawIOBase):
-    """A read()-only stream as a raw stream, so that io.BufferedReader can peek at its first bytes."""
+    """A read()-only stream as a raw stream, so that io.BufferedReader can peek at its first bytes; optionally
+    passing every byte through a checksum."""
 
-    def __init__(self, stream):
-        self.stream = stream
+    def __init__(self, stream, url: str, checksum: Checksum | None = None):
+        self.stream, self.url, self.checksum = stream, url, checksum
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        data = self.stream.read(len(buffer))
+        try:
+            data = self.stream.read(len(buffer))
+        except OSError as e:  # webdataset's `pipe:` reports a failed command here, with its arguments' reprs
+            status = getattr(self.stream, "status", None)
+            raise SslVitError(f"cannot read shard {self.url}: " + (f"its command exited with status {status}"
+                                                                   if status else str(e))) from None
         buffer[:len(data)] = data
+        if self.checksum is not None:
+            self.checksum.update(data)
         return len(data)
 
     def close(self) -> None:

@@ -1,0 +1,212 @@
+"""Streaming benchmark: memory bounded by the shuffle window, not by the shard; first batch after one window.
+
+Prints JSON (and writes it with --out):
+- `rss`: peak RSS (MB; the process tree, sampled every 20 ms) of one reader (0 workers) and of a 2-worker loader that
+  each read the same number of samples from one shard of 64 MB, 256 MB and 1 GB; `rss_ratio_largest_to_smallest`
+  should stay within 1.10 (a reader that held whole shards would grow by the difference in shard size);
+- `first_batch`: seconds to the first batch from a `pipe:` command that delivers at a limited rate, against the
+  time one window and one whole shard take to arrive at that rate;
+- `throughput`: loader samples/s (0 workers) against the decode bound (decode + the same views in a plain loop on
+  bytes already in memory), on the same samples in the same run.
+
+Shards hold ~110 KB JPEGs of 500×375 (blocks plus noise, quality 90), ImageNet's average size; written once into
+--scratch and reused.
+"""
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+MB = 1 << 20
+THROTTLE = ("import sys, time\n"
+            "rate, path = float(sys.argv[1]), sys.argv[2]\n"
+            "out, start, sent = sys.stdout.buffer, time.perf_counter(), 0\n"
+            "with open(path, 'rb') as f:\n"
+            "    while chunk := f.read(65536):\n"
+            "        try:\n"
+            "            out.write(chunk); out.flush()\n"
+            "        except BrokenPipeError:  # the reader has what it needs\n"
+            "            sys.exit(0)\n"
+            "        sent += len(chunk)\n"
+            "        time.sleep(max(0.0, sent / rate - (time.perf_counter() - start)))\n")
+
+
+def jpeg(seed: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (47, 63, 3), dtype=np.uint8)
+    pixels = np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))[:375, :500]
+    pixels = pixels + rng.integers(0, 40, pixels.shape, dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def make_shard(path: Path, size_bytes: int) -> tuple[Path, int]:
+    """One shard of about `size_bytes` (a few distinct images under distinct keys) and its index (what
+    `ssl-vit shards index` writes, so that two workers can split one shard); returns (index, sample count)."""
+    from webdataset import TarWriter
+
+    from ssl_vit.data.scan import index_shards
+
+    images = [jpeg(i) for i in range(8)]
+    count = max(1, size_bytes // (len(images[0]) + 3 * 512))
+    index = path.with_name(path.stem + "-index.json")
+    if not path.is_file():
+        tmp = path.with_suffix(".tmp")
+        with TarWriter(str(tmp), encoder=False) as tar:
+            for i in range(count):
+                tar.write({"__key__": f"s{i:08d}", "jpg": images[i % len(images)], "cls": b"0"})
+        os.replace(tmp, path)
+    if not index.is_file():
+        index_shards(str(path), index, workers=1, progress=False)
+    return index, count
+
+
+def read_samples(url: str, samples: int, workers: int, window: int, batch: int = 32) -> float:
+    """Read `samples` samples through the stream; returns seconds to the first batch."""
+    from ssl_vit.data.loader import StreamLoader
+    from ssl_vit.data.stream import ShardStream
+    from ssl_vit.transforms import MultiViewTransform, mae_views
+
+    stream = ShardStream(url, MultiViewTransform(mae_views(32)), batch, mode="train", seed=0,
+                         shuffle_buffer=window, num_workers=workers, batches_per_epoch=None)
+    loader = StreamLoader(stream, workers)
+    if not samples:  # the process before reading: imports, the stream, no workers yet
+        return None
+    start, first = time.perf_counter(), None
+    for i, _ in enumerate(loader):
+        first = first or time.perf_counter() - start
+        if (i + 1) * batch >= samples:
+            break
+    return first
+
+
+def peak_rss_mb(cmd: list[str]) -> tuple[float, str]:
+    """Peak summed RSS of a command's process tree, and its stdout."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, _ = proc.communicate()
+    done.set()
+    thread.join()
+    if proc.returncode:
+        raise SystemExit(f"benchmark child failed: {' '.join(cmd)}")
+    return peak / MB, out
+
+
+def throughput(url: str, samples: int) -> dict:
+    from ssl_vit.data.samples import decode_image
+    from ssl_vit.data.tar_reader import iter_samples
+    from ssl_vit.transforms import MultiViewTransform, mae_views
+
+    transform = MultiViewTransform(mae_views(224))
+    from ssl_vit.data.loader import StreamLoader
+    from ssl_vit.data.stream import ShardStream
+
+    raw = [s for _, s in zip(range(samples), iter_samples(url))]
+    bounds, loaders = [], []
+    for _ in range(3):  # alternate, keep each one's best: a busy neighbour slows whichever runs at the time
+        start = time.perf_counter()
+        for sample in raw:
+            transform(decode_image(sample))
+        bounds.append(len(raw) / (time.perf_counter() - start))
+        stream = ShardStream(url, transform, 16, mode="train", seed=0, shuffle_buffer=100, batches_per_epoch=None)
+        start, n = time.perf_counter(), 0
+        for batch in StreamLoader(stream, 0):
+            n += len(batch["key"])
+            if n >= len(raw):
+                break
+        loaders.append(n / (time.perf_counter() - start))
+    loader, bound = max(loaders), max(bounds)
+    return {"loader_samples_per_s": round(loader, 1), "decode_bound_samples_per_s": round(bound, 1),
+            "ratio": round(loader / bound, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scratch", default="/tmp/ssl_vit_bench_stream")
+    p.add_argument("--sizes-mb", default="64,256,1024", help="shard sizes in MB")
+    p.add_argument("--samples", type=int, default=500, help="samples each reader reads (several windows)")
+    p.add_argument("--window", type=int, default=100, help="data.shuffle_buffer")
+    p.add_argument("--rate-mb-s", type=float, default=20.0, help="the throttled pipe's delivery rate")
+    p.add_argument("--child", nargs=3, metavar=("URL", "WORKERS", "SAMPLES"), help=argparse.SUPPRESS)
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args()
+    if args.child:
+        first = read_samples(args.child[0], int(args.child[2]), int(args.child[1]), args.window)
+        print(json.dumps({"first_batch_s": first}))
+        return
+
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    sizes = [int(s) for s in args.sizes_mb.split(",")]
+    shards = {size: scratch / f"shard-{size}mb.tar" for size in sizes}
+    made = {size: make_shard(path, size * MB) for size, path in shards.items()}
+    indexes, counts = {k: v[0] for k, v in made.items()}, {k: v[1] for k, v in made.items()}
+    sample_bytes = shards[sizes[0]].stat().st_size / counts[sizes[0]]
+    samples = min(args.samples, min(counts.values()))
+
+    rss = {}
+    for workers in (0, 2):
+        rss[f"workers_{workers}"] = {
+            f"{size}MB": round(peak_rss_mb([sys.executable, __file__, "--window", str(args.window), "--child",
+                                            str(indexes[size]), str(workers), str(samples)])[0], 1)
+            for size in sizes}
+    ratios = {k: round(v[f"{sizes[-1]}MB"] / v[f"{sizes[0]}MB"], 3) for k, v in rss.items()}
+    # What the process holds before reading anything (torch, timm, the stream): the rest is the data path's.
+    baseline = round(peak_rss_mb([sys.executable, __file__, "--child", str(indexes[sizes[0]]), "0", "0"])[0], 1)
+
+    piped = shards[sizes[min(1, len(sizes) - 1)]]
+    rate = args.rate_mb_s * MB
+    throttle = scratch / "throttle.py"
+    throttle.write_text(THROTTLE)
+    _, out = peak_rss_mb([sys.executable, __file__, "--window", str(args.window), "--child",
+                          f"pipe:{sys.executable} {throttle} {rate} {piped}", "0", "64"])
+    first = json.loads(out.strip().splitlines()[-1])["first_batch_s"]
+
+    result = {
+        "benchmark": "bench_stream", "shard_sample_bytes": round(sample_bytes), "window_samples": args.window,
+        "samples_read": samples, "rss_mb": rss, "rss_ratio_largest_to_smallest": ratios,
+        "rss_mb_before_reading": baseline,
+        "first_batch": {"source": f"pipe: at {args.rate_mb_s} MB/s, {piped.stat().st_size / MB:.0f} MB shard",
+                        "first_batch_s": round(first, 2),
+                        "window_arrival_s": round(args.window * sample_bytes / rate, 2),
+                        "shard_arrival_s": round(piped.stat().st_size / rate, 2)},
+        "throughput_224px_mae": throughput(str(shards[sizes[0]]), min(300, samples)),
+    }
+    result["first_batch"]["ratio_to_shard_arrival"] = round(
+        result["first_batch"]["first_batch_s"] / result["first_batch"]["shard_arrival_s"], 3)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
