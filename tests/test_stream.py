@@ -245,3 +245,21 @@ def test_pipe_urls_stream_through_a_command(tmp_path):
     stream = ShardStream(f"pipe:cat {tmp_path}/p-{{000000..000001}}.tar", two_views, 5, mode="eval")
     keys = [k for batch in StreamLoader(stream, 0) for k in batch["key"]]
     assert sorted(keys) == [f"k{i:05d}" for i in range(20)]
+
+
+def test_a_corrupt_image_is_warned_about_once_in_plain_words(tmp_path, caplog):
+    """Three epochs read by two workers (which read ahead): one warning for the corrupt sample, without reprs."""
+    samples = [good(i) for i in range(60)]
+    samples[7]["jpg"] = b"not an image at all"
+    samples[8] = {"__key__": "k00008", "cls": "1", "txt": b"caption"}  # no image
+    for s in range(2):
+        write_tar(tmp_path / f"c-{s:06d}.tar", samples[s * 30:(s + 1) * 30])
+    stream = ShardStream(str(tmp_path / "c-*.tar"), two_views, 8, num_workers=2, max_skip_fraction=0.1)
+    with caplog.at_level("WARNING", logger="ssl_vit.data"):
+        loader = StreamLoader(stream, 2)
+        batches = list(islice(loader, 3 * 58 // 8))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(batches) == 21 and loader.skip_counts()[1] >= 4  # both skipped in two epochs at least
+    assert sum("k00007" in m for m in messages) == 1 and sum("k00008" in m for m in messages) == 1
+    assert not any("object at 0x" in m or "[" in m for m in messages), messages
+    assert any("corrupt image in sample k00007 of" in m and "c-000000.tar" in m for m in messages)

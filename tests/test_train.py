@@ -96,6 +96,7 @@ def test_mismatched_checkpoint_is_a_clear_error(train_shards, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "does not match" in err and "ckpt-00000002" in err
+    assert "model.embed_dim 64 in the checkpoint, 96 in this recipe" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ first N samples with their class names (an unlabeled set: with their keys).
 import io
 import json
 import math
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +14,13 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from ssl_vit.data.image_sources import IMAGE_EXTENSIONS
 from ssl_vit.data.index import index_is_labeled, index_path_for, read_index, sha256_file
+from ssl_vit.data.samples import image_key
 from ssl_vit.data.sources import is_remote
+from ssl_vit.data.tar_reader import iter_samples
 from ssl_vit.errors import SslVitError
 from ssl_vit.figure_io import save_png
 
-IMAGE_KEYS = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS} | {"ppm", "pgm", "pnm"}
 TOP_SIZES = 10
 
 
@@ -94,31 +93,10 @@ def _verify_shard(shard: Path, entry: dict, total: ShardScan, want: int) -> list
 
 
 def iter_tar_samples(path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) in tar order. tarfile alone stops silently at a corrupt header and reports a
-    shorter archive; here anything but the end-of-archive zero blocks after the last member is an error."""
-    path = Path(path)
-    key, sample = None, {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name, _, ext = member.name.partition(".")
-                if name != key:
-                    if sample:
-                        yield key, sample
-                    key, sample = name, {}
-                sample[ext.lower()] = tar.extractfile(member).read()
-            end = tar.offset
-        with open(path, "rb") as f:
-            f.seek(end)
-            tail = f.read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise SslVitError(f"shard {path} is unreadable: {e}") from None
-    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
-        raise SslVitError(f"shard {path} is corrupt or truncated at byte {end} (after {key or 'no sample'})")
-    if sample:
-        yield key, sample
+    """(key, {suffix: bytes}) in tar order, read by the loader's tar reader; a damaged shard is an SslVitError
+    rather than a silently shorter one."""
+    for sample in iter_samples(str(path), strict=True):
+        yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
 
 
 def _scan(shard: Path, keep_first: int) -> ShardScan:
@@ -131,7 +109,7 @@ def _scan(shard: Path, keep_first: int) -> ShardScan:
 def _count(scan: ShardScan, key: str, sample: dict, keep_first: int) -> None:
     """Add one sample (extension -> bytes) to the scan; one without an image is a format, not a sample: the loader
     skips it, and indexes do not count it."""
-    ext = next((e for e in sample if e in IMAGE_KEYS), None)
+    ext = image_key(sample)
     if ext is None:
         scan.formats["(no image)"] += 1
         return

@@ -3,6 +3,7 @@
 A corrupt image or a sample without an image is a `BadSample` that the stream counts and skips.
 """
 import io
+import re
 import json
 import logging
 
@@ -23,18 +24,34 @@ class BadSample(Exception):
 SAMPLE_INFO = "ssl_vit.sample"  # the `info` key of an opened image that names its sample (for error messages)
 
 
+def image_key(sample: dict) -> str | None:
+    """The member holding the image: `jpg`, `JPG`, `png`, ... or a compound suffix such as `image.webp`."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        key = next((k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in IMAGE_KEYS), None)
+    return key
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
+
+
+def plain(error: Exception) -> str:
+    """An error's message without Python object reprs (PIL names the BytesIO it could not read)."""
+    return _OBJECT_REPR.sub("the image bytes", str(error)) or type(error).__name__
+
+
 def open_image(sample: dict) -> Image.Image:
     """The sample's image, opened lazily: the header is read (size, format), the pixels are not decoded yet, so a
     view transform can decode at a reduced scale or hand the bytes to the GPU. An unreadable header is a BadSample."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    key = image_key(sample)
     if key is None:
         raise BadSample(f"no image in sample {sample.get('__key__')} of {sample.get('__url__')} "
-                        f"(keys: {sorted(k for k in sample if not k.startswith('__'))})")
+                        f"(members: {', '.join(sorted(k for k in sample if not k.startswith('__'))) or 'none'})")
     name = f"sample {sample['__key__']} of {sample['__url__']}"
     try:
         img = Image.open(io.BytesIO(sample[key]))
     except Exception as e:  # PIL raises many types for corrupt data
-        raise BadSample(f"corrupt image in {name}: {e}") from None
+        raise BadSample(f"corrupt image in {name}: {plain(e)}") from None
     img.info[SAMPLE_INFO] = name
     return img
 
@@ -45,7 +62,7 @@ def decode_image(sample: dict) -> Image.Image:
         img.load()
         return img.convert("RGB")
     except Exception as e:  # PIL raises many types for corrupt data
-        raise BadSample(f"corrupt image in {img.info[SAMPLE_INFO]}: {e}") from None
+        raise BadSample(f"corrupt image in {img.info[SAMPLE_INFO]}: {plain(e)}") from None
 
 
 def decode_label(sample: dict) -> int:

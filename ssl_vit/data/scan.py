@@ -9,14 +9,13 @@ which passes every byte through the checksum in the same read (a `pipe:` command
 Samples without an image (or with an unreadable label) are the ones the loader skips: counted as skipped, not as
 samples. A damaged shard is an error: an index that counts only its first half would be wrong.
 """
-import warnings
 from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ssl_vit.data.index import INDEX_FORMAT, write_index
-from ssl_vit.data.samples import IMAGE_KEYS, BadSample, decode_label
+from ssl_vit.data.samples import IMAGE_KEYS, BadSample, decode_label, image_key
 from ssl_vit.data.tar_reader import Checksum, iter_samples
 from ssl_vit.data.sources import expand_source, is_remote
 from ssl_vit.data.writer import mp_context
@@ -60,18 +59,18 @@ def _scan_all(urls: list[str], workers: int, bar: tqdm) -> list[dict]:
 def scan_shard(url: str) -> dict:
     """{"url", "samples", "bytes", "sha256", "labels": {label: count} (-1: no label), "skipped": count}."""
     checksum, labels, skipped = Checksum(), Counter(), 0
-    with warnings.catch_warnings(record=True) as caught:  # the reader reports damage as a warning
-        warnings.simplefilter("always")
-        for sample in iter_samples(url, checksum=checksum):  # one read: samples and checksum
+    try:
+        for sample in iter_samples(url, checksum=checksum, strict=True):  # one read: samples and checksum
             try:
-                if not any(k in sample for k in IMAGE_KEYS):
+                if image_key(sample) is None:
                     raise BadSample("no image")
                 labels[max(decode_label(sample), -1)] += 1
             except (BadSample, ValueError):  # the loader skips these samples too
                 skipped += 1
-    damage = next((w for w in caught if issubclass(w.category, RuntimeWarning)), None)
-    if damage is not None:  # the reader's note that it skips the rest does not apply here
-        raise SslVitError(f"cannot index a damaged shard: {str(damage.message).partition('; ')[0]}")
+    except SslVitError as e:
+        if "truncated or corrupt" in str(e):
+            raise SslVitError(f"cannot index a damaged shard: {e}") from None
+        raise
     return {"url": url, "samples": sum(labels.values()), "bytes": checksum.size, "sha256": checksum.hexdigest(),
             "labels": dict(labels), "skipped": skipped}
 

@@ -50,11 +50,12 @@ class Checksum:
         return self.digest.hexdigest()
 
 
-def iter_samples(url: str, start: int = 0, stop: int | None = None,
-                 checksum: Checksum | None = None) -> Generator[dict, None, int]:
+def iter_samples(url: str, start: int = 0, stop: int | None = None, checksum: Checksum | None = None,
+                 strict: bool = False) -> Generator[dict, None, int]:
     """Samples `start` ≤ i < `stop` of a shard as `{"__key__", "__url__", suffix: bytes}`, in tar order; returns the
     number of samples the shard holds (up to `stop`; a damaged shard's intact ones). With `checksum`, every byte of
-    the shard passes through it, in the same single read."""
+    the shard passes through it, in the same single read. Damage is a warning (training goes on with the other
+    shards), or with `strict` an SslVitError (inspecting and indexing must not count half a shard)."""
     stream = _open(url, checksum)
     index, sample, finished = -1, None, False
     try:
@@ -88,8 +89,10 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None,
     except Damage as e:
         finished = True
         done = max(0, index - start)  # the sample in progress may be incomplete: dropped
-        warnings.warn(f"shard {url} is truncated or corrupt after {done} samples ({e}); the rest of this shard is "
-                      "skipped", RuntimeWarning, stacklevel=2)
+        message = f"shard {url} is truncated or corrupt after {done} samples ({e})"
+        if strict:
+            raise SslVitError(message) from None
+        warnings.warn(f"{message}; the rest of this shard is skipped", RuntimeWarning, stacklevel=2)
         return max(0, index)
     finally:
         stream.close(url, check=finished)
@@ -109,8 +112,10 @@ def _members(stream: "_Stream") -> Iterator[tuple[str, int]]:
     long_name = None
     while True:
         header = stream.read_block()
-        if header is None or header == _ZERO_BLOCK:
+        if header == _ZERO_BLOCK:
             return
+        if header is None:  # every tar writer ends the archive with zero blocks: without them, it was cut here
+            raise Damage(f"no end-of-archive blocks: cut at byte {stream.position}")
         if header[257:262] != b"ustar":
             raise Damage(f"unreadable tar header at byte {stream.position - BLOCK}")
         name, size, checksum, kind, prefix = _HEADER.unpack_from(header)

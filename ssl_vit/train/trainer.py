@@ -23,7 +23,8 @@ from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
 from ssl_vit.loading import method_from_recipe
 from ssl_vit.methods import backbone_spec
-from ssl_vit.train.checkpoint import code_version, find_checkpoint, read_checkpoint_meta, save_checkpoint
+from ssl_vit.train.checkpoint import (architecture_differences, code_version, find_checkpoint,
+                                     read_checkpoint_meta, save_checkpoint)
 from ssl_vit.train.preemption import PreemptionWatch
 from ssl_vit.train.run_log import RunLog, tracking_options
 from ssl_vit.train.schedules import cosine
@@ -120,11 +121,16 @@ class Trainer:
             raise SslVitError(f"checkpoint {path} was trained with data.batch_size={stored_batch}; resume with the "
                               f"same global batch (now {self.recipe.data.batch_size}; the processes, workers and "
                               "accumulation steps may change)")
+        differences = architecture_differences(trainer_state["recipe"], self.recipe.to_dict())
+        if differences:
+            raise SslVitError(f"checkpoint {path} does not match this recipe's model: {'; '.join(differences)}")
         try:
             self.acc.load_state(str(path))
-        except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise SslVitError(f"checkpoint {path} does not match this recipe's model/optimizer: {first}") from None
+        except (RuntimeError, KeyError, ValueError) as e:  # torch's first line only says "Error(s) in loading ..."
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s)") else lines[0] if lines else ""
+            raise SslVitError(f"checkpoint {path} does not match this recipe's model/optimizer: {detail[:300]}") \
+                from None
         self.step = trainer_state["step"]
         self.skipped_steps = trainer_state.get("skipped_steps", 0)
         self.images_seen = trainer_state.get("images_seen", 0)
