@@ -142,6 +142,14 @@ def test_same_choices_make_torchvision_pixels(photos, specs):
     assert diffs.mean() < 0.3 and diffs.quantile(0.99) <= 2, (diffs.mean(), diffs.quantile(0.99))
 
 
+def test_full_size_decode_gives_pils_pixels(photos):
+    from ssl_vit.transforms.cpu_views import complete_jpeg, decode_full
+
+    for data in photos:
+        assert np.array_equal(np.asarray(decode_full(complete_jpeg(open_image(sample(data))))),
+                              np.asarray(decode_image(sample(data))))
+
+
 def test_draft_decode_keeps_every_box_at_full_view_resolution(photos):
     spec = ViewSpec(48, scale=(0.3, 1.0))  # a 48-px view of a ≥ 200-px box: decoded at 1/2 or 1/4
     torch.manual_seed(0)

@@ -12,12 +12,14 @@ once per batch) against the papers' pipelines on the same bytes: DINO's `DataAug
 `transforms_train`, written here from the papers' code (PIL decode of the whole image, torchvision transforms on PIL,
 float views normalised per view, default collate), in a DataLoader with the same workers and batch size. Images/s
 per process = images/s / max(1, workers). Targets: ≥ 2× the reference for DINO multi-crop, ≥ 1.5× for MAE views.
+`plain_loop` times the view making alone in one process, ours from a lazily opened image (what the transform gets
+once the stream hands it `open_image`), the reference from a full decode.
 
 On a shared machine single measurements drift by ±10 %, so the two sides are measured alternately for `--rounds`
 rounds and the best rate of each is reported (with every round's figures).
 
     python tools/bench_data.py [--sections 32 224] [--samples 3000] [--rounds 3] [--workers 0 1 2]
-                               [--photos 600] [--photo-samples 400] [--shards INDEX.json]
+                               [--photos 600] [--photo-samples 400] [--photo-side 500] [--shards INDEX.json]
 """
 import argparse
 import importlib.util
@@ -40,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from ssl_vit.data.loader import StreamLoader  # noqa: E402
-from ssl_vit.data.samples import decode_image, read_shard  # noqa: E402
+from ssl_vit.data.samples import decode_image, open_image, read_shard  # noqa: E402
 from ssl_vit.data.sources import expand_source  # noqa: E402
 from ssl_vit.data.stream import ShardStream  # noqa: E402
 from ssl_vit.transforms import MultiViewTransform, dino_views, mae_views  # noqa: E402
@@ -206,24 +208,46 @@ def reference_rate(items, transform, workers: int, samples: int, batch: int) -> 
     return timed(iter(loader), samples, lambda b: len(b[1]))
 
 
-def photo_shards(tmp: Path, count: int) -> str:
+def plain_rates(raw: list[dict], transform, reference) -> tuple[float, float]:
+    """Images/s of one process making views from bytes: ours from the lazily opened image (the contract the stream
+    moves to: open_image, then the transform decodes at the scale the boxes allow), the reference from a full
+    decode."""
+    t0 = time.perf_counter()
+    for i, sample in enumerate(raw):
+        torch.default_generator.manual_seed(i)
+        transform(open_image(sample))
+    ours = len(raw) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for sample in raw:
+        reference(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+    return ours, len(raw) / (time.perf_counter() - t0)
+
+
+def photo_shards(tmp: Path, count: int, long_side: int) -> str:
     spec = importlib.util.spec_from_file_location("make_photo_shards", ROOT / "tools" / "make_photo_shards.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    return tool.make_photo_shards(tmp / "photos" / "train", count=count, max_count=max(1, count // 6), seed=0)
+    return tool.make_photo_shards(tmp / "photos" / "train", count=count, max_count=max(1, count // 6), seed=0,
+                                  long_side=long_side)
 
 
 def photo_section(args, tmp: Path) -> dict:
-    index = photo_shards(tmp, args.photos)
+    index = photo_shards(tmp, args.photos, args.photo_side)
     raw = [s for url in expand_source(index).urls for s in read_shard(url)]
     items = [(s["jpg"], int(s["cls"])) for s in raw]
     samples = min(args.photo_samples, len(items) - 2 * args.batch)
-    results = {"images": len(items), "mean_jpeg_bytes": round(sum(len(d) for d, _ in items) / len(items)),
+    results = {"images": len(items), "long_side": args.photo_side, "mean_jpeg_bytes": round(sum(len(d) for d, _ in items) / len(items)),
                "samples_timed": samples, "batch": args.batch, "views": {}}
     pipelines = {"mae": (mae_views(224), mae_transforms_train()),
                  "dino": (dino_views(224, 96, 10), DataAugmentationDINO(local_crops_number=10))}
     for name, (specs, reference) in pipelines.items():
         ours, rows = MultiViewTransform(specs), {}
+        plain = [plain_rates(raw[:samples], ours, reference) for _ in range(max(1, args.rounds))]
+        best = [max(p[k] for p in plain) for k in (0, 1)]
+        rows["plain_loop"] = {"ours_images_per_s": round(best[0], 1), "reference_images_per_s": round(best[1], 1),
+                              "ratio": round(best[0] / best[1], 3),
+                              "rounds": {"ours": [round(p[0], 1) for p in plain],
+                                         "reference": [round(p[1], 1) for p in plain]}}
         for workers in args.workers:
             mine, theirs = [], []
             for _ in range(max(1, args.rounds)):
@@ -251,6 +275,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-local", type=int, default=4)
     p.add_argument("--photos", type=int, default=600, help="224-px section: photographs written as shards")
     p.add_argument("--photo-samples", type=int, default=400, help="224-px section: images timed per measurement")
+    p.add_argument("--photo-side", type=int, default=500, help="224-px section: long side of the photographs")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=3, help="alternate the two sides this many times; report the best")
     args = p.parse_args(argv)

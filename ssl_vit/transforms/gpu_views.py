@@ -3,34 +3,34 @@ device (`torchvision.io.decode_jpeg(..., device="cuda")`: nvJPEG), with the choi
 
 Per batch, in the main process (`device_views`): decode all JPEGs in one call; resample each box to its view size
 with PIL's filter weights (antialiased bicubic/bilinear, the box's support clipped to the image, as PIL's
-`resize(box=...)` does on the CPU path) as two matrix products per image, the flip folded into the column weights;
-then colour jitter in the drawn order, grayscale, Gaussian blur and solarize as tensor ops on the whole batch of
-views, with PIL's 8-bit rounding and truncation (ImageEnhance truncates: about -0.5 grey level per op, which a float
-version would not reproduce); then normalisation. The same numbers make the same views as the CPU path up to
-differences between JPEG decoders — tests compare both paths on CPU tensors. Every function runs on
-any torch device, so the CPU tests exercise the code the GPU runs.
+`resize(box=...)` does on the CPU path) as two batched matrix products per chunk of images, the flip folded into the
+column weights; then colour jitter in the drawn order, grayscale, Gaussian blur and solarize (`color.augment`, PIL's
+8-bit arithmetic) on the whole batch of views; then normalisation. The same numbers make the same views as the CPU
+path up to differences between JPEG decoders — tests compare both paths on CPU tensors. Every function runs on any
+torch device, so the CPU tests exercise the code the GPU runs.
 
 Per-sample fallback to the CPU path, inside the worker: an image that is not a JPEG (PNG, ...), or a JPEG whose data
 does not end with its end-of-image marker (truncated: a full decode then decides between views and a counted skip).
+A JPEG the device decoder refuses in the main process is decoded with PIL there, and augmented with the others.
 """
-import logging
+import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from ssl_vit.config import DECODE_MODES
 from ssl_vit.errors import SslVitError
 from ssl_vit.transforms import params as P
 from ssl_vit.transforms.color import augment, needs_augment
-from ssl_vit.transforms.normalize import normalize
-
-log = logging.getLogger("ssl_vit.data")
+from ssl_vit.transforms.cpu_views import complete_jpeg, quiet_torchvision_io
+from ssl_vit.transforms.normalize import normalize, normalize_views
 
 FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
-END_OF_IMAGE = b"\xff\xd9"
-CHUNK = 64  # images whose resampling weights are computed together (bounds their memory)
+CHUNK = 32  # images resampled together, padded to the largest of them
 
 
 def gpu_supported(spec) -> bool:
@@ -64,12 +64,8 @@ class EncodedViews:
 
 def encode_views(image: Image.Image, rows: list[np.ndarray]) -> EncodedViews | None:
     """The bytes of a lazily opened, complete JPEG with its views' choices; None where the CPU path must decode."""
-    if image.format != "JPEG" or not getattr(image, "tile", None) or getattr(image, "fp", None) is None:
-        return None
-    data = image.fp.getvalue()  # open_image opens over an in-memory buffer, which PIL keeps until it decodes
-    if not data.rstrip(b"\0").endswith(END_OF_IMAGE):
-        return None
-    return EncodedViews(np.frombuffer(data, np.uint8), np.concatenate(rows))
+    data = complete_jpeg(image)
+    return None if data is None else EncodedViews(np.frombuffer(data, np.uint8), np.concatenate(rows))
 
 
 @dataclass
@@ -90,12 +86,12 @@ def collate_views(items: list, specs: list | None = None):
     """Per-sample transform outputs → what a batch carries: V stacked uint8 tensors [B, 3, S, S], or an
     EncodedBatch where any sample is an EncodedViews (then `specs` are the transform's specs)."""
     encoded = [i for i, item in enumerate(items) if isinstance(item, EncodedViews)]
-    if not encoded:
-        return [torch.stack(v) for v in zip(*items)]
+    if not encoded:  # default_collate stacks straight into shared memory inside a DataLoader worker
+        return [default_collate(list(v)) for v in zip(*items)]
     decoded = [i for i, item in enumerate(items) if not isinstance(item, EncodedViews)]
     data = [items[i].data for i in encoded]
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in data])])
-    views = [torch.stack(v) for v in zip(*(items[i] for i in decoded))]
+    views = [default_collate(list(v)) for v in zip(*(items[i] for i in decoded))]
     return EncodedBatch(len(items), torch.from_numpy(np.concatenate(data)), offsets,
                         np.stack([items[i].params for i in encoded]), np.asarray(encoded), views,
                         np.asarray(decoded, dtype=np.int64), tuple(s for s in specs for _ in range(s.count)))
@@ -105,44 +101,74 @@ def collate_views(items: list, specs: list | None = None):
 def views_to_device(views, device: torch.device) -> list[torch.Tensor]:
     """A batch's views on `device`, normalised: stacked uint8 views are moved and normalised, an EncodedBatch is
     decoded and augmented there."""
-    from ssl_vit.transforms.normalize import normalize_views
-
     if isinstance(views, EncodedBatch):
         return [normalize(v) for v in device_views(views, device)]
     return normalize_views(views, device)
 
 
 def decode_jpegs(batch: EncodedBatch, device: torch.device) -> list[torch.Tensor]:
-    """uint8 [3, H, W] images on `device`, one decode call for the batch."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    """uint8 [3, H, W] images on `device`: one decode call for the batch, one per image if that call fails."""
     chunks = [batch.data[a:b] for a, b in zip(batch.offsets[:-1], batch.offsets[1:])]
+    with quiet_torchvision_io():
+        try:
+            return decode_jpeg(chunks, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            images = []
+            for chunk in chunks:
+                try:
+                    images.append(decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    images.append(decode_with_pil(chunk, device))
+            return images
+
+
+def decode_with_pil(chunk: torch.Tensor, device: torch.device) -> torch.Tensor:
     try:
-        return decode_jpeg(chunks, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError as e:
-        raise SslVitError(f"decoding a batch of {len(chunks)} JPEGs on {device} failed ({str(e).splitlines()[0]});"
-                          " set data.decode: cpu to decode them with PIL") from None
+        with Image.open(io.BytesIO(chunk.numpy().tobytes())) as img:
+            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).to(device)  # [3, H, W]
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise SslVitError(f"a JPEG in this batch decodes neither on {device} nor with PIL ({e}); "
+                          "set data.decode: cpu to skip such samples") from None
 
 
 def device_views(batch: EncodedBatch, device: torch.device) -> list[torch.Tensor]:
-    """V float views [B, 3, S, S] in 0..255 on `device` (normalise them once, after)."""
-    images = [img.float() for img in decode_jpegs(batch, device)]  # [3, H, W] each
+    """V float views [B, 3, S, S] in 0..255 on `device` (normalise them once, after). Images are resampled in chunks
+    of CHUNK of similar size (sorted by area), each chunk padded to its largest image: one pair of batched matrix
+    products per chunk and view size, and padding memory bounded by the chunk."""
+    images = decode_jpegs(batch, device)  # uint8 [3, H, W] each
     params = torch.from_numpy(batch.params).to(device)  # [E, V, NUM_PARAMS] float64
+    groups = view_groups(batch.specs)
+    made = [torch.empty(len(images), len(index), 3, spec.size, spec.size, device=device) for index, spec in groups]
+    order = sorted(range(len(images)), key=lambda e: images[e].shape[1] * images[e].shape[2])
+    for start in range(0, len(order), CHUNK):
+        chosen = order[start:start + CHUNK]
+        padded, heights, widths = pad([images[e] for e in chosen], device)
+        rows = params[chosen]
+        for (index, spec), out in zip(groups, made):
+            out[chosen] = resample(padded, heights, widths, rows[:, index], spec)
+    views = [None] * len(batch.specs)
     encoded = torch.from_numpy(batch.encoded).to(device)
-    out = [None] * len(batch.specs)
-    for index, spec in view_groups(batch.specs):
-        made = torch.cat([resample(images[c:c + CHUNK], params[c:c + CHUNK][:, index], spec)
-                          for c in range(0, len(images), CHUNK)])  # [E, G, 3, S, S]
+    for (index, spec), out in zip(groups, made):
         if needs_augment(spec):
             rows = params[:, index].flatten(0, 1)  # [E·G, NUM_PARAMS]
-            made = augment(made.flatten(0, 1), rows, spec.blur_kernel).unflatten(0, (len(images), len(index)))
+            out = augment(out.flatten(0, 1), rows, spec.blur_kernel).unflatten(0, (len(images), len(index)))
         for k, v in enumerate(index):
             full = torch.empty(batch.size, 3, spec.size, spec.size, device=device)
-            full[encoded] = made[:, k]
+            full[encoded] = out[:, k]
             if len(batch.decoded_index):
                 full[torch.from_numpy(batch.decoded_index).to(device)] = batch.decoded[v].to(device).float()
-            out[v] = full
-    return out
+            views[v] = full
+    return views
+
+
+def pad(images: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float [n, 3, Hmax, Wmax] zero-padded, heights [n], widths [n])."""
+    heights = torch.tensor([img.shape[1] for img in images], device=device)
+    widths = torch.tensor([img.shape[2] for img in images], device=device)
+    padded = torch.zeros(len(images), 3, int(heights.max()), int(widths.max()), device=device)
+    for i, img in enumerate(images):
+        padded[i, :, :img.shape[1], :img.shape[2]] = img
+    return padded, heights, widths
 
 
 def view_groups(specs: tuple) -> list[tuple[list[int], object]]:
@@ -153,22 +179,20 @@ def view_groups(specs: tuple) -> list[tuple[list[int], object]]:
     return [(index, specs[index[0]]) for index in groups.values()]
 
 
-def resample(images: list[torch.Tensor], rows: torch.Tensor, spec) -> torch.Tensor:
-    """[E, G, 3, S, S]: the boxes `rows` [E, G, NUM_PARAMS] of `images` ([3, H, W] float each) resampled as PIL's
-    resize(box=...) does it, flipped where drawn; rounded to 8 bits after each pass, as PIL's passes are.
-    The weights of the E images are computed together (padded to the largest image), the products per image."""
-    heights = torch.tensor([img.shape[1] for img in images], device=rows.device).view(-1, 1)
-    widths = torch.tensor([img.shape[2] for img in images], device=rows.device).view(-1, 1)
-    x, y, w, h = (rows[..., c] for c in (P.X, P.Y, P.W, P.H))  # [E, G]
-    weights_y = filter_weights(y, y + h, heights, int(heights.max()), spec.size, spec.interpolation)  # [E,G,S,Hmax]
-    weights_x = filter_weights(x, x + w, widths, int(widths.max()), spec.size, spec.interpolation)  # [E,G,S,Wmax]
+def resample(padded: torch.Tensor, heights, widths, rows: torch.Tensor, spec) -> torch.Tensor:
+    """[n, G, 3, S, S]: the boxes `rows` [n, G, NUM_PARAMS] of the images `padded` [n, 3, Hmax, Wmax] (each
+    `heights` × `widths`) resampled as PIL's resize(box=...) does it, flipped where drawn; rounded to 8 bits after
+    each pass, as PIL's passes are. The weights are zero past each image, so the padding never contributes."""
+    x, y, w, h = (rows[..., c] for c in (P.X, P.Y, P.W, P.H))  # [n, G]
+    (n, groups), size, (height, width) = rows.shape[:2], spec.size, padded.shape[2:]
+    weights_y = filter_weights(y, y + h, heights[:, None], height, size, spec.interpolation)  # [n, G, S, Hmax]
+    weights_x = filter_weights(x, x + w, widths[:, None], width, size, spec.interpolation)  # [n, G, S, Wmax]
     weights_x = torch.where((rows[..., P.FLIP] > 0)[..., None, None], weights_x.flip(-2), weights_x)
-    out = []
-    for e, img in enumerate(images):
-        height, width = img.shape[1:]
-        tall = round_8bit(torch.matmul(weights_y[e, :, None, :, :height], img))  # [G, 3, S, W]
-        out.append(round_8bit(torch.matmul(tall, weights_x[e, :, None, :, :width].transpose(-1, -2))))
-    return torch.stack(out)  # [E, G, 3, S, S]
+    columns = padded.permute(0, 2, 1, 3).reshape(n, height, 3 * width)  # [n, Hmax, 3·Wmax]
+    tall = round_8bit(torch.bmm(weights_y.reshape(n, groups * size, height), columns))  # [n, G·S, 3·Wmax]
+    tall = tall.view(n * groups, size, 3, width).transpose(1, 2).reshape(n * groups, 3 * size, width)
+    out = round_8bit(torch.bmm(tall, weights_x.reshape(n * groups, size, width).transpose(1, 2)))  # [n·G, 3·S, S]
+    return out.view(n, groups, 3, size, size)
 
 
 def round_8bit(x: torch.Tensor) -> torch.Tensor:
