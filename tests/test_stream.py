@@ -34,7 +34,7 @@ def index_keys(index_path: Path) -> dict[str, int]:
 
 
 def collect(stream: ShardStream, workers: int) -> list[dict]:
-    return list(StreamLoader(stream, workers))
+    return list(StreamLoader(stream))
 
 
 @pytest.mark.parametrize("world,workers", [(2, 2), (1, 0), (3, 1)])
@@ -83,7 +83,7 @@ def epoch_keys(index: Path, world: int, workers: int, micro_batch: int, epochs: 
     for rank in range(world):
         stream = ShardStream(str(index), two_views, micro_batch, mode="train", seed=seed, rank=rank,
                              world_size=world, num_workers=workers, shuffle_buffer=shuffle_buffer)
-        for i, batch in enumerate(islice(StreamLoader(stream, workers), epochs * per_epoch)):
+        for i, batch in enumerate(islice(StreamLoader(stream), epochs * per_epoch)):
             by_epoch[i // per_epoch] += batch["key"]
     return by_epoch
 
@@ -121,7 +121,7 @@ def test_every_sample_once_per_epoch_for_any_shard_count(seven_shards, world, wo
 def test_train_mode_shuffles_across_epochs_and_seeds(train_shards):
     def first_batch(seed):
         stream = ShardStream(str(train_shards), two_views, 32, mode="train", seed=seed, num_workers=0)
-        return next(iter(StreamLoader(stream, 0)))["key"]
+        return next(iter(StreamLoader(stream)))["key"]
 
     assert first_batch(1) == first_batch(1)
     assert first_batch(1) != first_batch(2)
@@ -134,7 +134,7 @@ def run_stream(index: Path, n: int, states=None, first_batch=0, workers=2, world
                          shuffle_buffer=700, world_size=world, rank=rank)
     if states is not None:
         stream.resume_from(json.loads(json.dumps(states)), first_batch)  # as stored in a checkpoint
-    loader = StreamLoader(stream, workers)
+    loader = StreamLoader(stream)
     out = [(b["key"], b["views"][0].sum().item(), b["views"][1].sum().item()) for b in islice(loader, n)]
     return out, loader.state.to_dict()
 
@@ -188,7 +188,7 @@ def test_corrupt_and_imageless_samples_are_skipped_counted_and_named(tmp_path, c
     path = write_tar(tmp_path / "bad-000000.tar", samples)
     stream = ShardStream(str(path), two_views, 50, mode="eval", max_skip_fraction=0.05)
     with caplog.at_level("WARNING", logger="ssl_vit.data"):
-        loader = StreamLoader(stream, 0)
+        loader = StreamLoader(stream)
         keys = [k for batch in loader for k in batch["key"]]
     assert len(keys) == 298 and "k00005" not in keys and "k00009" not in keys
     assert loader.skip_counts() == (300, 2)
@@ -203,7 +203,7 @@ def test_too_many_skips_stop_the_run(tmp_path):
     path = write_tar(tmp_path / "bad-000000.tar", samples)
     stream = ShardStream(str(path), two_views, 10, mode="eval", max_skip_fraction=0.05)
     with pytest.raises(SslVitError, match="unreadable.*max_skip_fraction"):
-        list(StreamLoader(stream, 0))
+        list(StreamLoader(stream))
 
 
 def test_truncated_tar_ends_that_shard_with_a_warning(tmp_path):
@@ -214,7 +214,7 @@ def test_truncated_tar_ends_that_shard_with_a_warning(tmp_path):
     stream = ShardStream([str(full), str(cut)], two_views, 25, mode="eval")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        keys = [k for batch in StreamLoader(stream, 0) for k in batch["key"]]
+        keys = [k for batch in StreamLoader(stream) for k in batch["key"]]
     assert 100 < len(keys) < 200  # all of the good shard, part of the truncated one
     assert any("t-000001.tar" in str(w.message) and "truncated" in str(w.message) for w in caught)
 
@@ -243,7 +243,7 @@ def test_pipe_urls_stream_through_a_command(tmp_path):
     for s in range(2):
         write_tar(tmp_path / f"p-{s:06d}.tar", [good(s * 10 + i) for i in range(10)])
     stream = ShardStream(f"pipe:cat {tmp_path}/p-{{000000..000001}}.tar", two_views, 5, mode="eval")
-    keys = [k for batch in StreamLoader(stream, 0) for k in batch["key"]]
+    keys = [k for batch in StreamLoader(stream) for k in batch["key"]]
     assert sorted(keys) == [f"k{i:05d}" for i in range(20)]
 
 
@@ -256,7 +256,7 @@ def test_a_corrupt_image_is_warned_about_once_in_plain_words(tmp_path, caplog):
         write_tar(tmp_path / f"c-{s:06d}.tar", samples[s * 30:(s + 1) * 30])
     stream = ShardStream(str(tmp_path / "c-*.tar"), two_views, 8, num_workers=2, max_skip_fraction=0.1)
     with caplog.at_level("WARNING", logger="ssl_vit.data"):
-        loader = StreamLoader(stream, 2)
+        loader = StreamLoader(stream)
         batches = list(islice(loader, 3 * 58 // 8))
     messages = [r.getMessage() for r in caplog.records]
     assert len(batches) == 21 and loader.skip_counts()[1] >= 4  # both skipped in two epochs at least

@@ -56,8 +56,8 @@ def audit(out: Path, rank: int) -> dict[int, list[str]]:
 
 @pytest.mark.slow
 def test_resume_on_another_number_of_processes_and_workers(seven_shards, tmp_path):
-    """1 process × 2 workers checkpointed mid-epoch, resumed as 2 processes × 1 worker (gloo): the audit keys show
-    each epoch's samples exactly once (7 shards of ~143, batch 32: 31 steps per epoch)."""
+    """1 process × 2 workers checkpointed mid-epoch, resumed as 2 processes × 1 worker with 2 accumulation steps
+    (gloo): the audit keys show each epoch's samples exactly once (7 shards of ~143, batch 32: 31 steps per epoch)."""
     out = tmp_path / "run"
     common = ["data.batch_size=32", "train.audit_keys=true", "data.shuffle_buffer=100", *TINY[:-1]]
     assert main(pretrain_args("mae", seven_shards, out, 10, [*common, "data.num_workers=2"])) == 0
@@ -66,7 +66,8 @@ def test_resume_on_another_number_of_processes_and_workers(seven_shards, tmp_pat
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ssl_vit.train",
            "--recipe", recipe_for("mae"), f"data.train={seven_shards}", f"train.out_dir={out}", "train.steps=40",
-           "train.epochs=0", *common, "data.num_workers=1", *METHOD_ARGS["mae"], "train.resume=auto"]
+           "train.epochs=0", *common, "data.num_workers=1", "optim.accum_steps=2", *METHOD_ARGS["mae"],
+           "train.resume=auto"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "at step 10" in result.stdout

@@ -83,7 +83,7 @@ def read_samples(url: str, samples: int, workers: int, window: int, batch: int =
 
     stream = ShardStream(url, MultiViewTransform(mae_views(32)), batch, mode="train", seed=0,
                          shuffle_buffer=window, num_workers=workers, batches_per_epoch=None)
-    loader = StreamLoader(stream, workers)
+    loader = StreamLoader(stream)
     if not samples:  # the process before reading: imports, the stream, no workers yet
         return None
     start, first = time.perf_counter(), None
@@ -138,7 +138,7 @@ def throughput(url: str, samples: int) -> dict:
         bounds.append(len(raw) / (time.perf_counter() - start))
         stream = ShardStream(url, transform, 16, mode="train", seed=0, shuffle_buffer=100, batches_per_epoch=None)
         start, n = time.perf_counter(), 0
-        for batch in StreamLoader(stream, 0):
+        for batch in StreamLoader(stream):
             n += len(batch["key"])
             if n >= len(raw):
                 break

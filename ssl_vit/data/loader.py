@@ -34,9 +34,9 @@ class StreamLoader:
     two transfers).
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int = 0, device: torch.device | None = None,
-                 prefetch_factor: int = 4):
-        self.stream, self.num_workers, self.device = stream, num_workers, device or torch.device("cpu")
+    def __init__(self, stream: ShardStream, *, device: torch.device | None = None, prefetch_factor: int = 4):
+        self.stream, self.device = stream, device or torch.device("cpu")
+        num_workers = stream.num_workers  # the stream plans its slots for these workers: one number, one place
         start = stream.start
         self.state = StreamState(start.batches, dict(start.workers), start.layout, start.resplit)
         self._counts: dict[int, tuple[int, int]] = {}

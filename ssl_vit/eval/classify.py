@@ -19,7 +19,7 @@ def evaluate_classifier(model: nn.Module, source, accelerator, *, image_size: in
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=acc.device)  # correct@1, correct@5, seen
-    loader = StreamLoader(stream, num_workers, device=acc.device)
+    loader = StreamLoader(stream, device=acc.device)
     bar = tqdm(desc="evaluate", unit="img", disable=not (progress and acc.is_main_process), dynamic_ncols=True)
     with acc.autocast():
         for batch in loader:

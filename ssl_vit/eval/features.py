@@ -98,7 +98,7 @@ def extract_features(backbone: nn.Module, source, out_dir, *, accelerator=None, 
     keys, labels, dim = [], [], None
     rows = open(parts_dir / f"rank{acc.process_index}.f32", "wb")
     bar = tqdm(desc="features", unit="img", disable=not (progress and acc.is_main_process), dynamic_ncols=True)
-    loader = StreamLoader(stream, num_workers, device=acc.device)
+    loader = StreamLoader(stream, device=acc.device)
     with rows, acc.autocast():
         for batch in loader:
             feats = pooled_features(model, batch["views"][0], pooling, last_blocks).cpu().numpy()  # [B, D]

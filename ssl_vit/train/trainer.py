@@ -108,7 +108,7 @@ class Trainer:
                                   batches_per_epoch=self.spe * r.optim.accum_steps if shards.counts else None)
         self.step, self.skipped_steps, self.images_seen, self.train_seconds = 0, 0, 0, 0.0
         self._maybe_resume()
-        self.loader = StreamLoader(self.stream, r.data.num_workers, device=self.acc.device)
+        self.loader = StreamLoader(self.stream, device=self.acc.device)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _maybe_resume(self) -> None:
@@ -144,8 +144,7 @@ class Trainer:
                          "code_version": code_version(), "world_size": self.acc.num_processes,
                          "skipped_steps": self.skipped_steps, "images_seen": self.images_seen,
                          "train_seconds": self.train_seconds, "classes": self.classes}
-        stream_state = {"stream": self.loader.state.to_dict(), "num_workers": self.recipe.data.num_workers,
-                        "skip_counts": list(self.loader.skip_counts())}
+        stream_state = {"stream": self.loader.state.to_dict(), "skip_counts": list(self.loader.skip_counts())}
         return save_checkpoint(self.acc, self.out_dir / "checkpoints", self.step, trainer_state, stream_state,
                                keep=self.recipe.train.keep_checkpoints)
 
