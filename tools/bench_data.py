@@ -57,7 +57,7 @@ def view_sets(args) -> dict:
 
 def loader_rate(index: str, transform, workers: int, samples: int, batch: int) -> float:
     stream = ShardStream(index, transform, batch, mode="train", seed=0, num_workers=workers)
-    batches, t0, n = iter(StreamLoader(stream, workers)), None, 0
+    batches, t0, n = iter(StreamLoader(stream)), None, 0
     for batch_ in batches:
         if t0 is None:  # start the clock after the first batch: worker start-up is not throughput
             t0 = time.perf_counter()
