@@ -1,10 +1,15 @@
 """FAISS plumbing shared by k-NN and retrieval: thread counts, GPU detection, normalisation, chunked search."""
 import contextlib
 
-import faiss
 import numpy as np
 
 from ssl_vit.errors import SslVitError
+
+try:
+    import faiss
+except ModuleNotFoundError:  # FAISS comes from an extra: faiss-cpu and faiss-gpu-cu12 install the same module
+    raise SslVitError("FAISS is not installed: pip install 'ssl_vit[cpu]' (or 'ssl_vit[gpu]' on a CUDA 12 machine)") \
+        from None
 from ssl_vit.threads import available_cores
 
 # Rows normalised and added (or searched) per FAISS call: bounds the float32 copies we make of user arrays.

@@ -13,12 +13,12 @@ import shutil
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from ssl_vit.errors import SslVitError
 from ssl_vit.figure_io import save_png
 from ssl_vit.eval import faiss_utils
+from ssl_vit.eval.faiss_utils import faiss
 from ssl_vit.eval.feature_cache import replace_dir, require_labels
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
