@@ -1,17 +1,21 @@
-"""SSL vs supervised on the same data and budget: shards → pretrain each method → features → k-NN / linear probe →
-report. Every stage writes its result into the run folder and is skipped when re-run; a failing stage is named and
-what finished is kept.
+"""SSL vs supervised on the same data and budget, at several fractions of labels: shards → labelled subsets →
+pretrain (MAE/DINO once on every training image without labels; the supervised baseline once per fraction, on that
+fraction's labelled images only, same image budget) → features → k-NN / linear probe per fraction, the fraction's
+labelled images as the bank and the probe's training set → report. Every stage writes its result into the run folder
+and is skipped when re-run; a failing stage is named and what finished is kept.
 
     ssl-vit compare --recipe recipes/compare_cifar10_subset.yaml
 """
+import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ssl_vit.pipelines.compare_config import CompareConfig
+from ssl_vit.pipelines.compare_config import CompareConfig, needs_labels, training_recipe
 from ssl_vit.atomic_io import write_json_atomic
 from ssl_vit.errors import SslVitError
 
@@ -40,7 +44,7 @@ class StageRunner:
         return json.loads(done.read_text()) if done.suffix == ".json" else None
 
 
-def shards_for(source: str, out_prefix: Path, max_count: int) -> str:
+def shards_for(source: str, out_prefix: Path, max_count: int, unlabeled: bool = False) -> str:
     """An index.json for `source`: itself when it is one, else shards written once into the run folder."""
     from ssl_vit.data.writer import write_shards
 
@@ -48,7 +52,8 @@ def shards_for(source: str, out_prefix: Path, max_count: int) -> str:
         return source
     index = Path(f"{out_prefix}-index.json")
     if not index.exists():
-        write_shards(source, str(out_prefix), max_count=max_count, seed=0, workers=2, progress=True)
+        write_shards(source, str(out_prefix), max_count=max_count, seed=0, workers=2, progress=True,
+                     unlabeled=unlabeled)
     return str(index)
 
 
@@ -61,26 +66,50 @@ class RawPixels(nn.Module):
         return x.flatten(1)[:, None, :]  # [B, 1, 3·H·W]
 
 
-def pretrain(cfg: CompareConfig, method: str, train_index: str, out: Path) -> None:
-    from ssl_vit.config import load_recipe
+@dataclass(frozen=True)
+class Row:
+    """One line of a fraction's table: `name` in the table, `model` the folder its features come from."""
+    name: str
+    model: str                 # models/<model>, features/<model>
+    trained_on: int = 0        # labelled images its pretraining saw
+
+
+def steps_per_epoch(index: str, batch_size: int) -> int:
+    from ssl_vit.data.sources import expand_source
+
+    return max(1, expand_source(index).num_samples // batch_size)
+
+
+def same_warmup(recipe, index: str, full_index: str) -> list[str]:
+    """On a labelled subset an epoch is fewer steps; the warm-up, set in epochs of the full training set, keeps its
+    number of steps, so that every fraction's run has the same schedule and differs only in its images."""
+    if index == full_index or recipe.optim.warmup_epochs <= 0:
+        return []
+    b = recipe.data.batch_size
+    return [f"optim.warmup_epochs={recipe.optim.warmup_epochs * steps_per_epoch(full_index, b) / steps_per_epoch(index, b)}"]
+
+
+def pretrain(cfg: CompareConfig, method: str, train_source, out: Path, full_index: str) -> None:
     from ssl_vit.train.trainer import Trainer
 
     steps = cfg.budget.images // cfg.budget.batch_size
-    recipe = load_recipe(cfg.recipes[method], [*cfg.overrides, f"data.train={train_index}", f"train.out_dir={out}",
-                                               f"train.steps={steps}", "train.epochs=0", "train.resume=auto",
-                                               f"data.batch_size={cfg.budget.batch_size}"])
+    data = train_source if isinstance(train_source, str) else "[" + ", ".join(train_source) + "]"
+    run = [f"data.train={data}", f"train.out_dir={out}", f"train.steps={steps}", "train.epochs=0",
+           "train.resume=auto", f"data.batch_size={cfg.budget.batch_size}"]
+    recipe = training_recipe(cfg, method, run)
+    if isinstance(train_source, str):
+        recipe = training_recipe(cfg, method, [*run, *same_warmup(recipe, train_source, full_index)])
     Trainer(recipe).fit()
 
 
 def random_init(cfg: CompareConfig, out: Path) -> None:
     from accelerate.utils import set_seed
 
-    from ssl_vit.config import load_recipe
     from ssl_vit.methods import backbone_spec
     from ssl_vit.models.backbone import create_backbone
     from ssl_vit.models.export import export_backbone
 
-    recipe = load_recipe(cfg.recipes[cfg.methods[0]], [*cfg.overrides, "train.steps=1", "train.epochs=0"])
+    recipe = training_recipe(cfg, cfg.methods[0])
     set_seed(recipe.seed)
     spec = backbone_spec(recipe)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +124,7 @@ def extract(cfg: CompareConfig, model_dir: Path | None, source: str, out: Path) 
 
     e = cfg.eval
     if model_dir is None:
-        model, image_size = RawPixels(), raw_image_size(cfg)
+        model, image_size = RawPixels(), training_recipe(cfg, cfg.methods[0]).model.img_size
     else:
         model, meta = load_backbone(model_dir)
         image_size = int(meta["img_size"])
@@ -104,74 +133,143 @@ def extract(cfg: CompareConfig, model_dir: Path | None, source: str, out: Path) 
                      meta={"backbone": str(model_dir) if model_dir else "raw_pixels"})
 
 
-def raw_image_size(cfg: CompareConfig) -> int:
-    from ssl_vit.config import load_recipe
+def keys_digest(keys: list[str]) -> str:
+    """Names a labelled subset in every result computed from it (the same subset for every model)."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
-    return load_recipe(cfg.recipes[cfg.methods[0]], [*cfg.overrides, "train.steps=1", "train.epochs=0"]).model.img_size
 
+def evaluate(cfg: CompareConfig, feats: Path, keys: list[str], out: Path) -> None:
+    """k-NN and the linear probe with only the labelled samples `keys` of the train features as bank/training set."""
+    import numpy as np
 
-def evaluate(cfg: CompareConfig, feats: Path, out: Path) -> None:
-    from ssl_vit.eval.feature_cache import load_features
+    from ssl_vit.eval.feature_cache import FeatureSet, load_features
     from ssl_vit.eval.knn import knn_classify
     from ssl_vit.eval.linear_probe import linear_probe
 
     train, test = load_features(feats / "train"), load_features(feats / "test")
-    result = {"knn": knn_classify(train.features, train.labels, test.features, test.labels, ks=cfg.eval.knn_k,
+    row_of = {k: i for i, k in enumerate(train.keys)}
+    missing = [k for k in keys if k not in row_of]
+    if missing:
+        raise SslVitError(f"{feats / 'train'}: labelled sample {missing[0]} is not in the feature cache "
+                          f"({len(missing)} of {len(keys)} missing)")
+    rows = np.sort(np.asarray([row_of[k] for k in keys], dtype=np.int64))
+    bank = FeatureSet(np.asarray(train.features[rows]), train.labels[rows], [train.keys[i] for i in rows], train.meta)
+    ks = [k for k in cfg.eval.knn_k if k <= len(bank)]
+    if not ks:
+        raise SslVitError(f"eval.knn_k: every k {cfg.eval.knn_k} is larger than the {len(bank)} labelled samples")
+    result = {"num_labels": len(bank), "labels_digest": keys_digest(bank.keys),
+              "knn": knn_classify(bank.features, bank.labels, test.features, test.labels, ks=ks,
                                   temperature=cfg.eval.knn_temperature)}
     if cfg.eval.linear_probe:
-        result["linear_probe"] = linear_probe(train, test, lrs=cfg.eval.probe_lrs, epochs=cfg.eval.probe_epochs,
+        result["linear_probe"] = linear_probe(bank, test, lrs=cfg.eval.probe_lrs, epochs=cfg.eval.probe_epochs,
                                               seed=0)
     write_json_atomic(out, result)
 
 
-def finetune(cfg: CompareConfig, model_dir: Path, indexes: dict, out: Path) -> None:
+def finetune(cfg: CompareConfig, model_dir: Path, train_index: str, indexes: dict, out: Path) -> None:
     from ssl_vit.commands.finetune import finetune as run_finetune
     from ssl_vit.config import load_recipe
 
     steps = max(1, cfg.eval.finetune_images // cfg.budget.batch_size)
-    recipe = load_recipe(cfg.eval.finetune_recipe, [
-        *cfg.overrides, f"model.init={model_dir}", f"data.train={indexes['train']}", f"data.eval={indexes['test']}",
-        f"train.out_dir={out}", f"train.steps={steps}", "train.epochs=0", "train.resume=auto",
-        f"data.batch_size={cfg.budget.batch_size}"])
+    run = [f"model.init={model_dir}", f"data.train={train_index}", f"data.eval={indexes['test']}",
+           f"train.out_dir={out}", f"train.steps={steps}", "train.epochs=0", "train.resume=auto",
+           f"data.batch_size={cfg.budget.batch_size}"]
+    recipe = load_recipe(cfg.eval.finetune_recipe, [*cfg.overrides, *run])
+    recipe = load_recipe(cfg.eval.finetune_recipe,
+                         [*cfg.overrides, *run, *same_warmup(recipe, train_index, indexes["train"])])
     run_finetune(recipe, cfg.eval.finetune_recipe)
 
 
+def write_source_shards(cfg: CompareConfig, out: Path, stages: StageRunner) -> dict:
+    """{"train", "test"[, "unlabeled"]: index.json}: given indexes as they are, image sources written once."""
+    indexes = {}
+    for split in ("train", "test", "unlabeled"):
+        source = getattr(cfg.source, split)
+        if not source:
+            continue
+        prefix = out / "shards" / split
+        index = Path(source) if source.endswith(".json") else Path(f"{prefix}-index.json")
+        stages.run(f"shards:{split}", index,
+                   lambda s=source, p=prefix, u=split == "unlabeled": shards_for(s, p, cfg.source.shard_max_count, u))
+        indexes[split] = str(index)
+    return indexes
+
+
+def labelled_subsets(cfg: CompareConfig, indexes: dict, out: Path, stages: StageRunner) -> dict[float, dict]:
+    """{fraction: {"keys", "index"}}: the labelled samples of each fraction and, where a labelled method or
+    fine-tuning trains on them, shards holding only those (the full training shards at fraction 1)."""
+    from ssl_vit.eval.label_subsets import fraction_tag, label_table, subset_shards, write_subsets
+
+    def choose():
+        keys, labels = label_table(indexes["train"])
+        write_subsets(out / "labels" / "subsets.json", keys, labels, cfg.eval.label_fractions, cfg.eval.label_seed)
+
+    record = stages.run("labels:subsets", out / "labels" / "subsets.json", choose)
+    trains = cfg.eval.finetune or any(needs_labels(cfg, m) for m in cfg.methods)
+    subsets = {}
+    for f in cfg.eval.label_fractions:
+        keys = record["fractions"][f"{f:g}"]["keys"]
+        index = indexes["train"]
+        if f < 1 and trains:
+            folder = out / "labels" / fraction_tag(f)
+            stages.run(f"labels:shards:{fraction_tag(f)}", folder / "shards-index.json",
+                       lambda k=keys, d=folder: subset_shards(indexes["train"], k, d, cfg.budget.batch_size,
+                                                              cfg.source.shard_max_count))
+            index = str(folder / "shards-index.json")
+        subsets[f] = {"keys": keys, "index": index}
+    return subsets
+
+
+def pretrain_all(cfg: CompareConfig, indexes: dict, subsets: dict, out: Path, stages: StageRunner) -> dict:
+    """{fraction: [Row]}: each method's model(s), then the floors (random init, raw pixels)."""
+    from ssl_vit.eval.label_subsets import fraction_tag
+
+    ssl_data = [indexes["train"], indexes["unlabeled"]] if "unlabeled" in indexes else indexes["train"]
+    rows = {f: [] for f in subsets}
+    for method in cfg.methods:
+        labelled = needs_labels(cfg, method)
+        for f, subset in (subsets.items() if labelled else [(None, None)]):
+            name = f"{method}-{fraction_tag(f)}" if labelled else method
+            folder = out / "models" / name
+            data = subset["index"] if labelled else ssl_data
+            stages.run(f"pretrain:{name}", folder / "summary.json",
+                       lambda m=method, d=folder, s=data: pretrain(cfg, m, s, d, indexes["train"]))
+            for g in ([f] if labelled else rows):
+                rows[g].append(Row(method, name, len(subset["keys"]) if labelled else 0))
+    if cfg.random_init:
+        stages.run("random_init", out / "models" / "random_init" / "summary.json",
+                   lambda: random_init(cfg, out / "models" / "random_init"))
+    for f in rows:
+        rows[f] += [Row(n, n) for n, on in (("random_init", cfg.random_init), ("raw_pixels", cfg.eval.raw_pixels))
+                    if on]
+    return rows
+
+
 def run_compare(cfg: CompareConfig) -> dict:
+    from ssl_vit.eval.label_subsets import fraction_tag
     from ssl_vit.pipelines.report import write_report
 
     torch.manual_seed(0)
     out = Path(cfg.out_dir)
     stages = StageRunner(out)
-    indexes = {}
-    for split in ("train", "test"):
-        prefix = out / "shards" / split
-        index = Path(f"{prefix}-index.json") if not getattr(cfg.source, split).endswith(".json") \
-            else Path(getattr(cfg.source, split))
-        stages.run(f"shards:{split}", index,
-                   lambda s=split, p=prefix: shards_for(getattr(cfg.source, s), p, cfg.source.shard_max_count))
-        indexes[split] = str(index)
-    models = {}
-    for method in cfg.methods:
-        model_dir = out / "models" / method
-        stages.run(f"pretrain:{method}", model_dir / "summary.json",
-                   lambda m=method, d=model_dir: pretrain(cfg, m, indexes["train"], d))
-        models[method] = model_dir
-    if cfg.random_init:
-        models["random_init"] = out / "models" / "random_init"
-        stages.run("random_init", models["random_init"] / "summary.json",
-                   lambda: random_init(cfg, models["random_init"]))
-    rows = dict(models)
-    if cfg.eval.raw_pixels:
-        rows["raw_pixels"] = None
-    for name, model_dir in rows.items():
+    indexes = write_source_shards(cfg, out, stages)
+    subsets = labelled_subsets(cfg, indexes, out, stages)
+    rows = pretrain_all(cfg, indexes, subsets, out, stages)
+    for model in dict.fromkeys(row.model for f_rows in rows.values() for row in f_rows):
+        model_dir = None if model == "raw_pixels" else out / "models" / model
         for split in ("train", "test"):
-            folder = out / "features" / name / split
-            stages.run(f"features:{name}:{split}", folder / "meta.json",
+            folder = out / "features" / model / split
+            stages.run(f"features:{model}:{split}", folder / "meta.json",
                        lambda d=model_dir, s=split, f=folder: extract(cfg, d, indexes[s], f))
-        stages.run(f"evaluate:{name}", out / "eval" / f"{name}.json",
-                   lambda n=name: evaluate(cfg, out / "features" / n, out / "eval" / f"{n}.json"))
-        if cfg.eval.finetune and model_dir is not None:
-            ft_dir = out / "finetune" / name
-            stages.run(f"finetune:{name}", ft_dir / "finetune_eval.json",
-                       lambda d=model_dir, f=ft_dir: finetune(cfg, d, indexes, f))
+    for f, f_rows in rows.items():
+        tag, keys = fraction_tag(f), subsets[f]["keys"]
+        for row in f_rows:
+            stages.run(f"evaluate:{tag}:{row.name}", out / "eval" / tag / f"{row.name}.json",
+                       lambda r=row, t=tag: evaluate(cfg, out / "features" / r.model, keys,
+                                                     out / "eval" / t / f"{r.name}.json"))
+            if cfg.eval.finetune and row.model != "raw_pixels":
+                ft_dir = out / "finetune" / tag / row.name
+                stages.run(f"finetune:{tag}:{row.name}", ft_dir / "finetune_eval.json",
+                           lambda r=row, d=ft_dir, i=subsets[f]["index"]: finetune(cfg, out / "models" / r.model, i,
+                                                                                   indexes, d))
     return write_report(cfg, out, rows, indexes)

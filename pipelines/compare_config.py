@@ -4,8 +4,9 @@ from pathlib import Path
 
 import yaml
 
-from ssl_vit.config import _apply, _check, parse_override, _nest
+from ssl_vit.config import _apply, _check, load_recipe, parse_override, _nest
 from ssl_vit.errors import SslVitError
+from ssl_vit.eval.label_subsets import check_fractions
 from ssl_vit.eval.linear_probe import DEFAULT_LRS
 
 
@@ -13,6 +14,7 @@ from ssl_vit.eval.linear_probe import DEFAULT_LRS
 class SourceConfig:
     train: str = "data/cifar10_subset/train.tar.gz"   # image source (ImageFolder tree/tar, CSV/JSONL) or index.json
     test: str = "data/cifar10_subset/test.tar.gz"
+    unlabeled: str = ""                               # extra images without labels for MAE/DINO only ("": none)
     shard_max_count: int = 500                        # samples per shard when shards are written
 
 
@@ -24,7 +26,9 @@ class BudgetConfig:
 
 @dataclass
 class EvalConfig:
-    knn_k: list = field(default_factory=lambda: [10, 20, 100, 200])
+    label_fractions: list = field(default_factory=lambda: [0.01, 0.1, 1.0])  # labelled share of the train set
+    label_seed: int = 0                               # which samples are labelled (the same for every model)
+    knn_k: list = field(default_factory=lambda: [10, 20, 100, 200])  # those larger than a fraction's bank are dropped
     knn_temperature: float = 0.07
     linear_probe: bool = True
     probe_epochs: int = 100
@@ -72,8 +76,20 @@ def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConf
         _check(Path(cfg.recipes[method]).is_file(), f"recipes.{method}", f"file not found: {cfg.recipes[method]}")
     _check(cfg.budget.images >= cfg.budget.batch_size, "budget.images", "must be at least one batch")
     _check(all(isinstance(k, int) and k > 0 for k in cfg.eval.knn_k), "eval.knn_k", "must be positive integers")
+    cfg.eval.label_fractions = check_fractions(cfg.eval.label_fractions)
     if cfg.eval.finetune:
         _check(Path(cfg.eval.finetune_recipe).is_file(), "eval.finetune_recipe",
                f"file not found: {cfg.eval.finetune_recipe}")
         _check(cfg.eval.finetune_images >= cfg.budget.batch_size, "eval.finetune_images", "must be at least one batch")
     return cfg
+
+
+def training_recipe(cfg: CompareConfig, method: str, extra: list[str] | None = None):
+    """The training recipe of `method` with the comparison's overrides (and `extra`); without `extra`, as read for
+    its settings (a placeholder length, so that no training key is needed)."""
+    return load_recipe(cfg.recipes[method], [*cfg.overrides, *(extra or ["train.steps=1", "train.epochs=0"])])
+
+
+def needs_labels(cfg: CompareConfig, method: str) -> bool:
+    """Whether `method`'s recipe trains on labels (the supervised baseline): it then sees only a fraction's labels."""
+    return training_recipe(cfg, method).method == "supervised"

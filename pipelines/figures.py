@@ -26,6 +26,43 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
 
 
+# ---------------------------------------------------------------- label_efficiency.png
+FLOORS = ("random_init", "raw_pixels")  # drawn dashed: what any pretrained backbone should beat
+
+
+def label_efficiency_png(rows: list[dict], path: Path) -> None:
+    """Test top-1 against the fraction of training labels (log x), one line per model, one panel per metric that
+    has values (k-NN, linear probe, fine-tuning); the floors (random init, raw pixels) dashed."""
+    present = [(key, title) for key, title in (("knn_top1", "k-NN top-1"), ("linear_top1", "linear-probe top-1"),
+                                               ("finetune_top1", "fine-tune top-1"))
+               if any(row.get(key) is not None for row in rows)]
+    fig = Figure(figsize=(5.2 * max(1, len(present)), 4.6))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(present)), squeeze=False)[0])
+    if not present:
+        _note(axes[0], "no evaluation scores")
+    names = list(dict.fromkeys(row["model"] for row in rows))
+    fractions = sorted({row["fraction"] for row in rows})
+    labels = {row["fraction"]: row.get("num_labels") for row in rows if row.get("num_labels")}
+    for ax, (key, title) in zip(axes, present):
+        for i, name in enumerate(names):
+            points = sorted((row["fraction"], row[key]) for row in rows if row["model"] == name and row.get(key) is not None)
+            if points:
+                floor = name in FLOORS
+                ax.plot(*zip(*points), marker="o", ms=4, lw=1.2 if floor else 2.0, ls="--" if floor else "-",
+                        color=f"C{i}", label=name.replace("_", " "))
+        ax.set_xscale("log")
+        ax.set_xticks(fractions, [f"{f:.0%}" + (f"\n{labels[f]:,} labels" if f in labels else "") for f in fractions])
+        ax.minorticks_off()
+        ax.set_xlabel("fraction of training labels (log scale)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("How many labels does pretraining save? Test accuracy against the labels used", fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    _save(fig, path)
+
+
 # ---------------------------------------------------------------- comparison.png
 def comparison_png(rows: list[dict], models: dict, path: Path) -> None:
     """Left: grouped bars of each row's k-NN top-1/top-5 and linear-probe top-1 (None skipped); right: training-loss

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from ssl_vit.cli import main
+from ssl_vit.pipelines.compare import keys_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "compare_cifar10_subset.yaml")
@@ -24,38 +25,58 @@ def compare_args(out, train, test, *extra):
 @pytest.mark.slow
 def test_miniature_comparison_end_to_end(train_shards, bundled_test, tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(compare_args(out, train_shards, bundled_test)) == 0, capsys.readouterr().err
+    args = compare_args(out, train_shards, bundled_test, "eval.label_fractions=[0.01, 1.0]")
+    assert main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
-    rows = {row["model"]: row for row in report["rows"]}
-    assert list(rows) == ["mae", "dino", "supervised", "random_init", "raw_pixels"]
-    for name in ("mae", "dino", "supervised"):
-        assert rows[name]["images_seen"] == 256 == report["budget_images"]  # the same budget for every method
-        assert rows[name]["method"] == name and rows[name]["train_seconds"] > 0
-        assert 0 <= rows[name]["finetune_top1"] <= 100
-    for name, row in rows.items():
-        assert 0 <= row["knn_top1"] <= row["knn_top5"] <= 100, name
-        assert 0 <= row["linear_top1"] <= 100, name
-    assert rows["raw_pixels"]["finetune_top1"] is None
+    assert report["label_fractions"] == [0.01, 1.0]
+    rows = {(row["fraction"], row["model"]): row for row in report["rows"]}
+    names = ["mae", "dino", "supervised", "random_init", "raw_pixels"]
+    assert list(rows) == [(f, name) for f in (0.01, 1.0) for name in names]
+    subsets = json.loads((out / "labels" / "subsets.json").read_text())["fractions"]
+    for f, n in ((0.01, 50), (1.0, 5000)):
+        for name in names:  # every model evaluated on the same labelled subset
+            assert rows[(f, name)]["num_labels"] == n, (f, name)
+            assert rows[(f, name)]["labels_digest"] == keys_digest(subsets[f"{f:g}"]["keys"])
+        assert rows[(f, "supervised")]["pretrain_labels"] == n and rows[(f, "mae")]["pretrain_labels"] == 0
+        for name in ("mae", "dino", "supervised"):
+            assert rows[(f, name)]["images_seen"] == 256 == report["budget_images"]  # the same budget everywhere
+            assert rows[(f, name)]["method"] == name and rows[(f, name)]["train_seconds"] > 0
+            assert 0 <= rows[(f, name)]["finetune_top1"] <= 100
+        for name in names:
+            row = rows[(f, name)]
+            assert 0 <= row["knn_top1"] <= row["knn_top5"] <= 100 and 0 <= row["linear_top1"] <= 100, name
+        assert rows[(f, "raw_pixels")]["finetune_top1"] is None
+    # SSL models are pretrained once for every fraction; the supervised baseline once per fraction, on its labels
+    assert rows[(0.01, "mae")]["weights"] == rows[(1.0, "mae")]["weights"] == "mae"
+    assert rows[(0.01, "supervised")]["weights"] != rows[(1.0, "supervised")]["weights"]
+    sup_index = json.loads((out / "labels" / "f0.01" / "shards-index.json").read_text())
+    assert sup_index["class_counts"] == [2 * 5] * 10  # 5 labelled images per class, listed twice: ≥ one batch of 64
+    assert rows[(0.01, "mae")]["probe_selection"].startswith("5-fold")
+    assert rows[(1.0, "mae")]["probe_selection"] == "hold-out split"
     # The test split was written into shards by the pipeline: every test image evaluated once.
     test_meta = json.loads((out / "features" / "mae" / "test" / "meta.json").read_text())
     assert test_meta["num"] == 1000 and test_meta["skipped"] == 0
 
-    # report.md's table and the printed table say what report.json says.
+    # report.md's tables and the printed tables say what report.json says.
     md = (out / "report.md").read_text()
-    for row in report["rows"]:
-        line = next(l for l in md.splitlines() if l.startswith(f"| {row['model']} |"))
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[6] == f"{row['knn_top1']:.1f}" and cells[8] == f"{row['linear_top1']:.1f}", line
-        assert line in printed
-    for png in ("comparison.png", "retrieval.png", "attention.png"):
+    assert "### 1% of the labels (50 labelled training images" in md and "### 100% of the labels" in md
+    tables = md.split("### ")[1:]
+    for f, table in zip((0.01, 1.0), tables):
+        for name in names:
+            row = rows[(f, name)]
+            line = next(l for l in table.splitlines() if l.startswith(f"| {name} |"))
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert cells[5] == f"{row['knn_top1']:.1f}" and cells[7] == f"{row['linear_top1']:.1f}", line
+            assert line in printed
+    for png in ("label_efficiency.png", "comparison.png", "retrieval.png", "attention.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 100
 
     # Re-running skips every finished stage and reproduces the same report.
-    assert main(compare_args(out, train_shards, bundled_test)) == 0
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "[run ]" not in printed and printed.count("[skip]") >= 20
+    assert "[run ]" not in printed and printed.count("[skip]") >= 30
     assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
 
 

@@ -137,3 +137,29 @@ def test_cli_default_grid_is_the_probes_own(tmp_path):
     assert cli_main(["linear-probe", "--train-features", str(tmp_path / "train"), "--test-features",
                      str(tmp_path / "test"), "--epochs", "1", "--threads", "1", "--out", str(tmp_path / "p.json")]) == 0
     assert list(json.loads((tmp_path / "p.json").read_text())["grid"]) == [f"{lr:g}" for lr in DEFAULT_LRS]
+
+
+def test_few_labels_per_class_select_by_cross_validation():
+    """5 labels per class (1 % of the CIFAR-10 subset): no hold-out split is possible, so 5 folds each leave one
+    image of every class out, and the chosen lr is refit on all 5; with one image per class nothing is scored."""
+    from ssl_vit.eval.linear_probe import selection_folds
+
+    rng = np.random.default_rng(4)
+    centres = 3.0 * rng.normal(size=(4, 16))
+    y = np.repeat(np.arange(4), 5)
+    folds = selection_folds(y, 0.1, seed=0)
+    assert len(folds) == 5
+    for fit, val in folds:
+        assert np.bincount(y[val], minlength=4).tolist() == [1, 1, 1, 1] and len(np.intersect1d(fit, val)) == 0
+    assert sorted(np.concatenate([val for _, val in folds]).tolist()) == list(range(20))
+    train = FeatureSet((centres[y] + rng.normal(size=(20, 16))).astype(np.float32), y, [f"{i:02d}" for i in range(20)],
+                       {"pooling": "cls"})
+    _, test = make_set(rng, centres, 10, 1.0), make_set(rng, centres, 200, 1.0)
+    r = linear_probe(train, test, lrs=LRS, epochs=20, batch_size=64, num_threads=1)
+    assert r["selection"].startswith("5-fold") and r["num_train"] == 20 and r["num_val"] == 20
+    assert r["test_top1"] > 80.0 and set(r["grid"]) == {"0.001", "0.01", "0.1"}
+
+    one_shot = FeatureSet(train.features[::5], y[::5], train.keys[::5], {"pooling": "cls"})
+    assert selection_folds(one_shot.labels, 0.1, seed=0) == []
+    r = linear_probe(one_shot, test, lrs=LRS, epochs=20, batch_size=64, num_threads=1)
+    assert r["selection"].startswith("fixed lr") and r["best_lr"] == 1e-2 and r["grid"] is None

@@ -3,10 +3,12 @@
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "compare", help="pretrain MAE, DINO and a supervised baseline on the same data and budget, then report",
-        description="Runs shards → pretrain (each method, same images seen) → features → k-NN / linear probe → "
-                    "report.md, report.json, comparison.png, retrieval.png, attention.png in the run folder. "
-                    "Re-running skips finished stages.")
+        "compare", help="pretrain MAE, DINO and a supervised baseline on the same data and budget, then report "
+                        "at several fractions of labels",
+        description="Runs shards → labelled subsets (eval.label_fractions) → pretrain (MAE/DINO on every image "
+                    "without labels; supervised on each fraction's labelled images; same images seen) → features → "
+                    "k-NN / linear probe per fraction → report.md, report.json, label_efficiency.png, comparison.png, "
+                    "retrieval.png, attention.png in the run folder. Re-running skips finished stages.")
     p.add_argument("--recipe", required=True, help="comparison recipe, e.g. recipes/compare_cifar10_subset.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. budget.images=20000 out_dir=runs/x")
     p.set_defaults(func=run)
@@ -15,11 +17,11 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ssl_vit.pipelines.compare import run_compare
     from ssl_vit.pipelines.compare_config import load_compare_recipe
-    from ssl_vit.pipelines.report import markdown_table
+    from ssl_vit.pipelines.report import markdown_tables
 
     cfg = load_compare_recipe(args.recipe, args.overrides)
     report = run_compare(cfg)
     print()
-    print(markdown_table(report["rows"]))
+    print(markdown_tables(report))
     print(f"\nreport: {cfg.out_dir}/report.md")
     return 0

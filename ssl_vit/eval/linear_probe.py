@@ -7,9 +7,14 @@ code: many linear heads (learning rate x pooling) share one pass over the featur
 Optimizer: SGD, momentum 0.9, cosine lr to 0, as DINO's and DINOv2's linear evaluation: the lr grid is on SGD's
 scale (1e-3 .. 0.3), and after the affine-free BatchNorm every input dimension is standardised, so SGD is well
 conditioned; AdamW would need a different grid and its per-weight scaling buys nothing on a convex problem.
-Selection uses a stratified validation split of the *training* features; the test set is read only after the
-choice is made (`_select` never receives it); validation top-1 ties go to the lower validation loss. The chosen
-head is reported as trained on the remaining 1 - val_fraction (no refit on the full training set).
+Selection uses the *training* features only; the test set is read only after the choice is made (`_select`
+never receives it); validation top-1 ties go to the lower validation loss. With enough labels per class (every class
+gives at least one sample to a `val_fraction` split) the grid is scored on one stratified hold-out split and the
+chosen head is reported as trained on the remaining 1 - val_fraction (no refit). With few labels per class (1 % of a
+small dataset: a handful of images per class) one split would hold out nothing or a single image, so the grid is
+scored by stratified k-fold cross-validation (k = the smallest class's count, at most 5: with 5 images per class,
+leave one image of every class out per fold) and the chosen (lr, pooling) is refit on all of them. With a single
+image in some class nothing can be held out: the grid is not scored and FIXED_LR is used.
 """
 import math
 import time
@@ -23,6 +28,8 @@ from ssl_vit.eval import faiss_utils
 from ssl_vit.eval.feature_cache import FeatureSet, require_labels
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+MAX_FOLDS = 5
+FIXED_LR = 1e-2  # no selection possible (one labelled image in some class): the middle of the default grid
 
 
 def linear_probe(train: FeatureSet, test: FeatureSet, lrs=DEFAULT_LRS, epochs=100, batch_size=256,
@@ -39,17 +46,17 @@ def linear_probe(train: FeatureSet, test: FeatureSet, lrs=DEFAULT_LRS, epochs=10
     slices = pooling_slices(train.meta, train.dim)
     num_classes = int(train.labels.max()) + 1
     device = faiss_utils.torch_device(device)
+    opts = dict(epochs=epochs, batch_size=batch_size, seed=seed, weight_decay=weight_decay)
     with faiss_utils.thread_limit(num_threads):
-        fit_idx, val_idx = stratified_split(train.labels, val_fraction, seed)
-        choice = _select(train, fit_idx, val_idx, lrs, slices, num_classes,
-                         dict(epochs=epochs, batch_size=batch_size, seed=seed, weight_decay=weight_decay), device)
+        folds = selection_folds(train.labels, val_fraction, seed)
+        choice = _select(train, folds, lrs, slices, num_classes, opts, device)
         test_top1, test_top5 = _evaluate(choice["head"], test, num_classes, device)
     full = next(reversed(slices))
     return {"best_lr": choice["lr"], "best_pooling": choice["pooling"], "val_top1": choice["val_top1"],
-            "test_top1": test_top1, "test_top5": test_top5, "grid": choice["grid"][full],
-            "pooling_grid": choice["grid"], "epochs": epochs, "batch_size": batch_size,
-            "weight_decay": weight_decay, "optimizer": "sgd(momentum=0.9), cosine lr",
-            "num_train": len(fit_idx), "num_val": len(val_idx), "num_test": len(test),
+            "test_top1": test_top1, "test_top5": test_top5, "grid": choice["grid"].get(full),
+            "pooling_grid": choice["grid"], "selection": choice["selection"], "epochs": epochs,
+            "batch_size": batch_size, "weight_decay": weight_decay, "optimizer": "sgd(momentum=0.9), cosine lr",
+            "num_train": choice["num_train"], "num_val": choice["num_val"], "num_test": len(test),
             "num_classes": num_classes, "seed": seed, "device": device.type, "seconds": time.perf_counter() - t_start}
 
 
@@ -83,6 +90,26 @@ def stratified_split(labels, val_fraction: float, seed: int):
         raise SslVitError(f"val_fraction={val_fraction} leaves no validation samples out of {len(labels)}: "
                           "raise it or provide more training features")
     return fit, val
+
+
+def selection_folds(labels, val_fraction: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(fit indices, val indices)] the grid is scored on: one `stratified_split` when every class gives it a
+    validation sample; else stratified k-fold (each class's samples in a seeded order, dealt round-robin to
+    k = min(smallest class, MAX_FOLDS) folds); [] when some class has a single sample (nothing to hold out)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    smallest = int(counts[counts > 0].min())
+    if round(val_fraction * smallest) >= 1:
+        return [stratified_split(labels, val_fraction, seed)]
+    if smallest < 2:
+        return []
+    k = min(smallest, MAX_FOLDS)
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold_of[members] = np.arange(len(members)) % k
+    return [(np.flatnonzero(fold_of != j), np.flatnonzero(fold_of == j)) for j in range(k)]
 
 
 class ProbeGrid(nn.Module):
@@ -121,34 +148,61 @@ def cosine_factor(step: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
 
-def _select(train: FeatureSet, fit_idx, val_idx, lrs, slices, num_classes, opts, device) -> dict:
-    """Train every head on `fit_idx` rows, score on `val_idx` rows, return the best by validation top-1."""
-    x = torch.from_numpy(np.asarray(train.features[fit_idx], dtype=np.float32)).to(device)
-    y = torch.from_numpy(np.asarray(train.labels[fit_idx], dtype=np.int64)).to(device)
+def _select(train: FeatureSet, folds, lrs, slices, num_classes, opts, device) -> dict:
+    """The best (pooling, lr) by validation top-1 summed over `folds` (ties: lower validation loss, then the
+    earlier grid entry) and its head: from the one fold's grid, or refit on every row after cross-validation."""
+    every_row = np.arange(len(train))
+    if not folds:
+        name = next(reversed(slices))
+        grid = _fit_grid(train, every_row, (FIXED_LR,), slices, num_classes, opts, device)
+        return {"pooling": name, "lr": FIXED_LR, "val_top1": None, "grid": {}, "selection": "fixed lr (a class has "
+                "one labelled sample)", "head": (slices[name], nn.Sequential(grid.norms[name], grid.heads[name][0])),
+                "num_train": len(train), "num_val": 0}
+    correct, loss, seen = {}, {}, 0
+    for fit_idx, val_idx in folds:
+        grid = _fit_grid(train, fit_idx, lrs, slices, num_classes, opts, device)
+        for key, (n, total) in _score(grid, train, val_idx, device).items():
+            correct[key] = correct.get(key, 0) + n
+            loss[key] = loss.get(key, 0.0) + total
+        seen += len(val_idx)
+    scores = {key: 100.0 * n / seen for key, n in correct.items()}
+    order = list(scores)
+    best = max(order, key=lambda key: (scores[key], -loss[key], -order.index(key)))
+    name, i = best
+    if len(folds) > 1:
+        grid = _fit_grid(train, every_row, lrs, slices, num_classes, opts, device)
+    selection = "hold-out split" if len(folds) == 1 else f"{len(folds)}-fold cross-validation, refit on all"
+    return {"pooling": name, "lr": lrs[i], "val_top1": scores[best], "selection": selection,
+            "head": (slices[name], nn.Sequential(grid.norms[name], grid.heads[name][i])),
+            "grid": {p: {f"{lr:g}": scores[(p, j)] for j, lr in enumerate(lrs)} for p in slices},
+            "num_train": len(folds[0][0]) if len(folds) == 1 else len(train), "num_val": seen}
+
+
+def _fit_grid(train: FeatureSet, rows, lrs, slices, num_classes, opts, device) -> "ProbeGrid":
+    x = torch.from_numpy(np.asarray(train.features[rows], dtype=np.float32)).to(device)
+    y = torch.from_numpy(np.asarray(train.labels[rows], dtype=np.int64)).to(device)
     if len(x) < 2:
         raise SslVitError(f"linear probe needs at least 2 training samples after the validation split, got {len(x)}")
     generator = torch.Generator().manual_seed(opts["seed"])
     grid = ProbeGrid(slices, lrs, num_classes, generator).to(device)
     _train(grid, x, y, opts, generator)
+    return grid
 
-    xv = torch.from_numpy(np.asarray(train.features[val_idx], dtype=np.float32)).to(device)
-    yv = torch.from_numpy(np.asarray(train.labels[val_idx], dtype=np.int64)).to(device)
-    correct, loss = {}, {}
+
+def _score(grid: "ProbeGrid", train: FeatureSet, rows, device) -> dict:
+    """{(pooling, lr index): (correct, summed cross-entropy)} of every head on `rows`."""
+    xv = torch.from_numpy(np.asarray(train.features[rows], dtype=np.float32)).to(device)
+    yv = torch.from_numpy(np.asarray(train.labels[rows], dtype=np.int64)).to(device)
+    out = {}
     grid.eval()
     with torch.no_grad():
         for start in range(0, len(xv), 4096):
             y = yv[start:start + 4096]
             for key, logits in grid(xv[start:start + 4096]).items():
-                correct[key] = correct.get(key, 0) + int((logits.argmax(1) == y).sum())
-                loss[key] = loss.get(key, 0.0) + float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-    scores = {key: 100.0 * n / len(xv) for key, n in correct.items()}
-    order = list(scores)
-    # ties in accuracy (common on easy data) go to the lower validation loss, then to the earlier grid entry
-    best = max(order, key=lambda key: (scores[key], -loss[key], -order.index(key)))
-    name, i = best
-    head = nn.Sequential(grid.norms[name], grid.heads[name][i])
-    return {"pooling": name, "lr": lrs[i], "val_top1": scores[best], "head": (slices[name], head),
-            "grid": {p: {f"{lr:g}": scores[(p, j)] for j, lr in enumerate(lrs)} for p in slices}}
+                n, total = out.get(key, (0, 0.0))
+                out[key] = (n + int((logits.argmax(1) == y).sum()),
+                            total + float(nn.functional.cross_entropy(logits, y, reduction="sum")))
+    return out
 
 
 def _train(grid: ProbeGrid, x, y, opts, generator) -> None:
