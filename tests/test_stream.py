@@ -125,7 +125,7 @@ def test_train_mode_shuffles_across_epochs_and_seeds(train_shards):
 
     assert first_batch(1) == first_batch(1)
     assert first_batch(1) != first_batch(2)
-    labels = next(iter(StreamLoader(ShardStream(str(train_shards), two_views, 64, seed=0), 0)))["label"]
+    labels = next(iter(StreamLoader(ShardStream(str(train_shards), two_views, 64, seed=0))))["label"]
     assert len(set(labels.tolist())) >= 5  # shuffled: a batch mixes classes
 
 

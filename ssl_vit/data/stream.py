@@ -16,15 +16,10 @@ Evaluation (`mode="eval"`): every sample exactly once, in shard order, with its 
 to slots, so slots may hold unequal counts (the feature extractor gathers variable-length results).
 
 Batches are formed inside the worker (`DataLoader(batch_size=None)`), next to a `BatchMeta` saying where the slot
-stands. A worker hands over `per_transfer` batches at a time: every transfer from a worker process costs ~1 ms in the
-worker and ~1 ms in the main process whatever its size (measured in bench/results), so batches of small views travel
-in groups of at least TRANSFER_BYTES. The DataLoader takes transfers from workers in a fixed round-robin order; on
-resume the logical worker ids are rotated, and the worker that was in the middle of a transfer first sends the rest
-of it, so that the batch sequence continues where it stopped.
+stands, and travel in groups (`transfers`).
 """
 import contextlib
 import logging
-import math
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable
@@ -36,14 +31,13 @@ from ssl_vit.data.epochs import EpochPlan, Layout, resplit_state, window_order
 from ssl_vit.data.samples import BadSample, decode_image, decode_label
 from ssl_vit.data.sources import ShardList, expand_source
 from ssl_vit.data.tar_reader import iter_samples
+from ssl_vit.data.transfers import batches_per_transfer, in_transfers, logical_worker
 from ssl_vit.errors import SslVitError
 from ssl_vit.seeding import stable_seed
 
 log = logging.getLogger("ssl_vit.data")
 
 MIN_SAMPLES_BEFORE_SKIP_CHECK = 100
-TRANSFER_BYTES = 3 << 20  # with workers, batches of views are handed over in groups of at least this size
-MAX_BATCHES_PER_TRANSFER = 8
 DEFAULT_SHUFFLE_BUFFER = 1000
 
 
@@ -160,34 +154,18 @@ class ShardStream(IterableDataset):
     def batches_per_transfer(self) -> int:
         return self.layout.per_transfer
 
-    def _logical_worker(self) -> tuple[int, int, int]:
-        """(logical worker id, number of workers, batches in this worker's first transfer)."""
-        info = get_worker_info()
-        workers = info.num_workers if info else 1
-        if info and workers != max(1, self.num_workers):
-            raise SslVitError(f"stream built for {self.num_workers} workers runs in a loader with {workers}")
-        physical = info.id if info else 0
-        transfers_done, batches_into_transfer = divmod(self.start.batches, self.batches_per_transfer)
-        first = self.batches_per_transfer - (batches_into_transfer if physical == 0 else 0)
-        return (physical + transfers_done) % workers, workers, first
-
     def __iter__(self):
         """Lists of (batch, BatchMeta): one transfer from this worker each."""
-        worker, workers, first_transfer = self._logical_worker()
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        if info and workers != self.layout.workers:
+            raise SslVitError(f"stream built for {self.num_workers} workers runs in a loader with {workers}")
+        worker, first_transfer = logical_worker(info.id if info else 0, workers, self.start.batches,
+                                                self.batches_per_transfer)
         slot = self.rank * workers + worker
         samples = self._train_samples(slot, worker) if self.mode == "train" else \
             self._eval_samples(slot, self.world_size * workers)
-        return self._transfers(self._batches(samples, worker), first_transfer)
-
-    def _transfers(self, batches, first: int):
-        size, transfer = first, []
-        for batch in batches:
-            transfer.append(batch)
-            if len(transfer) == size:
-                yield transfer
-                size, transfer = self.batches_per_transfer, []
-        if transfer:
-            yield transfer
+        return in_transfers(self._batches(samples, worker), first_transfer, self.batches_per_transfer)
 
     # -- sample streams: yield (raw sample, epoch, position after it) -------------------------------------------
     def _train_samples(self, slot: int, worker: int):
@@ -295,16 +273,3 @@ def caller_rng_kept():
         yield
     finally:
         torch.default_generator.set_state(state)
-
-
-def batches_per_transfer(batch_size: int, view_sizes: list[int] | None) -> int:
-    """How many batches a worker hands over at once: enough for TRANSFER_BYTES of float32 RGB views (1 where the
-    view sizes are unknown)."""
-    if not view_sizes:
-        return 1
-    batch_bytes = batch_size * sum(3 * 4 * size * size for size in view_sizes)
-    return max(1, min(MAX_BATCHES_PER_TRANSFER, math.ceil(TRANSFER_BYTES / batch_bytes)))
-
-
-def steps_per_epoch(num_samples: int | None, global_batch: int) -> int | None:
-    return None if num_samples is None else num_samples // global_batch
