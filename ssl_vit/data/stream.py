@@ -86,7 +86,9 @@ def collate(items: list[tuple[list[torch.Tensor], int, str]]) -> dict:
     Every tensor a DataLoader worker returns crosses to the main process through its own shared-memory handshake
     (~1 ms each), so labels travel as a list and StreamLoader makes the tensor. default_collate stacks straight into
     shared memory inside a worker, saving a copy per batch."""
-    views = [default_collate(list(v)) for v in zip(*(item[0] for item in items))]
+    # A view made from an HWC image is a strided CHW tensor: one small contiguous copy each is ~0.1 ms, where
+    # stacking strided views in one call runs torch's threaded strided copy (10-100 ms a batch of 16 at 224 px).
+    views = [default_collate([view.contiguous() for view in v]) for v in zip(*(item[0] for item in items))]
     return {"views": views, "label": [item[1] for item in items], "key": [item[2] for item in items]}
 
 
