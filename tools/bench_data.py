@@ -238,8 +238,9 @@ def photo_section(args, tmp: Path) -> dict:
     raw = [s for url in expand_source(index).urls for s in read_shard(url)]
     items = [(s["jpg"], int(s["cls"])) for s in raw]
     samples = min(args.photo_samples, len(items) - 2 * args.batch)
-    results = {"images": len(items), "long_side": args.photo_side, "mean_jpeg_bytes": round(sum(len(d) for d, _ in items) / len(items)),
-               "samples_timed": samples, "batch": args.batch, "views": {}}
+    results = {"images": len(items), "long_side": args.photo_side,
+               "mean_jpeg_bytes": round(sum(len(d) for d, _ in items) / len(items)), "samples_timed": samples,
+               "batch": args.batch, "views": {}}
     pipelines = {"mae": (mae_views(224), mae_transforms_train()),
                  "dino": (dino_views(224, 96, 10), DataAugmentationDINO(local_crops_number=10))}
     for name, (specs, reference) in pipelines.items():
