@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssl_vit.pipelines.compare_config import CompareConfig, needs_labels, training_recipe
+from ssl_vit.pipelines.compare_config import CompareConfig, eval_resize, needs_labels, training_recipe
 from ssl_vit.atomic_io import write_json_atomic
 from ssl_vit.errors import SslVitError
 
@@ -68,9 +68,11 @@ class RawPixels(nn.Module):
 
 @dataclass(frozen=True)
 class Row:
-    """One line of a fraction's table: `name` in the table, `model` the folder its features come from."""
+    """One line of a fraction's table: `name` in the table, `model` the features/<model> folder, `source` the
+    backbone they are extracted from (anything `load_backbone` takes; None: raw pixels)."""
     name: str
-    model: str                 # models/<model>, features/<model>
+    model: str
+    source: str | None
     trained_on: int = 0        # labelled images its pretraining saw
 
 
@@ -118,19 +120,20 @@ def random_init(cfg: CompareConfig, out: Path) -> None:
                                       "images_per_s": None})
 
 
-def extract(cfg: CompareConfig, model_dir: Path | None, source: str, out: Path) -> None:
+def extract(cfg: CompareConfig, backbone: str | None, source: str, out: Path) -> None:
+    """Features of `backbone` (None: raw pixels at the training recipes' size) at its own input size."""
     from ssl_vit.eval.features import extract_features
     from ssl_vit.loading import load_backbone
 
     e = cfg.eval
-    if model_dir is None:
+    if backbone is None:
         model, image_size = RawPixels(), training_recipe(cfg, cfg.methods[0]).model.img_size
     else:
-        model, meta = load_backbone(model_dir)
+        model, meta = load_backbone(backbone)
         image_size = int(meta["img_size"])
-    extract_features(model, source, out, image_size=image_size, resize=e.resize or None, pooling="cls",
+    extract_features(model, source, out, image_size=image_size, resize=eval_resize(cfg, image_size), pooling="cls",
                      batch_size=e.batch_size, num_workers=e.num_workers,
-                     meta={"backbone": str(model_dir) if model_dir else "raw_pixels"})
+                     meta={"backbone": str(backbone) if backbone else "raw_pixels"})
 
 
 def keys_digest(keys: list[str]) -> str:
@@ -172,6 +175,7 @@ def finetune(cfg: CompareConfig, model_dir: Path, train_index: str, indexes: dic
 
     steps = max(1, cfg.eval.finetune_images // cfg.budget.batch_size)
     run = [f"model.init={model_dir}", f"data.train={train_index}", f"data.eval={indexes['test']}",
+           f"data.eval_resize={eval_resize(cfg, training_recipe(cfg, cfg.methods[0]).model.img_size)}",
            f"train.out_dir={out}", f"train.steps={steps}", "train.epochs=0", "train.resume=auto",
            f"data.batch_size={cfg.budget.batch_size}"]
     recipe = load_recipe(cfg.eval.finetune_recipe, [*cfg.overrides, *run])
@@ -204,7 +208,15 @@ def labelled_subsets(cfg: CompareConfig, indexes: dict, out: Path, stages: Stage
         keys, labels = label_table(indexes["train"])
         write_subsets(out / "labels" / "subsets.json", keys, labels, cfg.eval.label_fractions, cfg.eval.label_seed)
 
-    record = stages.run("labels:subsets", out / "labels" / "subsets.json", choose)
+    path = out / "labels" / "subsets.json"
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record["seed"] != cfg.eval.label_seed:
+            raise SslVitError(f"{path} holds the labelled subsets of eval.label_seed={record['seed']}, not "
+                              f"{cfg.eval.label_seed}: their models and results are in {out}; choose another out_dir")
+        if any(f"{f:g}" not in record["fractions"] for f in cfg.eval.label_fractions):
+            path.unlink()  # a new fraction: the subsets are a function of the seed, the old ones come out the same
+    record = stages.run("labels:subsets", path, choose)
     trains = cfg.eval.finetune or any(needs_labels(cfg, m) for m in cfg.methods)
     subsets = {}
     for f in cfg.eval.label_fractions:
@@ -235,14 +247,16 @@ def pretrain_all(cfg: CompareConfig, indexes: dict, subsets: dict, out: Path, st
             stages.run(f"pretrain:{name}", folder / "summary.json",
                        lambda m=method, d=folder, s=data: pretrain(cfg, m, s, d, indexes["train"]))
             for g in ([f] if labelled else rows):
-                rows[g].append(Row(method, name, len(subset["keys"]) if labelled else 0))
+                rows[g].append(Row(method, name, str(folder), len(subset["keys"]) if labelled else 0))
+    floors = []
     if cfg.random_init:
         stages.run("random_init", out / "models" / "random_init" / "summary.json",
                    lambda: random_init(cfg, out / "models" / "random_init"))
-    for f in rows:
-        rows[f] += [Row(n, n) for n, on in (("random_init", cfg.random_init), ("raw_pixels", cfg.eval.raw_pixels))
-                    if on]
-    return rows
+        floors.append(Row("random_init", "random_init", str(out / "models" / "random_init")))
+    if cfg.eval.raw_pixels:
+        floors.append(Row("raw_pixels", "raw_pixels", None))
+    backbones = [Row(name, name, source) for name, source in cfg.backbones.items()]
+    return {f: [*f_rows, *backbones, *floors] for f, f_rows in rows.items()}
 
 
 def run_compare(cfg: CompareConfig) -> dict:
@@ -255,21 +269,19 @@ def run_compare(cfg: CompareConfig) -> dict:
     indexes = write_source_shards(cfg, out, stages)
     subsets = labelled_subsets(cfg, indexes, out, stages)
     rows = pretrain_all(cfg, indexes, subsets, out, stages)
-    for model in dict.fromkeys(row.model for f_rows in rows.values() for row in f_rows):
-        model_dir = None if model == "raw_pixels" else out / "models" / model
+    for row in {row.model: row for f_rows in rows.values() for row in f_rows}.values():
         for split in ("train", "test"):
-            folder = out / "features" / model / split
-            stages.run(f"features:{model}:{split}", folder / "meta.json",
-                       lambda d=model_dir, s=split, f=folder: extract(cfg, d, indexes[s], f))
+            folder = out / "features" / row.model / split
+            stages.run(f"features:{row.model}:{split}", folder / "meta.json",
+                       lambda b=row.source, s=split, f=folder: extract(cfg, b, indexes[s], f))
     for f, f_rows in rows.items():
         tag, keys = fraction_tag(f), subsets[f]["keys"]
         for row in f_rows:
             stages.run(f"evaluate:{tag}:{row.name}", out / "eval" / tag / f"{row.name}.json",
                        lambda r=row, t=tag: evaluate(cfg, out / "features" / r.model, keys,
                                                      out / "eval" / t / f"{r.name}.json"))
-            if cfg.eval.finetune and row.model != "raw_pixels":
+            if cfg.eval.finetune and row.name not in ("raw_pixels", *cfg.backbones):  # the recipe's architecture
                 ft_dir = out / "finetune" / tag / row.name
                 stages.run(f"finetune:{tag}:{row.name}", ft_dir / "finetune_eval.json",
-                           lambda r=row, d=ft_dir, i=subsets[f]["index"]: finetune(cfg, out / "models" / r.model, i,
-                                                                                   indexes, d))
+                           lambda r=row, d=ft_dir, i=subsets[f]["index"]: finetune(cfg, r.source, i, indexes, d))
     return write_report(cfg, out, rows, indexes)

@@ -36,7 +36,7 @@ class EvalConfig:
     raw_pixels: bool = True                           # a raw-pixel k-NN row: the floor any backbone should beat
     batch_size: int = 256
     num_workers: int = 1
-    resize: int = 0                                   # 0: no resize before the centre crop (right for 32-px CIFAR)
+    crop_pct: float = 0.875                           # centre crop / resized shorter side (1.0: the whole image)
     finetune: bool = False                            # also fine-tune every backbone end to end (slow)
     finetune_recipe: str = "recipes/finetune_vit_tiny_cifar10.yaml"
     finetune_images: int = 20000                      # images seen by each fine-tuning run
@@ -53,6 +53,7 @@ class CompareConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    backbones: dict = field(default_factory=dict)      # extra rows, name → any backbone (timm:NAME, local-dir:PATH, ...)
 
 
 def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConfig:
@@ -77,6 +78,12 @@ def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConf
     _check(cfg.budget.images >= cfg.budget.batch_size, "budget.images", "must be at least one batch")
     _check(all(isinstance(k, int) and k > 0 for k in cfg.eval.knn_k), "eval.knn_k", "must be positive integers")
     cfg.eval.label_fractions = check_fractions(cfg.eval.label_fractions)
+    _check(0 < cfg.eval.crop_pct <= 1, "eval.crop_pct", f"must be in (0, 1], got {cfg.eval.crop_pct}")
+    taken = {*cfg.methods, "random_init", "raw_pixels"}
+    for name, source in cfg.backbones.items():
+        _check(name not in taken, f"backbones.{name}", "is already a row of the comparison: choose another name")
+        _check(isinstance(source, str) and source, f"backbones.{name}", "expected a backbone (timm:NAME, "
+               "timm-random:NAME, local-dir:PATH, hf-hub:ID, a run folder or an export)")
     if cfg.eval.finetune:
         _check(Path(cfg.eval.finetune_recipe).is_file(), "eval.finetune_recipe",
                f"file not found: {cfg.eval.finetune_recipe}")
@@ -93,3 +100,8 @@ def training_recipe(cfg: CompareConfig, method: str, extra: list[str] | None = N
 def needs_labels(cfg: CompareConfig, method: str) -> bool:
     """Whether `method`'s recipe trains on labels (the supervised baseline): it then sees only a fraction's labels."""
     return training_recipe(cfg, method).method == "supervised"
+
+
+def eval_resize(cfg: CompareConfig, image_size: int) -> int:
+    """The shorter side images are resized to before the centre crop of `image_size` (every row, fine-tuning too)."""
+    return round(image_size / cfg.eval.crop_pct)

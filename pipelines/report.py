@@ -36,6 +36,7 @@ def model_row(row, fraction: float, out: Path) -> dict:
     finetune = _read(out / "finetune" / tag / row.name / "finetune_eval.json")
     return {"fraction": fraction, "num_labels": result.get("num_labels"), "labels_digest": result.get("labels_digest"),
             "model": row.name, "method": summary.get("method", row.name), "weights": row.model,
+            "source": row.source,
             "pretrain_labels": row.trained_on, "images_seen": summary.get("images_seen", 0),
             "train_seconds": summary.get("train_seconds") or None, "images_per_s": summary.get("images_per_s"),
             "knn_k": k, "knn_top1": knn.get(k, {}).get("top1"), "knn_top5": knn.get(k, {}).get("top5"),
@@ -101,14 +102,16 @@ def write_report(cfg: CompareConfig, out: Path, rows_by_fraction: dict, indexes:
     (out / "report.json").write_text(json.dumps(report, indent=1))
     largest = max(rows_by_fraction)
     top = [row for row in rows if row["fraction"] == largest]
-    trained = {row["weights"]: out / "models" / row["weights"] for row in rows if row["weights"] != "raw_pixels"}
+    trained = {row["weights"]: out / "models" / row["weights"] for row in rows
+               if (out / "models" / row["weights"]).is_dir()}
     md = [f"# SSL vs supervised: {cfg.name}", "",
           f"Every pretraining run saw the same budget: **{cfg.budget.images:,} images** (batch "
           f"{cfg.budget.batch_size}) on `{backbone}`. MAE and DINO pretrain once, on every training image without "
           "labels; the supervised baseline pretrains once per fraction, on that fraction's labelled images only "
           "(the same budget: more epochs over fewer images). Every evaluation at a fraction uses only its labelled "
           "images (class-balanced, seeded, nested: the same for every model).", "",
-          markdown_tables(report), report["protocol"] + ".", "",
+          markdown_tables(report), *[f"`{name}`: `{source}` (evaluated as it is, not trained here)." for name, source
+                                     in cfg.backbones.items()], "", report["protocol"] + ".", "",
           "MAE features are known to be weak under k-NN and strong after fine-tuning (He et al. 2021; lightly's "
           "ImageNet benchmarks): read the k-NN and linear-probe columns together.", "",
           "![label efficiency](label_efficiency.png)", "", "![comparison](comparison.png)", "",

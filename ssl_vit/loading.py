@@ -1,13 +1,23 @@
 """Models from what runs leave behind, in one place: an exported backbone (`backbone.safetensors`), a run folder, a
-training checkpoint (`ckpt-<step>/`) or a timm name (`timm:<name>`, timm's pretrained weights) → a backbone (what
-evaluation uses) or a whole method; and a recipe → a method that starts from `model.init` (fine-tuning).
+training checkpoint (`ckpt-<step>/`), a timm name or a timm / Hugging Face model folder → a backbone (what evaluation
+uses) or a whole method; and a recipe → a method that starts from `model.init` (fine-tuning).
+
+Sources by prefix: `timm:<name>` (timm's pretrained weights, from the local timm/HF cache or the hub),
+`timm-random:<name>` (the architecture, randomly initialised: a floor for that backbone), `local-dir:<folder>` (a
+folder as timm's `save_for_hf` writes it: config.json + model.safetensors; our exports are such folders too) and
+`hf-hub:<id>` (the same from the Hugging Face Hub). A backbone whose config asks for another mean/std than the one
+our views are normalised with gets it folded into its patch embedding (exact: the patch embedding is linear).
 
 Methods never load weights themselves: `build_method` gives a freshly initialised one, and this module fills it.
 """
+import contextlib
 import json
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import checkpoint_filter_fn
@@ -17,18 +27,28 @@ from ssl_vit.config import Recipe, _apply
 from ssl_vit.errors import SslVitError
 from ssl_vit.methods import backbone_spec, build_method
 from ssl_vit.methods.base import Method
-from ssl_vit.models.export import first_mismatch, read_backbone_meta, reference_model
+from ssl_vit.models.export import META_KEY, first_mismatch, read_backbone_meta, reference_model
 from ssl_vit.train.checkpoint import find_checkpoint
+from ssl_vit.transforms.normalize import MEAN, STD
 
 EXPORT = "backbone.safetensors"
 TIMM_PREFIX = "timm:"
+# name prefix → (timm.create_model's name prefix, load pretrained weights)
+TIMM_SOURCES = {TIMM_PREFIX: ("", True), "timm-random:": ("", False), "local-dir:": ("local-dir:", True),
+                "hf-hub:": ("hf-hub:", True)}
+
+
+def timm_source(source) -> str | None:
+    """The prefix of `source` when timm builds it (a name, a local folder or a Hub id), else None."""
+    return next((prefix for prefix in TIMM_SOURCES if str(source).startswith(prefix)), None)
 
 
 def load_backbone(source) -> tuple[nn.Module, dict]:
     """`source`: an export, a run folder holding one, a checkpoint folder (the method's `backbone()`: DINO's teacher)
     or `timm:<name>`. Returns (model in eval mode, metadata with at least model_name, img_size and patch_size)."""
-    if str(source).startswith(TIMM_PREFIX):
-        return _from_timm(str(source)[len(TIMM_PREFIX):])
+    prefix = timm_source(source)
+    if prefix is not None:
+        return _from_timm(prefix, str(source)[len(prefix):])
     path = Path(source)
     if path.is_dir() and (path / EXPORT).is_file():
         path = path / EXPORT
@@ -38,12 +58,12 @@ def load_backbone(source) -> tuple[nn.Module, dict]:
         method, meta = load_method(path)
         return method.backbone().eval(), meta
     raise SslVitError(f"backbone {path}: no such file or folder (expected {EXPORT}, a run folder with one, a "
-                      f"checkpoint folder or {TIMM_PREFIX}<name>)")
+                      f"checkpoint folder or one of {', '.join(p + '...' for p in TIMM_SOURCES)})")
 
 
 def source_name(source) -> str:
-    """How to record where a backbone came from: a timm name as given, a path resolved."""
-    return str(source) if str(source).startswith(TIMM_PREFIX) else str(Path(source).resolve())
+    """How to record where a backbone came from: a timm name, folder or Hub id as given, a path resolved."""
+    return str(source) if timm_source(source) else str(Path(source).resolve())
 
 
 def load_method(path) -> tuple[Method, dict]:
@@ -86,7 +106,7 @@ def init_backbone(model: nn.Module, source) -> dict:
     """Copy the backbone at `source` (anything `load_backbone` takes) into the timm ViT `model`, resampling the
     position embeddings when the image size differs. Only the classifier head may stay as it was; any other missing
     or extra weight is an error naming `source`. Returns the backbone's metadata."""
-    if not str(source).startswith(TIMM_PREFIX) and not Path(source).exists():
+    if not timm_source(source) and not Path(source).exists():
         raise SslVitError(f"model.init: no pretrained backbone at {source}")
     pretrained, meta = load_backbone(source)
     if pretrained.embed_dim != model.embed_dim or len(pretrained.blocks) != len(model.blocks):
@@ -123,15 +143,77 @@ def _from_export(path: Path) -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
-def _from_timm(name: str) -> tuple[nn.Module, dict]:
-    """timm's pretrained weights for `name` (from its hub or the local cache), headless."""
-    try:
-        model = timm.create_model(name, pretrained=True, num_classes=0)
-    except (RuntimeError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SslVitError(f"backbone {TIMM_PREFIX}{name}: timm could not load its pretrained weights: {first}") from None
+def _from_timm(prefix: str, name: str) -> tuple[nn.Module, dict]:
+    """A headless timm ViT: `name` from its registry, a local folder or the Hub, with or without its weights."""
+    timm_prefix, pretrained = TIMM_SOURCES[prefix]
+    if timm_prefix == "local-dir:" and not (Path(name) / "config.json").is_file():
+        raise SslVitError(f"backbone {prefix}{name}: no config.json in that folder (timm's save_for_hf layout: "
+                          "config.json + model.safetensors)")
+    if not timm_prefix and not timm.is_model(name.split(".")[0]):
+        raise SslVitError(f"backbone {prefix}{name}: timm could not load it: no such model in timm's registry")
+    with hub_or_cache(pretrained and timm_prefix != "local-dir:") as online:
+        try:
+            model = timm.create_model(timm_prefix + name, pretrained=pretrained, num_classes=0)
+        except Exception as e:  # timm, huggingface_hub and requests raise many types for "not there" and "no network"
+            if not online and pretrained and timm_prefix != "local-dir:":
+                raise SslVitError(f"backbone {prefix}{name}: the Hugging Face Hub is unreachable from here and its "
+                                  "weights are not in the local cache") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise SslVitError(f"backbone {prefix}{name}: timm could not load it ({type(e).__name__}: {first})") \
+                from None
     if not hasattr(model, "patch_embed"):
-        raise SslVitError(f"backbone {TIMM_PREFIX}{name}: not a ViT (no patch_embed)")
-    meta = {"model_name": name, "img_size": int(model.patch_embed.img_size[0]),
-            "patch_size": int(model.patch_embed.patch_size[0]), "method": "timm"}
+        raise SslVitError(f"backbone {prefix}{name}: not a ViT (no patch_embed)")
+    cfg = model.pretrained_cfg
+    meta = {"model_name": model.default_cfg.get("architecture", name), "img_size": int(model.patch_embed.img_size[0]),
+            "patch_size": int(model.patch_embed.patch_size[0]), "method": "timm", "source": prefix + name,
+            "pretrained": pretrained}
+    if timm_prefix == "local-dir:":  # our export: its metadata (method, step, classes, ...) says more
+        meta.update(json.loads((Path(name) / "config.json").read_text()).get(META_KEY, {}))
+    if pretrained:
+        match_normalisation(model, cfg.get("mean", MEAN), cfg.get("std", STD))
     return model.eval(), meta
+
+
+@contextlib.contextmanager
+def hub_or_cache(uses_hub: bool):
+    """Yields whether the Hub is asked. Where it does not answer, weights come straight from the local cache
+    (huggingface_hub's offline mode, for this call only): asking it would retry for about 45 s first."""
+    from huggingface_hub import constants
+
+    if not uses_hub or constants.HF_HUB_OFFLINE or _answers(constants.ENDPOINT):
+        yield uses_hub and not constants.HF_HUB_OFFLINE
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield False
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def _answers(url: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@torch.no_grad()
+def match_normalisation(model: nn.Module, mean, std) -> None:
+    """Make `model`, trained on images normalised with (`mean`, `std`), take images normalised with ours (MEAN, STD).
+
+    Our views give x = (p - M) / S; the model wants (p - m) / s = x · S/s + (M - m)/s, per channel. The patch
+    embedding is a convolution without padding, so the scale goes into its weights and the shift into its bias."""
+    mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    ours_mean, ours_std = torch.tensor(MEAN, dtype=torch.float64), torch.tensor(STD, dtype=torch.float64)
+    if torch.allclose(mean, ours_mean) and torch.allclose(std, ours_std):
+        return
+    proj = model.patch_embed.proj
+    weight = proj.weight.double()  # [D, 3, p, p]
+    scale, shift = ours_std / std, (ours_mean - mean) / std  # [3]
+    bias = (proj.bias.double() if proj.bias is not None else 0) + (weight * shift.view(1, 3, 1, 1)).sum((1, 2, 3))
+    proj.weight.copy_(weight * scale.view(1, 3, 1, 1))
+    if proj.bias is None:
+        proj.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=proj.weight.dtype))
+    proj.bias.copy_(bias)

@@ -2,10 +2,14 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from ssl_vit.cli import main
+from ssl_vit.errors import SslVitError
+from ssl_vit.models.backbone import BackboneSpec, create_backbone
+from ssl_vit.models.export import export_backbone
 from ssl_vit.pipelines.compare import keys_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,13 +29,18 @@ def compare_args(out, train, test, *extra):
 @pytest.mark.slow
 def test_miniature_comparison_end_to_end(train_shards, bundled_test, tmp_path, capsys):
     out = tmp_path / "cmp"
-    args = compare_args(out, train_shards, bundled_test, "eval.label_fractions=[0.01, 1.0]")
+    # a published backbone as a row: any timm folder (here our own export of a 16-px ViT), evaluated at its size
+    spec = BackboneSpec(img_size=16, patch_size=8, kwargs=dict(depth=1, embed_dim=32, num_heads=2))
+    export_backbone(create_backbone(spec), spec, tmp_path / "published" / "backbone.safetensors")
+    args = compare_args(out, train_shards, bundled_test, "eval.label_fractions=[0.01, 1.0]",
+                        f"backbones={{published: 'local-dir:{tmp_path / 'published'}'}}")
     assert main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["label_fractions"] == [0.01, 1.0]
     rows = {(row["fraction"], row["model"]): row for row in report["rows"]}
-    names = ["mae", "dino", "supervised", "random_init", "raw_pixels"]
+    names = ["mae", "dino", "supervised", "published", "random_init", "raw_pixels"]
+    assert json.loads((out / "features" / "published" / "test" / "meta.json").read_text())["image_size"] == 16
     assert list(rows) == [(f, name) for f in (0.01, 1.0) for name in names]
     subsets = json.loads((out / "labels" / "subsets.json").read_text())["fractions"]
     for f, n in ((0.01, 50), (1.0, 5000)):
@@ -46,7 +55,7 @@ def test_miniature_comparison_end_to_end(train_shards, bundled_test, tmp_path, c
         for name in names:
             row = rows[(f, name)]
             assert 0 <= row["knn_top1"] <= row["knn_top5"] <= 100 and 0 <= row["linear_top1"] <= 100, name
-        assert rows[(f, "raw_pixels")]["finetune_top1"] is None
+        assert rows[(f, "raw_pixels")]["finetune_top1"] is None and rows[(f, "published")]["finetune_top1"] is None
     # SSL models are pretrained once for every fraction; the supervised baseline once per fraction, on its labels
     assert rows[(0.01, "mae")]["weights"] == rows[(1.0, "mae")]["weights"] == "mae"
     assert rows[(0.01, "supervised")]["weights"] != rows[(1.0, "supervised")]["weights"]
@@ -99,3 +108,25 @@ def test_the_comparison_probes_the_probes_own_lr_grid():
     from ssl_vit.pipelines.compare_config import load_compare_recipe
 
     assert load_compare_recipe(RECIPE).eval.probe_lrs == list(DEFAULT_LRS)
+
+
+def test_labelled_subsets_are_nested_class_balanced_and_seeded(train_shards):
+    from ssl_vit.eval.label_subsets import label_table, nested_subsets
+
+    keys, labels = label_table(str(train_shards))
+    assert len(keys) == 5000 and np.bincount(labels).tolist() == [500] * 10
+    subsets = nested_subsets(keys, labels, [1.0, 0.01, 0.1], seed=0)
+    assert list(subsets) == [0.01, 0.1, 1.0]
+    label_of = dict(zip(keys, labels.tolist()))
+    for f, per_class in ((0.01, 5), (0.1, 50), (1.0, 500)):
+        assert np.bincount([label_of[k] for k in subsets[f]], minlength=10).tolist() == [per_class] * 10
+    assert set(subsets[0.01]) < set(subsets[0.1]) < set(subsets[1.0]) == set(keys)
+    assert nested_subsets(keys, labels, [0.01, 0.1], seed=0)[0.01] == subsets[0.01]  # a pure function of the seed
+    assert nested_subsets(keys, labels, [0.01], seed=1)[0.01] != subsets[0.01]
+    # an imbalanced set: each class keeps the same count, a class smaller than that keeps all it has
+    rare = [k for k in keys if label_of[k] != 3 or k in subsets[0.01]]
+    small = nested_subsets(rare, [label_of[k] for k in rare], [0.02, 0.5], seed=0)
+    counts = {f: np.bincount([label_of[k] for k in ks], minlength=10).tolist() for f, ks in small.items()}
+    assert counts[0.02] == [9, 9, 9, 5, 9, 9, 9, 9, 9, 9] and counts[0.5][3] == 5 and counts[0.5][0] == 225
+    with pytest.raises(SslVitError, match="eval.label_fractions"):
+        nested_subsets(keys, labels, [0.0, 0.5])

@@ -124,3 +124,46 @@ def test_export_rejects_model_that_does_not_match_spec(tmp_path):
     with pytest.raises(SslVitError, match=r"export .*'cls_token' has shape \[1, 1, 64\]"):
         export_backbone(model, wider, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_export_folder_is_a_timm_local_dir(tmp_path, images):
+    """The export's folder loads through plain `timm.create_model("local-dir:...")` with identical features, and its
+    config.json carries the input size, mean/std and our metadata."""
+    from ssl_vit.transforms import MEAN, STD
+
+    torch.manual_seed(0)
+    model = trained(Supervised(SPEC, 10))
+    path = export_backbone(model, SPEC, tmp_path / "run" / "backbone.safetensors", extra_meta={"method": "supervised"})
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["architecture"] == SPEC.name and config["num_classes"] == 0
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32] and "tag" not in config["pretrained_cfg"]
+    assert config["pretrained_cfg"]["mean"] == list(MEAN) and config["pretrained_cfg"]["std"] == list(STD)
+    assert config[META_KEY] == json.loads(path.with_suffix(".json").read_text())
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == path.read_bytes()
+
+    plain = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True).eval()
+    ours, meta = load_backbone(f"local-dir:{tmp_path / 'run'}")
+    assert meta["method"] == "supervised" and meta["img_size"] == 32 and meta["source"].startswith("local-dir:")
+    with torch.no_grad():
+        expected = model.forward_features(images)
+        assert torch.equal(plain.forward_features(images), expected)
+        assert torch.equal(ours.forward_features(images), expected)
+
+
+def test_another_normalisation_is_folded_into_the_patch_embedding(tmp_path, images):
+    """A timm folder whose model was trained on (x - 0.5) / 0.5 (timm's augreg ViTs) takes our ImageNet-normalised
+    views and gives the features the model gives its own normalisation."""
+    from timm.models import save_for_hf
+
+    from ssl_vit.transforms import MEAN, STD
+
+    torch.manual_seed(0)
+    model = timm.create_model(SPEC.name, num_classes=0, **SPEC.create_kwargs()).eval()
+    save_for_hf(model, tmp_path / "augreg", safe_serialization=True,
+                data_config={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})
+    ours, _ = load_backbone(f"local-dir:{tmp_path / 'augreg'}")
+    pixels = images.sigmoid()  # [4, 3, 32, 32] in 0..1
+    ours_in = (pixels - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(ours_in), model.forward_features((pixels - 0.5) / 0.5),
+                                   atol=1e-5, rtol=1e-5)

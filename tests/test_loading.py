@@ -62,9 +62,13 @@ def test_timm_names_load_timms_pretrained_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(timm, "create_model",
                         lambda name, **kw: real(name, pretrained_cfg_overlay=dict(file=str(path)), **kw))
     model, meta = load_backbone("timm:vit_tiny_patch16_224")
-    assert meta == {"model_name": "vit_tiny_patch16_224", "img_size": 224, "patch_size": 16, "method": "timm"}
+    assert meta == {"model_name": "vit_tiny_patch16_224", "img_size": 224, "patch_size": 16, "method": "timm",
+                    "source": "timm:vit_tiny_patch16_224", "pretrained": True}
     exported, _ = load_backbone(path)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.state_dict().items())
+    # timm's ViT-Ti weights expect (x - 0.5) / 0.5: that normalisation is folded into the patch embedding
+    folded = {"patch_embed.proj.weight", "patch_embed.proj.bias"}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.state_dict().items() if k not in folded)
+    assert not torch.equal(model.state_dict()["patch_embed.proj.weight"], exported.patch_embed.proj.weight)
     monkeypatch.setattr(timm, "create_model", real)
     with pytest.raises(SslVitError, match="backbone timm:no_such_vit: timm could not load"):
         load_backbone("timm:no_such_vit")
@@ -75,3 +79,36 @@ def test_what_is_not_a_model_is_named(tmp_path):
         load_backbone(tmp_path / "nothing")
     with pytest.raises(SslVitError, match="no checkpoint in"):
         load_method(tmp_path)
+
+
+def test_hub_ids_that_cannot_be_reached_are_one_line_errors_naming_them():
+    with pytest.raises(SslVitError) as e:
+        load_backbone("hf-hub:ssl-vit-tests/no-such-model")
+    assert "backbone hf-hub:ssl-vit-tests/no-such-model: " in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SslVitError, match="no config.json in that folder"):
+        load_backbone("local-dir:/nonexistent/folder")
+
+
+def test_timm_weights_from_the_local_cache_without_the_hub(tmp_path):
+    """timm's pretrained weights already in the Hugging Face cache load without asking the Hub (which is out of
+    reach here, or is made so with a closed port; the patch embedding differs by the folded (x - 0.5) / 0.5
+    normalisation); `timm-random:` builds the same architecture untrained."""
+    import os
+    import subprocess
+    import sys
+
+    repo = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(0)
+    export_backbone(create_backbone(BackboneSpec()), BackboneSpec(), snapshot / "model.safetensors")
+    code = ("import torch; from ssl_vit.loading import load_backbone; from safetensors.torch import load_file; "
+            f"m, meta = load_backbone('timm:{repo.split('/')[1]}'); w = load_file('{snapshot / 'model.safetensors'}');"
+            "assert all(torch.equal(m.state_dict()[k], v) for k, v in w.items() if 'patch_embed' not in k), 'differ';"
+            f"r, _ = load_backbone('timm-random:vit_tiny_patch16_224');"
+            "assert not torch.equal(r.state_dict()['cls_token'], w['cls_token']); print(meta['img_size'])")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "224", done.stderr[-2000:]

@@ -7,9 +7,15 @@ The file holds exactly the state dict of `timm.create_model(..., num_classes=0)`
 loader, which drops classifier keys and loads non-strictly when num_classes differs from the model's default
 pretrained config, finds every weight it needs; `ssl_vit.loading.load_backbone` loads strictly and names the first
 mismatch.
+
+The export's folder is also a timm / Hugging Face model folder, as timm's `save_for_hf` writes one: `config.json`
+(architecture, model arguments, input size, mean/std, crop; our metadata under "ssl_vit") and `model.safetensors`
+(a hard link to the same bytes), so `timm.create_model("local-dir:FOLDER", pretrained=True)` loads it, and the folder
+can be pushed to the Hub as it is. One export per folder.
 """
 import json
 import os
+import shutil
 from pathlib import Path
 
 import timm
@@ -22,6 +28,8 @@ from ssl_vit.errors import SslVitError
 from ssl_vit.models.backbone import BackboneSpec
 
 META_KEY = "ssl_vit"
+HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
+EVAL_CROP_PCT = 0.875  # what `eval_views` crops by default: shorter side to img_size / 0.875, centre crop
 
 
 def reference_model(model_name: str, create_kwargs: dict) -> nn.Module:
@@ -70,7 +78,36 @@ def export_backbone(model: nn.Module, spec: BackboneSpec, path, extra_meta: dict
     sidecar = path.with_suffix(".json")
     sidecar.with_name(sidecar.name + ".tmp").write_text(text + "\n")
     os.replace(sidecar.with_name(sidecar.name + ".tmp"), sidecar)
+    write_hf_folder(ref, path, create_kwargs, meta)
     return path
+
+
+def write_hf_folder(ref: nn.Module, path: Path, create_kwargs: dict, meta: dict) -> None:
+    """`config.json` and `model.safetensors` (a hard link to `path`, a copy where links are impossible) beside the
+    export, as `timm.models.save_for_hf` would write them for these weights."""
+    from timm.models._hub import save_config_for_hf
+
+    from ssl_vit.transforms.normalize import MEAN, STD
+
+    folder = path.parent
+    tmp = folder / (HF_CONFIG + ".tmp")
+    save_config_for_hf(ref, tmp, model_args=create_kwargs, model_config={META_KEY: meta},
+                       data_config={"mean": MEAN, "std": STD, "crop_pct": EVAL_CROP_PCT, "interpolation": "bicubic"})
+    config = json.loads(tmp.read_text())
+    # the architecture's default pretrained config names timm's published weights (tag, licence): not these
+    for key in ("tag", "license", "hf_hub_id", "url", "paper_ids", "paper_name", "origin_url", "notes"):
+        config["pretrained_cfg"].pop(key, None)
+    tmp.write_text(json.dumps(config, indent=2, default=str) + "\n")
+    os.replace(tmp, folder / HF_CONFIG)
+    weights = folder / HF_WEIGHTS
+    if path.name != HF_WEIGHTS:
+        link = folder / (HF_WEIGHTS + ".tmp")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(path, link)
+        except OSError:
+            shutil.copyfile(path, link)
+        os.replace(link, weights)
 
 
 def read_backbone_meta(path) -> dict:
