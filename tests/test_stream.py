@@ -153,6 +153,17 @@ def test_resumed_reader_continues_the_same_sequence(train_shards, workers):
     assert restarted != rest
 
 
+def test_seven_shards_on_four_readers_resume_exactly(seven_shards):
+    """Shards split between readers: a resume on the same layout continues each rank's batches exactly."""
+    for rank in range(2):
+        straight, _ = run_stream(seven_shards, 40, workers=2, world=2, rank=rank, micro_batch=16)
+        first, state = run_stream(seven_shards, 13, workers=2, world=2, rank=rank, micro_batch=16)
+        states = [state if r == rank else run_stream(seven_shards, 13, workers=2, world=2, rank=r,
+                                                     micro_batch=16)[1] for r in range(2)]
+        rest, _ = run_stream(seven_shards, 27, states, 13, workers=2, world=2, rank=rank, micro_batch=16)
+        assert first + rest == straight
+
+
 def test_resume_on_another_layout_keeps_each_epoch_exact(seven_shards):
     """2 processes × 2 workers stopped mid-epoch, resumed as 1 process × 3 workers (and that resumed again as
     2 × 1 within the same epoch): the epoch's samples exactly once, none lost; then whole epochs as usual."""
