@@ -91,16 +91,18 @@ def same_warmup(recipe, index: str, full_index: str) -> list[str]:
     return [f"optim.warmup_epochs={recipe.optim.warmup_epochs * steps_per_epoch(full_index, b) / steps_per_epoch(index, b)}"]
 
 
-def pretrain(cfg: CompareConfig, method: str, train_source, out: Path, full_index: str) -> None:
+def pretrain(cfg: CompareConfig, method: str, train_source, out: Path, indexes: dict) -> None:
     from ssl_vit.train.trainer import Trainer
 
     steps = cfg.budget.images // cfg.budget.batch_size
     data = train_source if isinstance(train_source, str) else "[" + ", ".join(train_source) + "]"
+    image_size = training_recipe(cfg, method).model.img_size
     run = [f"data.train={data}", f"train.out_dir={out}", f"train.steps={steps}", "train.epochs=0",
-           "train.resume=auto", f"data.batch_size={cfg.budget.batch_size}"]
+           "train.resume=auto", f"data.batch_size={cfg.budget.batch_size}", f"data.monitor={indexes['monitor']}",
+           f"data.eval_resize={eval_resize(cfg, image_size)}"]
     recipe = training_recipe(cfg, method, run)
     if isinstance(train_source, str):
-        recipe = training_recipe(cfg, method, [*run, *same_warmup(recipe, train_source, full_index)])
+        recipe = training_recipe(cfg, method, [*run, *same_warmup(recipe, train_source, indexes["train"])])
     Trainer(recipe).fit()
 
 
@@ -175,6 +177,7 @@ def finetune(cfg: CompareConfig, model_dir: Path, train_index: str, indexes: dic
 
     steps = max(1, cfg.eval.finetune_images // cfg.budget.batch_size)
     run = [f"model.init={model_dir}", f"data.train={train_index}", f"data.eval={indexes['test']}",
+           f"data.monitor={indexes['monitor']}",
            f"data.eval_resize={eval_resize(cfg, training_recipe(cfg, cfg.methods[0]).model.img_size)}",
            f"train.out_dir={out}", f"train.steps={steps}", "train.epochs=0", "train.resume=auto",
            f"data.batch_size={cfg.budget.batch_size}"]
@@ -185,9 +188,10 @@ def finetune(cfg: CompareConfig, model_dir: Path, train_index: str, indexes: dic
 
 
 def write_source_shards(cfg: CompareConfig, out: Path, stages: StageRunner) -> dict:
-    """{"train", "test"[, "unlabeled"]: index.json}: given indexes as they are, image sources written once."""
+    """{"train", "test", "monitor"[, "unlabeled"]: index.json}: given indexes as they are, image sources written
+    once (the monitor set is the test set unless the recipe names one)."""
     indexes = {}
-    for split in ("train", "test", "unlabeled"):
+    for split in ("train", "test", "unlabeled", "monitor"):
         source = getattr(cfg.source, split)
         if not source:
             continue
@@ -196,6 +200,7 @@ def write_source_shards(cfg: CompareConfig, out: Path, stages: StageRunner) -> d
         stages.run(f"shards:{split}", index,
                    lambda s=source, p=prefix, u=split == "unlabeled": shards_for(s, p, cfg.source.shard_max_count, u))
         indexes[split] = str(index)
+    indexes.setdefault("monitor", indexes["test"])
     return indexes
 
 
@@ -245,7 +250,7 @@ def pretrain_all(cfg: CompareConfig, indexes: dict, subsets: dict, out: Path, st
             folder = out / "models" / name
             data = subset["index"] if labelled else ssl_data
             stages.run(f"pretrain:{name}", folder / "summary.json",
-                       lambda m=method, d=folder, s=data: pretrain(cfg, m, s, d, indexes["train"]))
+                       lambda m=method, d=folder, s=data: pretrain(cfg, m, s, d, indexes))
             for g in ([f] if labelled else rows):
                 rows[g].append(Row(method, name, str(folder), len(subset["keys"]) if labelled else 0))
     floors = []

@@ -15,6 +15,9 @@ class SourceConfig:
     train: str = "data/cifar10_subset/train.tar.gz"   # image source (ImageFolder tree/tar, CSV/JSONL) or index.json
     test: str = "data/cifar10_subset/test.tar.gz"
     unlabeled: str = ""                               # extra images without labels for MAE/DINO only ("": none)
+    monitor: str = ""                                 # labelled images scored by k-NN during pretraining when the
+                                                      # recipes set train.monitor_every ("": the test set; curves
+                                                      # only, nothing is chosen by them)
     shard_max_count: int = 500                        # samples per shard when shards are written
 
 
@@ -93,8 +96,9 @@ def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConf
 
 def training_recipe(cfg: CompareConfig, method: str, extra: list[str] | None = None):
     """The training recipe of `method` with the comparison's overrides (and `extra`); without `extra`, as read for
-    its settings (a placeholder length, so that no training key is needed)."""
-    return load_recipe(cfg.recipes[method], [*cfg.overrides, *(extra or ["train.steps=1", "train.epochs=0"])])
+    its settings (a placeholder length and no monitoring, so that no run-only key is needed)."""
+    return load_recipe(cfg.recipes[method], [*cfg.overrides, *(extra or ["train.steps=1", "train.epochs=0",
+                                                                         "train.monitor_every=0"])])
 
 
 def needs_labels(cfg: CompareConfig, method: str) -> bool:

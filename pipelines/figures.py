@@ -65,13 +65,17 @@ def label_efficiency_png(rows: list[dict], path: Path) -> None:
 
 # ---------------------------------------------------------------- comparison.png
 def comparison_png(rows: list[dict], models: dict, path: Path) -> None:
-    """Left: grouped bars of each row's k-NN top-1/top-5 and linear-probe top-1 (None skipped); right: training-loss
-    curves of the models in `models` that have a `log.jsonl`, each divided by its first logged loss."""
-    fig = Figure(figsize=(13, 4.8))
-    bars, curves = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
-    _score_bars(bars, rows)
-    _loss_curves(curves, models)
-    fig.suptitle("SSL vs supervised: evaluation scores and training losses", fontsize=13)
+    """Left: grouped bars of each row's k-NN top-1/top-5 and linear-probe top-1 (None skipped); middle: training-loss
+    curves of the models in `models` that have a `log.jsonl`, each divided by its first logged loss; right (when a
+    run monitored k-NN, train.monitor_every): k-NN top-1 against images seen."""
+    monitored = {name: c for name, d in models.items() if d is not None and (c := monitor_curve(d)) is not None}
+    fig = Figure(figsize=(19 if monitored else 13, 4.8))
+    axes = fig.subplots(1, 3 if monitored else 2, gridspec_kw={"width_ratios": [1.25, 1, 1][:3 if monitored else 2]})
+    _score_bars(axes[0], rows)
+    _loss_curves(axes[1], models)
+    if monitored:
+        _monitor_curves(axes[2], monitored)
+    fig.suptitle("SSL vs supervised: evaluation scores and training curves", fontsize=13)
     _save(fig, path)
 
 
@@ -96,9 +100,9 @@ def _score_bars(ax, rows: list[dict]) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def loss_curve(run_dir: Path) -> dict | None:
-    """{"step", "images" (None when unknown), "loss" (divided by the first logged loss)} from a run's log.jsonl;
-    None without a usable log. Images seen = step × images per step from the run's summary.json."""
+def _log_series(run_dir: Path, key: str):
+    """(steps, values, images per step or None) of the finite `key` entries of a run's log.jsonl; None without any.
+    Images per step come from the run's summary.json (images_seen / steps)."""
     import json
 
     from ssl_vit.train.run_log import read_log
@@ -107,17 +111,46 @@ def loss_curve(run_dir: Path) -> dict | None:
     if not log.is_file():
         return None
     try:
-        entries = [e for e in read_log(log) if isinstance(e.get("loss"), (int, float)) and math.isfinite(e["loss"])]
+        entries = [e for e in read_log(log) if isinstance(e.get(key), (int, float)) and math.isfinite(e[key])]
         summary = Path(run_dir) / "summary.json"
         info = json.loads(summary.read_text()) if summary.is_file() else {}
     except ValueError as e:
         raise SslVitError(f"{run_dir}: log.jsonl or summary.json is not valid JSON ({e})") from None
-    if not entries or entries[0]["loss"] == 0:
+    if not entries:
         return None
-    steps = np.array([e["step"] for e in entries], dtype=np.float64)
-    loss = np.array([e["loss"] for e in entries], dtype=np.float64) / abs(entries[0]["loss"])
     per_step = info["images_seen"] / info["steps"] if info.get("steps") and info.get("images_seen") else None
-    return {"step": steps, "images": None if per_step is None else steps * per_step, "loss": loss}
+    return (np.array([e["step"] for e in entries], dtype=np.float64),
+            np.array([e[key] for e in entries], dtype=np.float64), per_step)
+
+
+def loss_curve(run_dir: Path) -> dict | None:
+    """{"step", "images" (None when unknown), "loss" (divided by the first logged loss)} from a run's log.jsonl;
+    None without a usable log. Images seen = step × images per step from the run's summary.json."""
+    series = _log_series(run_dir, "loss")
+    if series is None or series[1][0] == 0:
+        return None
+    steps, loss, per_step = series
+    return {"step": steps, "images": None if per_step is None else steps * per_step, "loss": loss / abs(loss[0])}
+
+
+def monitor_curve(run_dir: Path) -> dict | None:
+    """{"step", "images", "top1"}: the k-NN top-1 logged every train.monitor_every steps; None without one."""
+    series = _log_series(run_dir, "monitor_knn_top1")
+    if series is None:
+        return None
+    steps, top1, per_step = series
+    return {"step": steps, "images": None if per_step is None else steps * per_step, "top1": top1}
+
+
+def _monitor_curves(ax, curves: dict) -> None:
+    x_key = "images" if all(c["images"] is not None for c in curves.values()) else "step"
+    for i, (name, c) in enumerate(curves.items()):
+        ax.plot(c[x_key], c["top1"], marker="o", ms=3, label=name, color=f"C{i}")
+    ax.set_xlabel("images seen" if x_key == "images" else "optimizer step")
+    ax.set_ylabel("k-NN top-1 on the monitor set (%)")
+    ax.set_title("k-NN during pretraining")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def _loss_curves(ax, models: dict) -> None:

@@ -31,6 +31,7 @@ class DataConfig:
     num_classes: int = 0             # 0: the number of classes in the shards' index.json
     eval: Any = ""                   # fine-tuning: shards the trained classifier is scored on after training
     eval_resize: int = 0             # shorter side before the centre crop at evaluation (0: img_size / 0.875)
+    monitor: Any = ""                # small labelled shards scored by k-NN every train.monitor_every steps
 
 
 @dataclass
@@ -42,7 +43,7 @@ class ModelConfig:
     depth: int = 0                   # 0 keeps the timm model's own value
     embed_dim: int = 0
     num_heads: int = 0
-    init: str = ""                   # fine-tuning: start from this backbone (export, run folder or checkpoint)
+    init: str = ""                   # fine-tuning: start from this backbone (anything ssl_vit.loading takes)
 
 
 @dataclass
@@ -107,6 +108,7 @@ class TrainConfig:
     audit_keys: bool = False         # write the sample keys each process trained on to <out_dir>/audit/
     log_with: list = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers: wandb, mlflow, ...
     threads: int = 0                 # intra-op threads per process; 0: cores left after data.num_workers
+    monitor_every: int = 0           # steps between k-NN scores of the backbone on data.monitor; 0: never
 
 
 @dataclass
@@ -241,6 +243,9 @@ def validate(r: Recipe) -> None:
     _check(r.data.decode in DECODE_MODES, "data.decode", f"must be one of {', '.join(DECODE_MODES)}, "
            f"got {r.data.decode!r}")
     _check(r.train.threads >= 0, "train.threads", "must be ≥ 0 (0: the cores left after the loader's workers)")
+    _check(r.train.monitor_every >= 0, "train.monitor_every", "must be ≥ 0 (0: no monitoring)")
+    _check(not r.train.monitor_every or bool(r.data.monitor), "data.monitor",
+           "train.monitor_every needs a small labelled shard set to score (data.monitor=INDEX.json)")
     _check(r.optim.accum_steps >= 1, "optim.accum_steps", "must be ≥ 1")
     _check(r.data.batch_size % r.optim.accum_steps == 0, "data.batch_size",
            f"{r.data.batch_size} is not divisible by optim.accum_steps={r.optim.accum_steps}")

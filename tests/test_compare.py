@@ -10,13 +10,14 @@ from ssl_vit.cli import main
 from ssl_vit.errors import SslVitError
 from ssl_vit.models.backbone import BackboneSpec, create_backbone
 from ssl_vit.models.export import export_backbone
+from ssl_vit.pipelines import figures
 from ssl_vit.pipelines.compare import keys_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "compare_cifar10_subset.yaml")
 TINY = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "mae.decoder_depth=1", "mae.decoder_dim=64",
         "mae.decoder_heads=2", "dino.out_dim=256", "dino.hidden_dim=64", "dino.bottleneck_dim=32",
-        "train.progress=false", "data.num_workers=1"]
+        "train.progress=false", "data.num_workers=1", "train.monitor_every=2"]
 
 
 def compare_args(out, train, test, *extra):
@@ -78,6 +79,13 @@ def test_miniature_comparison_end_to_end(train_shards, bundled_test, tmp_path, c
             cells = [c.strip() for c in line.strip("|").split("|")]
             assert cells[5] == f"{row['knn_top1']:.1f}" and cells[7] == f"{row['linear_top1']:.1f}", line
             assert line in printed
+    # k-NN monitored during pretraining (on the test set, the recipe's default monitor set): the figure's third panel
+    for model in ("mae", "dino", "supervised-f0.01"):
+        curve = figures.monitor_curve(out / "models" / model)
+        assert curve["step"].tolist() == [2, 4] and curve["images"].tolist() == [128, 256], model
+        assert all(0 <= v <= 100 for v in curve["top1"])
+    with Image.open(out / "comparison.png") as im:
+        assert im.size[0] > 1700  # three panels (two are ~1500 px wide)
     for png in ("label_efficiency.png", "comparison.png", "retrieval.png", "attention.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 100

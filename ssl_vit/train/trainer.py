@@ -21,6 +21,7 @@ from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.sources import expand_source
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
+from ssl_vit.eval.monitor import knn_monitor
 from ssl_vit.loading import method_from_recipe
 from ssl_vit.methods import backbone_spec
 from ssl_vit.train.checkpoint import (architecture_differences, code_version, find_checkpoint,
@@ -109,6 +110,7 @@ class Trainer:
         self.step, self.skipped_steps, self.images_seen, self.train_seconds = 0, 0, 0, 0.0
         self._maybe_resume()
         self.loader = StreamLoader(self.stream, device=self.acc.device)
+        self.monitor = knn_monitor(r) if r.train.monitor_every and self.acc.is_main_process else None
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _maybe_resume(self) -> None:
@@ -228,13 +230,15 @@ class Trainer:
                 self.train_seconds += dt
                 ips = r.data.batch_size / dt
                 log.step(logs["loss"], ips)
-                if self.step % r.train.log_every == 0 or self.step == self.total_steps:
+                watch = bool(r.train.monitor_every) and self.step % r.train.monitor_every == 0
+                if watch or self.step % r.train.log_every == 0 or self.step == self.total_steps:
                     loss = acc.reduce(torch.tensor(logs["loss"], device=acc.device), reduction="mean").item()
                     seen, skipped = self.loader.skip_counts()
                     log.write(self.step, {**logs, "loss": loss, **{k: v for k, v in sched.items()},
                                           "images_per_s": ips, "data_wait_frac": t_data / dt,
                                           "epoch": self.step / self.spe if self.spe else None,
-                                          "skipped_samples": skipped, "threads": self.threads["threads"]})
+                                          "skipped_samples": skipped, "threads": self.threads["threads"],
+                                          **(self._monitor() if watch else {})})
                 if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
                     last_ckpt = self.save()
                 if self.step < self.total_steps and preempt.stop_agreed():
@@ -249,6 +253,13 @@ class Trainer:
         if self.step < self.total_steps:
             raise preempt.stopped(self.step, last_ckpt)
         return self.finish()
+
+    def _monitor(self) -> dict:
+        """k-NN of the current backbone on data.monitor (eval/monitor.py): the main process scores, the rest wait."""
+        with self.acc.autocast():
+            values = self.monitor(self.method.backbone(), self.acc.device) if self.monitor else {}
+        self.acc.wait_for_everyone()
+        return values
 
     def finish(self) -> dict:
         from ssl_vit.models.export import export_backbone
