@@ -1,13 +1,17 @@
 """The comparison recipe (`recipes/compare_<data>.yaml`): which data, which methods, what budget, which evaluations."""
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ssl_vit.config import _apply, _check, load_recipe, parse_override, _nest
+from ssl_vit.config import Recipe, _apply, _check, load_recipe, parse_override, _nest
 from ssl_vit.errors import SslVitError
 from ssl_vit.eval.label_subsets import check_fractions
 from ssl_vit.eval.linear_probe import DEFAULT_LRS
+
+
+TRAINING_KEYS = {f.name for f in dataclasses.fields(Recipe)}  # model, views, optim, train, ...
 
 
 @dataclass
@@ -52,6 +56,7 @@ class CompareConfig:
     methods: list = field(default_factory=lambda: ["mae", "dino", "supervised"])
     recipes: dict = field(default_factory=dict)        # method → training recipe path
     overrides: list = field(default_factory=list)      # key=value applied to every training recipe
+    method_overrides: dict = field(default_factory=dict)  # method → [key=value] for that method's recipe only
     random_init: bool = True                           # add an untrained backbone row
     source: SourceConfig = field(default_factory=SourceConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -70,11 +75,20 @@ def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConf
         raise SslVitError(f"{path}: is not valid YAML: {getattr(e, 'problem', e)}") from None
     try:
         _apply(cfg, values, "")
+        training = []  # `model.img_size=64` on the command line: a key of every training recipe
         for text in overrides or []:
             keys, value = parse_override(text)
-            _apply(cfg, _nest(keys, value), "")
+            if keys[0] in TRAINING_KEYS:
+                training.append(text)
+            else:
+                _apply(cfg, _nest(keys, value), "")
+        cfg.overrides = [*cfg.overrides, *training]
     except SslVitError as e:
         raise SslVitError(f"{path}: {e}") from None
+    for method, extra in cfg.method_overrides.items():
+        _check(method in cfg.methods, f"method_overrides.{method}", f"is not one of the methods {cfg.methods}")
+        _check(isinstance(extra, list) and all(isinstance(x, str) for x in extra), f"method_overrides.{method}",
+               "expected a list of key=value")
     for method in cfg.methods:
         _check(method in cfg.recipes, "recipes", f"no training recipe for method {method!r}")
         _check(Path(cfg.recipes[method]).is_file(), f"recipes.{method}", f"file not found: {cfg.recipes[method]}")
@@ -87,6 +101,8 @@ def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConf
         _check(name not in taken, f"backbones.{name}", "is already a row of the comparison: choose another name")
         _check(isinstance(source, str) and source, f"backbones.{name}", "expected a backbone (timm:NAME, "
                "timm-random:NAME, local-dir:PATH, hf-hub:ID, a run folder or an export)")
+    for method in cfg.methods:
+        training_recipe(cfg, method)  # a bad training key is named now, not after an hour of pretraining
     if cfg.eval.finetune:
         _check(Path(cfg.eval.finetune_recipe).is_file(), "eval.finetune_recipe",
                f"file not found: {cfg.eval.finetune_recipe}")
@@ -97,8 +113,8 @@ def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConf
 def training_recipe(cfg: CompareConfig, method: str, extra: list[str] | None = None):
     """The training recipe of `method` with the comparison's overrides (and `extra`); without `extra`, as read for
     its settings (a placeholder length and no monitoring, so that no run-only key is needed)."""
-    return load_recipe(cfg.recipes[method], [*cfg.overrides, *(extra or ["train.steps=1", "train.epochs=0",
-                                                                         "train.monitor_every=0"])])
+    return load_recipe(cfg.recipes[method], [*cfg.overrides, *cfg.method_overrides.get(method, []),
+                                             *(extra or ["train.steps=1", "train.epochs=0", "train.monitor_every=0"])])
 
 
 def needs_labels(cfg: CompareConfig, method: str) -> bool:

@@ -4,6 +4,7 @@
 SslVitError naming the key (`optim.base_lr: expected a number, got 'fast'`). Nesting is at most two levels.
 """
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -222,8 +223,26 @@ def load_recipe(path=None, overrides: list[str] | None = None) -> Recipe:
     for text in overrides or []:
         keys, value = parse_override(text)
         _apply(recipe, _nest(keys, value), "")
+    recipe.views = views_following_img_size(recipe.views, recipe.model.img_size, recipe.model.patch_size)
     validate(recipe)
     return recipe
+
+
+def local_crop_size(img_size: int, patch_size: int) -> int:
+    """DINO's local crops in the paper's proportion to the global ones (96/224), rounded up to whole patches."""
+    return max(1, math.ceil(img_size * 96 / 224 / patch_size)) * patch_size
+
+
+def views_following_img_size(views, img_size: int, patch_size: int):
+    """A preset's view sizes that the recipe leaves out, from `model.img_size` (one knob for a new resolution):
+    MAE's, the supervised and the evaluation crop and DINO's global crops are img_size, DINO's local crops
+    `local_crop_size`. Sizes a recipe sets, and explicit lists of views, stay as they are."""
+    preset = {"preset": views} if isinstance(views, str) else views
+    if not isinstance(preset, dict):
+        return views
+    sizes = {"dino": {"global_size": img_size, "local_size": local_crop_size(img_size, patch_size)}}.get(
+        preset.get("preset"), {"size": img_size})
+    return {**sizes, **preset}
 
 
 def _check(condition: bool, key: str, message: str) -> None:

@@ -138,3 +138,26 @@ def test_labelled_subsets_are_nested_class_balanced_and_seeded(train_shards):
     assert counts[0.02] == [9, 9, 9, 5, 9, 9, 9, 9, 9, 9] and counts[0.5][3] == 5 and counts[0.5][0] == 225
     with pytest.raises(SslVitError, match="eval.label_fractions"):
         nested_subsets(keys, labels, [0.0, 0.5])
+
+
+def test_one_knob_for_a_new_resolution(train_shards, bundled_test, tmp_path, capsys):
+    """`model.img_size=16` on the command line reaches every training recipe; the view sizes follow it (DINO's local
+    crops in proportion, rounded up to whole patches), a method's own overrides reach only that method."""
+    out = tmp_path / "cmp16"
+    args = compare_args(out, train_shards, bundled_test, "model.img_size=16", "model.patch_size=8",
+                        "methods=[mae, dino]", "method_overrides={dino: [views.num_local=1]}", "random_init=false",
+                        "eval.label_fractions=[1.0]", "eval.linear_probe=false", "eval.finetune=false",
+                        "budget.images=128")
+    assert main(args) == 0, capsys.readouterr().err
+    mae = json.loads((out / "models" / "mae" / "recipe.json").read_text())
+    dino = json.loads((out / "models" / "dino" / "recipe.json").read_text())
+    assert mae["model"]["img_size"] == dino["model"]["img_size"] == 16 and mae["views"]["size"] == 16
+    assert (dino["views"]["global_size"], dino["views"]["local_size"], dino["views"]["num_local"]) == (16, 8, 1)
+    assert mae["views"].get("num_local") is None
+    for name, dim in (("mae", 64), ("dino", 64), ("raw_pixels", 3 * 16 * 16)):
+        meta = json.loads((out / "features" / name / "test" / "meta.json").read_text())
+        assert meta["image_size"] == 16 and meta["dim"] == dim, name
+    assert main(["compare", "--recipe", RECIPE, "model.imgsize=16"]) == 2
+    assert "model.imgsize" in capsys.readouterr().err
+    assert main(["compare", "--recipe", RECIPE, "method_overrides={byol: [x=1]}"]) == 2
+    assert "method_overrides.byol" in capsys.readouterr().err

@@ -90,3 +90,14 @@ def test_cli_reports_recipe_errors_in_one_line(tmp_path, capsys):
     assert main(["pretrain", "--recipe", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "optim.lrr" in err and len(err.splitlines()) == 1
+
+
+def test_view_sizes_follow_model_img_size_unless_set():
+    recipes = RECIPES[0].parent
+    dino = load_recipe(recipes / "dino_vit_tiny_cifar10.yaml", ["model.img_size=224", "model.patch_size=16"])
+    assert (dino.views["global_size"], dino.views["local_size"]) == (224, 96)  # the paper's 224 / 96
+    assert load_recipe(recipes / "dino_vit_tiny_cifar10.yaml").views["local_size"] == 16  # 13.7 → 4 patches
+    kept = load_recipe(recipes / "mae_vit_tiny_cifar10.yaml", ["model.img_size=64", "views.size=48"])
+    assert kept.views["size"] == 48
+    listed = [{"size": 24}]
+    assert load_recipe(None, ["train.steps=1", f"views={listed}"]).views == listed
