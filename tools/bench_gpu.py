@@ -170,7 +170,8 @@ def mfu_section(args, device, peak_tflops: float) -> dict:
         batch_size = size(args, method + "_batch")
         specs = views_from_recipe(recipe.views)
         model = build_method(recipe, num_global_views=2).to(device)
-        optimizer = torch.optim.AdamW(model.param_groups(recipe.optim.weight_decay), lr=1e-4, fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(model.param_groups(recipe.optim.weight_decay), lr=1e-4,
+                                      fused=device.type == "cuda")
         sched = {k: float(f(0)) for k, f in {**trainer_schedules(recipe, 100, 100, batch_size),
                                              **model.schedules(100, 100)}.items()}
         views = [normalize(torch.randint(0, 256, (batch_size, 3, s.size, s.size), device=device, dtype=torch.uint8))

@@ -2,12 +2,13 @@
 
 The boxes are drawn from the image header (`params.draw_params`), then the JPEG is decoded once at the largest DCT
 scale (1/2, 1/4, 1/8: PIL's `draft`, libjpeg-turbo's scaled IDCT) that still leaves every box at least as many pixels
-as its view has (at full size through torchvision's decoder: PIL's pixels, faster), and each box is resampled straight from that image (PIL `resize(box=...)`: crop and resize in one
-pass, no crop copy). The ops after the crop are the PIL calls torchvision makes on PIL images (ImageEnhance for
-brightness, contrast and saturation, an HSV shift for hue, "L" for grayscale) without torchvision's
-per-call dispatch, then the blur and solarize of `color` on the uint8 view. Views stay uint8 [3, S, S]; normalisation
-happens once per batch (`normalize.normalize_views`). The device path runs the same arithmetic as tensor ops
-(`color.augment`); here PIL's C loops are 2-3x faster than torch's CPU kernels on one image's views.
+as its view has (at full size through torchvision's decoder: PIL's pixels, ~40 % faster), and each box is resampled
+straight from that image (PIL `resize(box=...)`: crop and resize in one pass, no crop copy). The ops after the crop
+are the PIL calls torchvision makes on PIL images (ImageEnhance for brightness, contrast and saturation, an HSV shift
+for hue, "L" for grayscale) without torchvision's per-call dispatch, then the blur and solarize of `color` on the
+stack of an image's views. Views stay uint8 [3, S, S]; normalisation happens once per batch
+(`normalize.normalize_views`). The device path runs the same arithmetic as tensor ops (`color.augment`); here PIL's C
+loops are 2-3× faster than torch's CPU kernels on one image's views.
 
 Decoding at 1/2 where every box keeps ≥ 2× its view's side makes those views 0.6-2.3 % less sharp (mean horizontal
 gradient, scikit-image photographs, boxes 2-3× the view) than resampling the full decode; at ~500×375 px it rarely
