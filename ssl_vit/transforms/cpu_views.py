@@ -86,7 +86,7 @@ def make_views(image: Image.Image, scale: int, spec, rows: np.ndarray, randaugme
     """The uint8 views [3, S, S] of `spec` from `image` (decoded at DCT scale 1/`scale`), one per row of choices;
     blur and solarize run once on the stack of those views."""
     crops = np.stack([np.asarray(pil_view(image, scale, spec, row, randaugment)) for row in rows])
-    views = torch.from_numpy(crops).permute(0, 3, 1, 2)  # [n, 3, S, S], a fresh array: written in place below
+    views = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()  # [n, 3, S, S]
     blurred = np.flatnonzero(rows[:, P.BLUR])
     if len(blurred):
         sigma = torch.from_numpy(rows[blurred, P.SIGMA])
