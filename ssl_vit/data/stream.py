@@ -25,15 +25,16 @@ from itertools import islice
 from typing import Callable
 
 import torch
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from ssl_vit.data.epochs import EpochPlan, Layout, resplit_state, window_order
-from ssl_vit.data.samples import BadSample, decode_image, decode_label
+from ssl_vit.data.samples import BadSample, decode_label, open_image
 from ssl_vit.data.sources import ShardList, expand_source
 from ssl_vit.data.tar_reader import iter_samples
 from ssl_vit.data.transfers import batches_per_transfer, in_transfers, logical_worker
 from ssl_vit.errors import SslVitError
 from ssl_vit.seeding import stable_seed
+from ssl_vit.transforms.gpu_views import EncodedViews, collate_views
 
 log = logging.getLogger("ssl_vit.data")
 
@@ -80,16 +81,14 @@ class StreamState:
         self.workers[meta.worker] = list(meta.position)
 
 
-def collate(items: list[tuple[list[torch.Tensor], int, str]]) -> dict:
-    """Views stacked to [B, 3, H, W] tensors; labels and keys as lists.
+def collate(items: list[tuple[list, int, str]], specs: list | None = None) -> dict:
+    """Views stacked to [B, 3, H, W] uint8 tensors (or, for the GPU path, the batch's encoded images and view
+    choices); labels and keys as lists.
 
     Every tensor a DataLoader worker returns crosses to the main process through its own shared-memory handshake
-    (~1 ms each), so labels travel as a list and StreamLoader makes the tensor. default_collate stacks straight into
-    shared memory inside a worker, saving a copy per batch."""
-    # A view made from an HWC image is a strided CHW tensor: one small contiguous copy each is ~0.1 ms, where
-    # stacking strided views in one call runs torch's threaded strided copy (10-100 ms a batch of 16 at 224 px).
-    views = [default_collate([view.contiguous() for view in v]) for v in zip(*(item[0] for item in items))]
-    return {"views": views, "label": [item[1] for item in items], "key": [item[2] for item in items]}
+    (~1 ms each), so labels travel as a list and StreamLoader makes the tensor."""
+    return {"views": collate_views([item[0] for item in items], specs), "label": [item[1] for item in items],
+            "key": [item[2] for item in items]}
 
 
 class ShardStream(IterableDataset):
@@ -219,13 +218,13 @@ class ShardStream(IterableDataset):
 
     # -- decoding and batching --------------------------------------------------------------------------------
     def _decode(self, sample: dict, epoch: int):
-        image, label = decode_image(sample), decode_label(sample)
+        image, label = open_image(sample), decode_label(sample)  # decoded by the transform, at the scale it needs
         if label < 0 and self.require_labels:
             raise SslVitError(f"sample {sample['__key__']} of shard {sample['__url__']} has no label (no cls): "
                               "supervised training and fine-tuning need labeled shards")
         torch.default_generator.manual_seed(stable_seed(self.seed, "views", epoch, sample["__key__"]))
         views = self.transform(image)
-        return (views if isinstance(views, (list, tuple)) else [views]), label, sample["__key__"]
+        return (views if isinstance(views, (list, tuple, EncodedViews)) else [views]), label, sample["__key__"]
 
     def _batches(self, samples, worker: int):
         samples, counts = iter(samples), [0, 0]  # seen, skipped
@@ -233,7 +232,7 @@ class ShardStream(IterableDataset):
             with caller_rng_kept():
                 items, position, bad = self._fill(samples, counts)
             if len(items) == self.batch_size or (items and self.mode == "eval"):
-                yield collate(items), BatchMeta(worker, position, *counts, bad)
+                yield collate(items, getattr(self.transform, "specs", None)), BatchMeta(worker, position, *counts, bad)
             if len(items) < self.batch_size:
                 self._check_skips(*counts, final=True)
                 return

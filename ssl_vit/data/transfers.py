@@ -14,11 +14,11 @@ MAX_BATCHES_PER_TRANSFER = 8
 
 
 def batches_per_transfer(batch_size: int, view_sizes: list[int] | None) -> int:
-    """How many batches a worker hands over at once: enough for TRANSFER_BYTES of RGB views (1 where the view sizes
-    are unknown)."""
+    """How many batches a worker hands over at once: enough for TRANSFER_BYTES of uint8 RGB views (1 where the view
+    sizes are unknown)."""
     if not view_sizes:
         return 1
-    batch_bytes = batch_size * sum(3 * 4 * size * size for size in view_sizes)
+    batch_bytes = batch_size * sum(3 * size * size for size in view_sizes)
     return max(1, min(MAX_BATCHES_PER_TRANSFER, math.ceil(TRANSFER_BYTES / batch_bytes)))
 
 
