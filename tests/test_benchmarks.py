@@ -61,3 +61,13 @@ def test_bench_threads_reports_default_and_chosen(train_shards):
     for load in ("idle", "busy"):
         assert out[load]["chosen"]["threads"] == max(1, out["cores"] - out["workers"])
         assert_ratio(out[load]["chosen_over_default"])
+
+
+@pytest.mark.slow
+def test_bench_stream_reports_memory_first_batch_and_throughput(tmp_path):
+    out = run_bench("bench_stream.py", "--scratch", tmp_path, "--sizes-mb", "2,4", "--samples", "24", "--window",
+                    "8", "--rate-mb-s", "40", "--batch", "4")
+    for ratio in out["rss_ratio_largest_to_smallest"].values():
+        assert_ratio(ratio)
+    assert_ratio(out["first_batch"]["ratio_to_shard_arrival"])
+    assert_ratio(out["throughput_224px_mae"]["ratio"])

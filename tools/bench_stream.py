@@ -75,7 +75,7 @@ def make_shard(path: Path, size_bytes: int) -> tuple[Path, int]:
     return index, count
 
 
-def read_samples(url: str, samples: int, workers: int, window: int, batch: int = 32) -> float:
+def read_samples(url: str, samples: int, workers: int, window: int, batch: int) -> float:
     """Read `samples` samples through the stream; returns seconds to the first batch."""
     from ssl_vit.data.loader import StreamLoader
     from ssl_vit.data.stream import ShardStream
@@ -159,11 +159,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=500, help="samples each reader reads (several windows)")
     p.add_argument("--window", type=int, default=100, help="data.shuffle_buffer")
     p.add_argument("--rate-mb-s", type=float, default=20.0, help="the throttled pipe's delivery rate")
+    p.add_argument("--batch", type=int, default=32, help="batch size of the readers")
     p.add_argument("--child", nargs=3, metavar=("URL", "WORKERS", "SAMPLES"), help=argparse.SUPPRESS)
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
     if args.child:
-        first = read_samples(args.child[0], int(args.child[2]), int(args.child[1]), args.window)
+        first = read_samples(args.child[0], int(args.child[2]), int(args.child[1]), args.window, args.batch)
         print(json.dumps({"first_batch_s": first}))
         return
 
@@ -176,22 +177,21 @@ def main() -> None:
     sample_bytes = shards[sizes[0]].stat().st_size / counts[sizes[0]]
     samples = min(args.samples, min(counts.values()))
 
-    rss = {}
-    for workers in (0, 2):
-        rss[f"workers_{workers}"] = {
-            f"{size}MB": round(peak_rss_mb([sys.executable, __file__, "--window", str(args.window), "--child",
-                                            str(indexes[size]), str(workers), str(samples)])[0], 1)
-            for size in sizes}
+    def child(url, workers: int, count: int) -> tuple[float, str]:
+        return peak_rss_mb([sys.executable, __file__, "--window", str(args.window), "--batch", str(args.batch),
+                            "--child", str(url), str(workers), str(count)])
+
+    rss = {f"workers_{workers}": {f"{size}MB": round(child(indexes[size], workers, samples)[0], 1) for size in sizes}
+           for workers in (0, 2)}
     ratios = {k: round(v[f"{sizes[-1]}MB"] / v[f"{sizes[0]}MB"], 3) for k, v in rss.items()}
     # What the process holds before reading anything (torch, timm, the stream): the rest is the data path's.
-    baseline = round(peak_rss_mb([sys.executable, __file__, "--child", str(indexes[sizes[0]]), "0", "0"])[0], 1)
+    baseline = round(child(indexes[sizes[0]], 0, 0)[0], 1)
 
     piped = shards[sizes[min(1, len(sizes) - 1)]]
     rate = args.rate_mb_s * MB
     throttle = scratch / "throttle.py"
     throttle.write_text(THROTTLE)
-    _, out = peak_rss_mb([sys.executable, __file__, "--window", str(args.window), "--child",
-                          f"pipe:{sys.executable} {throttle} {rate} {piped}", "0", "64"])
+    _, out = child(f"pipe:{sys.executable} {throttle} {rate} {piped}", 0, 64)
     first = json.loads(out.strip().splitlines()[-1])["first_batch_s"]
 
     result = {
