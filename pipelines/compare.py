@@ -76,19 +76,16 @@ class Row:
     trained_on: int = 0        # labelled images its pretraining saw
 
 
-def steps_per_epoch(index: str, batch_size: int) -> int:
-    from ssl_vit.data.sources import expand_source
-
-    return max(1, expand_source(index).num_samples // batch_size)
-
-
 def same_warmup(recipe, index: str, full_index: str) -> list[str]:
     """On a labelled subset an epoch is fewer steps; the warm-up, set in epochs of the full training set, keeps its
     number of steps, so that every fraction's run has the same schedule and differs only in its images."""
+    from ssl_vit.data.sources import expand_source
+    from ssl_vit.train.trainer import epoch_length
+
     if index == full_index or recipe.optim.warmup_epochs <= 0:
         return []
-    b = recipe.data.batch_size
-    return [f"optim.warmup_epochs={recipe.optim.warmup_epochs * steps_per_epoch(full_index, b) / steps_per_epoch(index, b)}"]
+    full, subset = (epoch_length(recipe, expand_source(i)) for i in (full_index, index))
+    return [f"optim.warmup_epochs={recipe.optim.warmup_epochs * full / subset}"]
 
 
 def pretrain(cfg: CompareConfig, method: str, train_source, out: Path, indexes: dict) -> None:
@@ -118,8 +115,8 @@ def random_init(cfg: CompareConfig, out: Path) -> None:
     spec = backbone_spec(recipe)
     out.mkdir(parents=True, exist_ok=True)
     export_backbone(create_backbone(spec), spec, out / "backbone.safetensors", extra_meta={"method": "random_init"})
-    write_json_atomic(out / "summary.json", {"method": "random_init", "steps": 0, "images_seen": 0, "train_seconds": 0.0,
-                                      "images_per_s": None})
+    write_json_atomic(out / "summary.json", {"method": "random_init", "steps": 0, "images_seen": 0,
+                                             "train_seconds": 0.0, "images_per_s": None})
 
 
 def extract(cfg: CompareConfig, backbone: str | None, source: str, out: Path) -> None:

@@ -61,7 +61,7 @@ class CompareConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    backbones: dict = field(default_factory=dict)      # extra rows, name → any backbone (timm:NAME, local-dir:PATH, ...)
+    backbones: dict = field(default_factory=dict)      # extra rows: name → timm:NAME, local-dir:PATH, an export...
 
 
 def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConfig:

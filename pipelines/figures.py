@@ -45,7 +45,8 @@ def label_efficiency_png(rows: list[dict], path: Path) -> None:
     labels = {row["fraction"]: row.get("num_labels") for row in rows if row.get("num_labels")}
     for ax, (key, title) in zip(axes, present):
         for i, name in enumerate(names):
-            points = sorted((row["fraction"], row[key]) for row in rows if row["model"] == name and row.get(key) is not None)
+            points = sorted((row["fraction"], row[key]) for row in rows
+                            if row["model"] == name and row.get(key) is not None)
             if points:
                 floor = name in FLOORS
                 ax.plot(*zip(*points), marker="o", ms=4, lw=1.2 if floor else 2.0, ls="--" if floor else "-",

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
                     " Also runs under `accelerate launch -m ssl_vit.cli finetune ...`.")
     p.add_argument("--recipe", required=True, help="YAML recipe with method: supervised (see recipes/finetune_*)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.layer_decay=0.65")
-    p.add_argument("--init", help="pretrained backbone: backbone.safetensors, a run folder or a checkpoint folder "
+    p.add_argument("--init", help="pretrained backbone: backbone.safetensors, a run folder, a checkpoint folder, "
+                                  "timm:<name>, local-dir:<folder> or hf-hub:<id> of the recipe's architecture "
                                   "(shorthand for model.init=...)")
     p.add_argument("--eval-shards", help="evaluation shards (shorthand for data.eval=...)")
     add_resume_options(p)
