@@ -161,3 +161,25 @@ def test_one_knob_for_a_new_resolution(train_shards, bundled_test, tmp_path, cap
     assert "model.imgsize" in capsys.readouterr().err
     assert main(["compare", "--recipe", RECIPE, "method_overrides={byol: [x=1]}"]) == 2
     assert "method_overrides.byol" in capsys.readouterr().err
+
+
+def test_ssl_pretrains_on_extra_unlabeled_images_too(train_shards, bundled_test, tmp_path, capsys):
+    """`source.unlabeled`: a folder of photos without labels joins MAE/DINO's pretraining data, never the
+    supervised baseline's, nor any labelled subset."""
+    photos = tmp_path / "photos" / "holiday"
+    photos.mkdir(parents=True)
+    for i in range(40):
+        Image.new("RGB", (40, 30), (i * 6, 255 - i * 6, 90)).save(photos / f"IMG_{i:04d}.jpg")
+    out = tmp_path / "cmp"
+    args = compare_args(out, train_shards, bundled_test, f"source.unlabeled={tmp_path / 'photos'}",
+                        "methods=[mae, supervised]", "random_init=false", "eval.raw_pixels=false",
+                        "eval.label_fractions=[0.01]", "eval.linear_probe=false", "eval.finetune=false",
+                        "budget.images=128")
+    assert main(args) == 0, capsys.readouterr().err
+    unlabeled = json.loads((out / "shards" / "unlabeled-index.json").read_text())
+    assert unlabeled["labeled"] is False and unlabeled["num_samples"] == 40
+    mae = json.loads((out / "models" / "mae" / "recipe.json").read_text())
+    supervised = json.loads((out / "models" / "supervised-f0.01" / "recipe.json").read_text())
+    assert mae["data"]["train"] == [str(train_shards), str(out / "shards" / "unlabeled-index.json")]
+    assert supervised["data"]["train"] == str(out / "labels" / "f0.01" / "shards-index.json")
+    assert len(json.loads((out / "labels" / "subsets.json").read_text())["fractions"]["0.01"]["keys"]) == 50
