@@ -222,9 +222,17 @@ class _Stream:
     def close(self, url: str, check: bool) -> None:
         try:
             self.raw.close()
-        except Exception as e:  # a failed `pipe:` command reports its exit status here
+        except Exception as e:  # a failed `pipe:` command reports its exit status here, or on a read
             if check:
-                raise SslVitError(f"reading shard {url} failed: {e}") from None
+                raise failure(url, e) from None
+
+
+def failure(url: str, error: Exception) -> SslVitError:
+    """A shard that could not be read, in one line: webdataset's message for a failed `pipe:` command holds its
+    arguments' reprs ("(('cmd',), {'shell': True, ...}): exit 1 (read)"), so only the exit status is kept."""
+    status = re.search(r"exit (-?\d+)", str(error))
+    return SslVitError(f"cannot read shard {url}: " + (f"its command exited with status {status.group(1)}" if status
+                                                       else str(error)))
 
 
 def _open(url: str, checksum: Checksum | None = None) -> _Stream:
@@ -260,10 +268,8 @@ class _RawAdapter(io.RawIOBase):
     def readinto(self, buffer) -> int:
         try:
             data = self.stream.read(len(buffer))
-        except OSError as e:  # webdataset's `pipe:` reports a failed command here, with its arguments' reprs
-            status = getattr(self.stream, "status", None)
-            raise SslVitError(f"cannot read shard {self.url}: " + (f"its command exited with status {status}"
-                                                                   if status else str(e))) from None
+        except OSError as e:  # webdataset's `pipe:` reports a failed command here, or on close
+            raise failure(self.url, e) from None
         buffer[:len(data)] = data
         if self.checksum is not None:
             self.checksum.update(data)
