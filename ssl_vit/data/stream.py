@@ -174,10 +174,7 @@ class ShardStream(IterableDataset):
         idle_epochs = 0
         while True:
             pieces = self.plan.pieces(epoch, slot)
-            emitted = 0
-            for item in self._window_shuffled(pieces, epoch, slot, consumed):
-                emitted += 1
-                yield item
+            emitted = yield from self._window_shuffled(pieces, epoch, slot, consumed)
             idle_epochs = idle_epochs + 1 if pieces and not emitted and not consumed else 0
             if idle_epochs > 1:
                 raise SslVitError(f"shards {', '.join(self.shards.shards[p[0]].url for p in pieces[:3])} gave no "
@@ -189,17 +186,19 @@ class ShardStream(IterableDataset):
         size = self.layout.window
         window, offset = divmod(consumed, size)
         samples = self._read(pieces, skip=window * size)
-        buffer = list(islice(samples, size))
+        buffer, emitted = list(islice(samples, size)), 0
         while buffer:
             following = next(samples, None)  # one sample ahead: is this the epoch's last window?
             order = window_order(self.seed, epoch, slot, window, len(buffer))
+            first, last = window * size, len(buffer) - 1 if following is None else -1
             for i in range(offset, len(buffer)):
-                last = following is None and i == len(buffer) - 1
-                yield buffer[order[i]], epoch, [epoch + 1, 0] if last else [epoch, window * size + i + 1]
+                yield buffer[order[i]], epoch, [epoch + 1, 0] if i == last else [epoch, first + i + 1]
+            emitted += len(buffer) - offset
             if following is None:
-                return
+                return emitted
             buffer = [following, *islice(samples, size - 1)]
             window, offset = window + 1, 0
+        return emitted
 
     def _read(self, pieces, skip: int):
         """Raw samples of the pieces, after skipping `skip` of them undecoded."""

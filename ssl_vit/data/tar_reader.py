@@ -17,6 +17,7 @@ import os
 import re
 import struct
 import warnings
+import zlib
 from typing import Generator, Iterator
 
 from webdataset import gopen
@@ -61,7 +62,7 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None, checksum: Ch
     try:
         for name, size in _members(stream):
             match = _KEY_SUFFIX.match(name)
-            if match is None or _is_metadata(name):
+            if match is None or ("__" in name and _is_metadata(name)):
                 stream.skip(size + -size % BLOCK)
                 continue
             key, suffix = match.group(1), match.group(2).lower()
@@ -139,20 +140,31 @@ def _members(stream: "_Stream") -> Iterator[tuple[str, int]]:
         long_name = None
 
 
+_OCTAL = re.compile(rb"[ \0]*([0-7]+)[ \0]*")  # writers pad numbers with NULs or spaces on either side
+
+
 def _check_checksum(header: bytes, field: bytes, where: int) -> None:
-    digits = field.replace(b"\0", b" ").strip()
-    actual = sum(header) - sum(field) + 8 * 0x20  # the checksum field counts as spaces
-    if not digits or not all(48 <= c <= 55 for c in digits) or int(digits, 8) != actual:
+    """The stored checksum is the byte sum of the header with its own field read as spaces. Adler-32's low half is
+    1 + that byte sum modulo 65,521, computed in C: Python's sum() over the 512 bytes was a fifth of the time to read
+    a small sample. A damaged header passes only if its byte sum moved by a multiple of 65,521 (one byte moves it by
+    at most 255)."""
+    digits = _OCTAL.fullmatch(field)
+    if digits is None:
+        raise Damage(f"bad tar header checksum at byte {where}")
+    expected = int(digits.group(1), 8) + sum(field) - 8 * 0x20  # the header's byte sum as stored
+    if (expected + 1) % 65521 != zlib.adler32(header) & 0xFFFF:
         raise Damage(f"bad tar header checksum at byte {where}")
 
 
 def _number(field: bytes, where: int) -> int:
     if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
         return int.from_bytes(field[1:], "big")
-    try:
-        return int(field.replace(b"\0", b" ").strip() or b"0", 8)
-    except ValueError:
-        raise Damage(f"unreadable tar header at byte {where}") from None
+    digits = _OCTAL.fullmatch(field)
+    if digits is None:
+        if field.strip(b"\0 "):
+            raise Damage(f"unreadable tar header at byte {where}")
+        return 0
+    return int(digits.group(1), 8)
 
 
 def _pax_path(body: bytes) -> str | None:
