@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from ssl_vit.commands.train import end_process_group
 from ssl_vit.config import load_recipe
 from ssl_vit.train.trainer import Trainer
 
@@ -27,6 +28,7 @@ def main(out: str, recipe: str, *overrides: str) -> None:
         with open(out, "w") as f:
             json.dump({"world_size": acc.num_processes, "checksums": checksums.tolist(),
                        "features": gathered.tolist()}, f)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """`ssl-vit finetune`: end-to-end fine-tuning of a pretrained backbone, then top-1/top-5 on evaluation shards."""
 import json
 
+from ssl_vit.commands.train import end_process_group
+
 from ssl_vit.commands.train import add_resume_options
 
 
@@ -35,6 +37,7 @@ def run(args) -> int:
         overrides.append("train.progress=false")
     result = finetune(load_recipe(args.recipe, overrides), args.recipe)
     print(json.dumps(result, indent=1))
+    end_process_group()
     return 0
 
 
