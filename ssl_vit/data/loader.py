@@ -49,8 +49,10 @@ class StreamLoader:
     def __iter__(self):
         # Starting workers draws their base seed from the global RNG; fork it so that a resumed run's model-side
         # randomness (dropout, drop path) continues exactly as in an uninterrupted run.
+        # Without workers the stream is read in this process directly: the DataLoader would only add ~17 µs a sample
+        # (bench/results/README.md).
         with torch.random.fork_rng(devices=[]):
-            transfers = iter(self.loader)
+            transfers = iter(self.loader) if self.stream.num_workers else iter(self.stream)
         try:
             for transfer in transfers:
                 for batch, meta in transfer:
