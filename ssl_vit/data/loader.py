@@ -43,8 +43,8 @@ class StreamLoader:
         self._warned: set[str] = set()
         transfers_ahead = max(2, math.ceil(prefetch_factor / stream.batches_per_transfer))
         self.loader = DataLoader(stream, batch_size=None, collate_fn=as_made, num_workers=num_workers,
-                                 prefetch_factor=transfers_ahead if num_workers else None,
-                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
+                                 prefetch_factor=transfers_ahead, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=False) if num_workers else None
 
     def __iter__(self):
         # Starting workers draws their base seed from the global RNG; fork it so that a resumed run's model-side
@@ -52,7 +52,7 @@ class StreamLoader:
         # Without workers the stream is read in this process directly: the DataLoader would only add ~17 µs a sample
         # (bench/results/README.md).
         with torch.random.fork_rng(devices=[]):
-            transfers = iter(self.loader) if self.stream.num_workers else iter(self.stream)
+            transfers = iter(self.loader if self.loader is not None else self.stream)
         try:
             for transfer in transfers:
                 for batch, meta in transfer:

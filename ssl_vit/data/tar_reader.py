@@ -187,21 +187,17 @@ class _Stream:
 
     def read_block(self) -> bytes | None:
         block = self.raw.read(BLOCK)
-        if not block:
-            return None
-        if len(block) < BLOCK:
-            block += self._more(BLOCK - len(block))
-        if len(block) < BLOCK:
-            raise Damage(f"truncated inside the tar header at byte {self.position}")
-        self.position += BLOCK
-        return block
+        return self._complete(block, BLOCK, "the tar header", self.position) if block else None
 
     def read_exactly(self, n: int) -> bytes:
-        data = self.raw.read(n)
+        return self._complete(self.raw.read(n), n, "the member", self.position - BLOCK)
+
+    def _complete(self, data: bytes, n: int, inside: str, at: int) -> bytes:
+        """`data` topped up to `n` bytes (a pipe may return less per read); fewer is truncation."""
         if len(data) < n:
             data += self._more(n - len(data))
         if len(data) < n:
-            raise Damage(f"truncated inside the member at byte {self.position - BLOCK}")
+            raise Damage(f"truncated inside {inside} at byte {at}")
         self.position += n
         return data
 
