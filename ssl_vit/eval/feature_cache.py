@@ -5,13 +5,12 @@ Layout: `features.npy` float32 [N, D] (memory-mappable), `labels.npy` int64 [N] 
 "image_size", "resize", "dim", "num", "source", "shards" (absolute URLs), "classes", "num_processes", ...}). Written atomically: a crash leaves either the previous cache or the new one, never half of one.
 """
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ssl_vit.atomic_io import atomic_dir
 from ssl_vit.errors import SslVitError
 
 FILES = ("features.npy", "labels.npy", "keys.json", "meta.json")
@@ -59,28 +58,12 @@ def save_features(folder, features, labels, keys, meta=None) -> Path:
     if meta.get("pooling", "cls") not in POOLINGS:
         raise SslVitError(f"{folder}: meta pooling {meta['pooling']!r} is not one of {', '.join(POOLINGS)}")
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    np.save(tmp / "features.npy", np.ascontiguousarray(feats, dtype=np.float32))
-    np.save(tmp / "labels.npy", labs.astype(np.int64))
-    (tmp / "keys.json").write_text(json.dumps(keys))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    for name in FILES:
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
-    replace_dir(tmp, folder)
+    with atomic_dir(folder) as tmp:
+        np.save(tmp / "features.npy", np.ascontiguousarray(feats, dtype=np.float32))
+        np.save(tmp / "labels.npy", labs.astype(np.int64))
+        (tmp / "keys.json").write_text(json.dumps(keys))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     return folder
-
-
-def replace_dir(tmp: Path, folder: Path) -> None:
-    """Rename `tmp` onto `folder`; a directory cannot be renamed onto a non-empty one, so move the old aside."""
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _validated(features: np.ndarray, labels: np.ndarray, keys: list, where: str):

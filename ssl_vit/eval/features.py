@@ -15,12 +15,12 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from ssl_vit.atomic_io import atomic_dir
 from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.samples import BadSample, decode_image
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
 from ssl_vit.threads import use_threads
-from ssl_vit.eval.feature_cache import replace_dir
 from ssl_vit.transforms import MultiViewTransform, eval_views, normalize
 
 POOLINGS = ("cls", "avg", "cls+avg")
@@ -141,21 +141,18 @@ def merge_parts(out_dir: Path, parts_dir: Path, num_parts: int, info: dict, chun
     (dim,) = dims
     sources = [(r, i) for r, p in enumerate(parts) for i in range(len(p["keys"]))]
     order = sorted(range(len(keys)), key=keys.__getitem__)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    maps = [np.memmap(parts_dir / f"rank{r}.f32", dtype=np.float32, mode="r", shape=(len(p["keys"]), dim))
-            if p["keys"] else None for r, p in enumerate(parts)]
-    features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(len(keys), dim))
-    for start in range(0, len(order), chunk):
-        rows = [sources[j] for j in order[start:start + chunk]]
-        features[start:start + len(rows)] = np.stack([maps[r][i] for r, i in rows])
-    features.flush()
-    del features, maps
     labels = [p["labels"][i] for p in parts for i in range(len(p["keys"]))]
-    np.save(tmp / "labels.npy", np.asarray([labels[j] for j in order], dtype=np.int64))
-    (tmp / "keys.json").write_text(json.dumps([keys[j] for j in order]))
     meta = {**info, "dim": dim, "num": len(keys), "skipped": sum(p["skipped"] for p in parts),
             "num_processes": num_parts}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    replace_dir(tmp, out_dir)
+    maps = [np.memmap(parts_dir / f"rank{r}.f32", dtype=np.float32, mode="r", shape=(len(p["keys"]), dim))
+            if p["keys"] else None for r, p in enumerate(parts)]
+    with atomic_dir(out_dir) as tmp:
+        features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(len(keys), dim))
+        for start in range(0, len(order), chunk):
+            rows = [sources[j] for j in order[start:start + chunk]]
+            features[start:start + len(rows)] = np.stack([maps[r][i] for r, i in rows])
+        features.flush()
+        del features, maps
+        np.save(tmp / "labels.npy", np.asarray([labels[j] for j in order], dtype=np.int64))
+        (tmp / "keys.json").write_text(json.dumps([keys[j] for j in order]))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

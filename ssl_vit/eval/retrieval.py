@@ -8,18 +8,17 @@ With metric "cosine" vectors are L2-normalised on the way in (build and query) a
 """
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ssl_vit.atomic_io import atomic_dir
 from ssl_vit.errors import SslVitError
 from ssl_vit.figure_io import save_png
 from ssl_vit.eval import faiss_utils
 from ssl_vit.eval.faiss_utils import faiss
-from ssl_vit.eval.feature_cache import replace_dir, require_labels
+from ssl_vit.eval.feature_cache import require_labels
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 METRICS = ("cosine", "ip", "l2")
@@ -160,18 +159,13 @@ class RetrievalIndex:
 
     def save(self, folder) -> Path:
         """index.faiss + meta.json (kind, dim, metric, params) + ids.json ({"keys", "labels"}: id = position)."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        faiss.write_index(self.index, str(tmp / "index.faiss"))
         meta = {"kind": self.kind, "dim": self.dim, "metric": self.metric, "num": len(self), "params": self.params,
                 "source": self.source}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        (tmp / "ids.json").write_text(json.dumps({"keys": self.keys, "labels": self.labels.tolist()}))
-        replace_dir(tmp, folder)
-        return folder
+        with atomic_dir(folder) as tmp:
+            faiss.write_index(self.index, str(tmp / "index.faiss"))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            (tmp / "ids.json").write_text(json.dumps({"keys": self.keys, "labels": self.labels.tolist()}))
+        return Path(folder)
 
     @classmethod
     def load(cls, folder) -> "RetrievalIndex":

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ssl_vit.atomic_io import atomic_path, write_text_atomic
 from ssl_vit.errors import SslVitError
 from ssl_vit.models.backbone import BackboneSpec
 
@@ -72,12 +73,9 @@ def export_backbone(model: nn.Module, spec: BackboneSpec, path, extra_meta: dict
             **(extra_meta or {})}
     text = json.dumps(meta, indent=2, sort_keys=True, default=str)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: text})
-    os.replace(tmp, path)
-    sidecar = path.with_suffix(".json")
-    sidecar.with_name(sidecar.name + ".tmp").write_text(text + "\n")
-    os.replace(sidecar.with_name(sidecar.name + ".tmp"), sidecar)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: text})
+    write_text_atomic(path.with_suffix(".json"), text + "\n")
     write_hf_folder(ref, path, create_kwargs, meta)
     return path
 
@@ -90,24 +88,20 @@ def write_hf_folder(ref: nn.Module, path: Path, create_kwargs: dict, meta: dict)
     from ssl_vit.transforms.normalize import MEAN, STD
 
     folder = path.parent
-    tmp = folder / (HF_CONFIG + ".tmp")
-    save_config_for_hf(ref, tmp, model_args=create_kwargs, model_config={META_KEY: meta},
-                       data_config={"mean": MEAN, "std": STD, "crop_pct": EVAL_CROP_PCT, "interpolation": "bicubic"})
-    config = json.loads(tmp.read_text())
-    # the architecture's default pretrained config names timm's published weights (tag, licence): not these
-    for key in ("tag", "license", "hf_hub_id", "url", "paper_ids", "paper_name", "origin_url", "notes"):
-        config["pretrained_cfg"].pop(key, None)
-    tmp.write_text(json.dumps(config, indent=2, default=str) + "\n")
-    os.replace(tmp, folder / HF_CONFIG)
-    weights = folder / HF_WEIGHTS
+    data_config = {"mean": MEAN, "std": STD, "crop_pct": EVAL_CROP_PCT, "interpolation": "bicubic"}
+    with atomic_path(folder / HF_CONFIG) as tmp:
+        save_config_for_hf(ref, tmp, model_args=create_kwargs, model_config={META_KEY: meta}, data_config=data_config)
+        config = json.loads(tmp.read_text())
+        # the architecture's default pretrained config names timm's published weights (tag, licence): not these
+        for key in ("tag", "license", "hf_hub_id", "url", "paper_ids", "paper_name", "origin_url", "notes"):
+            config["pretrained_cfg"].pop(key, None)
+        tmp.write_text(json.dumps(config, indent=2, default=str) + "\n")
     if path.name != HF_WEIGHTS:
-        link = folder / (HF_WEIGHTS + ".tmp")
-        link.unlink(missing_ok=True)
-        try:
-            os.link(path, link)
-        except OSError:
-            shutil.copyfile(path, link)
-        os.replace(link, weights)
+        with atomic_path(folder / HF_WEIGHTS) as link:
+            try:
+                os.link(path, link)
+            except OSError:
+                shutil.copyfile(path, link)
 
 
 def read_backbone_meta(path) -> dict:

@@ -6,13 +6,12 @@ rank), fsyncs it, renames it to `ckpt-<step>/`, then atomically replaces `latest
 previous checkpoint loadable; stale `.tmp` folders are ignored and removed by the next save.
 """
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 from ssl_vit import __version__
-from ssl_vit.atomic_io import fsync_dir, write_json_atomic
+from ssl_vit.atomic_io import fsync_tree, replace_dir, write_json_atomic, write_text_atomic
 from ssl_vit.errors import SslVitError
 
 POINTER = "latest"
@@ -32,14 +31,6 @@ def code_version() -> str:
     return __version__
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(folder)
-
-
 def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, stream_state: dict,
                     keep: int = 2) -> Path:
     """Collective: every process calls it. Returns the final folder."""
@@ -55,22 +46,12 @@ def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, str
         write_json_atomic(tmp / "trainer.json", trainer_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
         write_text_atomic(root / POINTER, final.name)
         _prune(root, keep)
     accelerator.wait_for_everyone()
     return final
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from ssl_vit.atomic_io import write_json_atomic
+from ssl_vit.atomic_io import write_json_atomic, write_text_atomic
 from ssl_vit.config import Recipe, check_world, epoch_settings
 from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.sources import expand_source
@@ -284,4 +284,4 @@ def truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
