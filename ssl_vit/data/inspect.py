@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ssl_vit.data.index import index_is_labeled, index_path_for, read_index, sha256_file
-from ssl_vit.data.samples import image_key
+from ssl_vit.data.samples import BadSample, decode_label, image_key
 from ssl_vit.data.sources import is_remote
 from ssl_vit.data.tar_reader import iter_samples
 from ssl_vit.errors import SslVitError
@@ -114,19 +114,15 @@ def _count(scan: ShardScan, key: str, sample: dict, keep_first: int) -> None:
         scan.formats["(no image)"] += 1
         return
     scan.samples += 1
-    label = _label(sample)
+    try:
+        label = decode_label(sample)
+    except (BadSample, ValueError):  # a `cls` that is no integer, a json that is no JSON: the loader cannot use it
+        label = -1
     scan.labels[label] += 1
     scan.formats[ext] += 1
     scan.sizes[_size(sample, ext)] += 1
     if len(scan.firsts) < keep_first:
         scan.firsts.append((sample[ext], label, key))
-
-
-def _label(sample: dict) -> int:
-    try:
-        return int(sample["cls"]) if "cls" in sample else -1
-    except ValueError:
-        return -1
 
 
 def _size(sample: dict, ext: str) -> tuple[int, int] | None:

@@ -66,13 +66,14 @@ def decode_image(sample: dict) -> Image.Image:
 
 
 def decode_label(sample: dict) -> int:
-    """`cls` as an integer, -1 where the sample has no label."""
+    """`cls` as an integer (a `BadSample` if it is not one), else the json's `label_index`, else -1 (no label). The
+    one reading of a label: the loader, the shard writer and `shards inspect` all use it."""
     if "cls" in sample:
         try:
             return int(sample["cls"].decode().strip())
         except (ValueError, UnicodeDecodeError):
-            raise BadSample(f"bad label {sample['cls'][:20]!r} in sample {sample['__key__']} of "
-                            f"{sample['__url__']}") from None
+            where = f" in sample {sample['__key__']} of {sample['__url__']}" if "__key__" in sample else ""
+            raise BadSample(f"bad label {sample['cls'][:20]!r}{where}") from None
     if "json" in sample:
         label = json.loads(sample["json"]).get("label_index")
         if label is not None:

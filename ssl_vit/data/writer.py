@@ -31,6 +31,7 @@ from ssl_vit.data.image_sources import SourceSet, encode_for_shard, open_source,
 from ssl_vit.data.index import (INDEX_FORMAT, index_path_for, plan_path_for, read_json, sha256_file,
                                 shard_path_for, write_index)
 from ssl_vit.data.inspect import iter_tar_samples
+from ssl_vit.data.samples import BadSample, decode_label
 from ssl_vit.errors import SslVitError
 
 PLAN_FORMAT = "ssl_vit.shards-plan/1"
@@ -296,11 +297,13 @@ def _summarize_existing(task: ShardTask) -> dict:
     try:
         for key, sample in iter_tar_samples(path):
             keys.add(key)
-            if task.classes:
-                counts[int(sample["cls"])] += 1
-            elif "cls" in sample:
-                raise ValueError(f"{key} has a label, this plan has none")
-    except (SslVitError, KeyError, ValueError, IndexError) as e:
+            label = decode_label(sample)
+            if (label >= 0) != bool(task.classes):
+                raise ValueError(f"{key} has {'a' if label >= 0 else 'no'} label, this plan has "
+                                 f"{'none' if label >= 0 else 'classes'}")
+            if label >= 0:
+                counts[label] += 1
+    except (SslVitError, BadSample, ValueError, IndexError) as e:
         raise SslVitError(f"existing shard {path} does not hold this plan's samples ({e}); delete it to rewrite "
                           "it, or pass --overwrite") from None
     planned = {f"s{task.first_key + j:09d}": ref for j, (ref, _, _) in enumerate(task.items)}
