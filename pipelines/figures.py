@@ -2,12 +2,14 @@
 reconstructions. matplotlib's object API (`Figure`, Agg canvas): no pyplot state, no display needed."""
 import math
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from ssl_vit.errors import SslVitError
+from ssl_vit.figure_io import save_png
 
 DPI = 120
 METRICS = [("knn_top1", "k-NN top-1 (k=20)"), ("knn_top5", "k-NN top-5 (k=20)"), ("linear_top1", "linear-probe top-1")]
@@ -20,10 +22,7 @@ def _note(ax, text: str) -> None:
     ax.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", fontsize=8, color="0.35", transform=ax.transAxes)
 
 
-def _save(fig: Figure, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+_save = partial(save_png, dpi=DPI, bbox_inches="tight")
 
 
 # ---------------------------------------------------------------- label_efficiency.png

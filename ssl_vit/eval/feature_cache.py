@@ -12,9 +12,9 @@ import numpy as np
 
 from ssl_vit.atomic_io import atomic_dir
 from ssl_vit.errors import SslVitError
+from ssl_vit.eval import POOLINGS
 
 FILES = ("features.npy", "labels.npy", "keys.json", "meta.json")
-POOLINGS = ("cls", "avg", "cls+avg")
 
 
 @dataclass

@@ -20,10 +20,10 @@ from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.samples import BadSample, decode_image
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
+from ssl_vit.eval import POOLINGS
 from ssl_vit.threads import use_threads
 from ssl_vit.transforms import MultiViewTransform, eval_views, normalize
 
-POOLINGS = ("cls", "avg", "cls+avg")
 EMBED_BATCH = 64
 
 
