@@ -21,7 +21,7 @@ SPEC = BackboneSpec(img_size=32, patch_size=4, kwargs=dict(depth=2, embed_dim=64
 def trained(method):
     """One optimizer step so the weights differ from any fresh initialisation."""
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    out = method({"views": [images], "label": torch.arange(8) % 10, "step": 0, "seed": 0}, {})
+    out = method({"views": [images], "label": torch.arange(8) % 10}, {}, 0)
     opt = torch.optim.AdamW(method.param_groups(0.0), lr=1e-2)
     out["loss"].backward()
     opt.step()

@@ -16,8 +16,9 @@ from ssl_vit.errors import SslVitError
 from ssl_vit.losses.mae_loss import mae_loss, patchify, unpatchify
 from ssl_vit.methods.mae import MAE
 from ssl_vit.models.backbone import BackboneSpec
-from ssl_vit.models.masking import StepRandomness, random_masking, step_generator
+from ssl_vit.models.masking import random_masking
 from ssl_vit.models.pos_embed import sincos_2d
+from ssl_vit.seeding import step_generator, step_seed
 
 SPEC = BackboneSpec(img_size=32, patch_size=4, kwargs=dict(depth=2, embed_dim=64, num_heads=2))
 DECODER = dict(decoder_depth=1, decoder_dim=32, decoder_heads=4)
@@ -38,9 +39,13 @@ def make_mae(seed: int = 0, **kw) -> MAE:
     return MAE(SPEC, **{**DECODER, **kw})
 
 
-def batch(imgs, step=0, seed=0):
-    return {"views": [imgs], "label": torch.full((len(imgs),), -1), "key": [str(i) for i in range(len(imgs))],
-            "step": step, "seed": seed}
+def batch(imgs):
+    return {"views": [imgs], "label": torch.full((len(imgs),), -1), "key": [str(i) for i in range(len(imgs))]}
+
+
+def seed_at(step=0, seed=0, micro=0) -> int:
+    """The seed the trainer passes for micro-batch `micro` of `step` on rank 0."""
+    return step_seed(seed, step, 0, micro)
 
 
 # -- position embeddings ------------------------------------------------------------------------------------------
@@ -112,20 +117,22 @@ def test_masks_reproducible_from_seed_and_step_without_global_rng():
     state = torch.get_rng_state()
     masks = {}
     for key in [(0, 5), (0, 5), (0, 6), (1, 5)]:
-        rng = StepRandomness()
-        masks.setdefault(key, []).append(random_masking(x, 0.75, rng.generator({"seed": key[0], "step": key[1]}))[1])
+        generator = torch.Generator().manual_seed(seed_at(step=key[1], seed=key[0]))
+        masks.setdefault(key, []).append(random_masking(x, 0.75, generator)[1])
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(*masks[(0, 5)])
     assert not torch.equal(masks[(0, 5)][0], masks[(0, 6)][0]) and not torch.equal(masks[(0, 5)][0], masks[(1, 5)][0])
 
 
-def test_micro_batches_of_one_step_get_different_masks_and_restart_after_resume():
-    rng, fresh = StepRandomness(), StepRandomness()
-    seeds = [rng.seed({"seed": 0, "step": s}) for s in (3, 3, 4)]
+def test_micro_batches_of_one_step_get_different_masks_and_no_call_advances_a_hidden_counter():
+    m, imgs = make_mae(), real_images(4)
+    seeds = [seed_at(step=s, micro=i) for s, i in ((3, 0), (3, 1), (4, 0))]
     assert len(set(seeds)) == 3
-    assert fresh.seed({"seed": 0, "step": 3}) == seeds[0]  # a resumed run at step 3 starts at micro-batch 0
-    with pytest.raises(SslVitError, match="'step'"):
-        rng.seed({"seed": 0})
+    losses = [m(batch(imgs), {}, s)["loss"] for s in seeds]
+    assert len({loss.item() for loss in losses}) == 3
+    assert torch.equal(m(batch(imgs), {}, seeds[0])["loss"], losses[0])  # a resumed run at step 3 draws the same
+    with pytest.raises(TypeError, match="seed"):
+        m(batch(imgs), {})
 
 
 # -- loss ---------------------------------------------------------------------------------------------------------
@@ -188,9 +195,9 @@ def test_visible_only_encoder_equals_timm_forward_features_when_nothing_is_maske
 def test_forward_is_reproducible_and_reconstruct_undoes_norm_pix():
     a, b = make_mae(), make_mae()
     imgs = real_images(16)
-    out = a(batch(imgs, step=5, seed=2), {})
-    assert out["mask_ratio"] == 0.75 and torch.equal(out["loss"], b(batch(imgs, step=5, seed=2), {})["loss"])
-    assert not torch.equal(out["loss"], make_mae()(batch(imgs, step=6, seed=2), {})["loss"])
+    out = a(batch(imgs), {}, seed_at(step=5, seed=2))
+    assert out["mask_ratio"] == 0.75 and torch.equal(out["loss"], b(batch(imgs), {}, seed_at(step=5, seed=2))["loss"])
+    assert not torch.equal(out["loss"], make_mae()(batch(imgs), {}, seed_at(step=6, seed=2))["loss"])
     pred_imgs, mask_imgs = a.reconstruct(imgs[:4], step_generator(9))
     assert a.training and pred_imgs.shape == mask_imgs.shape == (4, 3, 32, 32)
     assert mask_imgs.mean().item() == pytest.approx(0.75)
@@ -210,7 +217,7 @@ def test_mae_loss_falls_on_real_images():
     imgs, losses, times = real_images(64), [], []
     for step in range(30):
         t0 = time.perf_counter()
-        loss = m(batch(imgs, step=step), {})["loss"]
+        loss = m(batch(imgs), {}, seed_at(step))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -231,8 +238,8 @@ def test_resumed_run_repeats_losses_with_accumulation():
         losses = []
         for step in steps:
             total = 0.0
-            for micro in imgs.chunk(2):
-                loss = m(batch(micro, step=step, seed=3), {})["loss"] / 2
+            for i, micro in enumerate(imgs.chunk(2)):
+                loss = m(batch(micro), {}, seed_at(step, seed=3, micro=i))["loss"] / 2
                 loss.backward()
                 total += loss.item()
             opt.step()
@@ -273,8 +280,8 @@ def test_bad_config(kw, match):
 def test_bad_inputs():
     m = make_mae()
     with pytest.raises(SslVitError, match=r"views\[0\].*\[2, 3, 16, 16\]"):
-        m(batch(torch.zeros(2, 3, 16, 16)), {})
-    with pytest.raises(SslVitError, match="'seed' and 'step'"):
+        m(batch(torch.zeros(2, 3, 16, 16)), {}, 0)
+    with pytest.raises(TypeError, match="seed"):
         m({"views": [torch.zeros(2, 3, 32, 32)], "label": torch.zeros(2)}, {})
     no_cls = BackboneSpec(img_size=32, patch_size=4, kwargs=dict(depth=1, embed_dim=64, num_heads=2,
                                                                class_token=False, global_pool="avg"))

@@ -14,6 +14,7 @@ from ssl_vit.errors import SslVitError
 from ssl_vit.losses.classification import classification_loss, top1_accuracy
 from ssl_vit.methods.supervised import Supervised
 from ssl_vit.models.backbone import BackboneSpec
+from ssl_vit.seeding import step_seed
 
 SPEC = BackboneSpec(img_size=32, patch_size=4, kwargs=dict(depth=2, embed_dim=64, num_heads=2))
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
@@ -28,8 +29,13 @@ def real_batch(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(imgs), torch.tensor([files[k][1] for k in names])
 
 
-def batch(imgs, labels, step=0, seed=0):
-    return {"views": [imgs], "label": labels, "key": [str(i) for i in range(len(imgs))], "step": step, "seed": seed}
+def batch(imgs, labels):
+    return {"views": [imgs], "label": labels, "key": [str(i) for i in range(len(imgs))]}
+
+
+def seed_at(step=0, seed=0) -> int:
+    """The seed the trainer passes for the first micro-batch of `step` on rank 0."""
+    return step_seed(seed, step, 0, 0)
 
 
 def make(seed=0, **kw) -> Supervised:
@@ -58,7 +64,7 @@ def test_supervised_learns_real_images():
     opt = torch.optim.AdamW(m.param_groups(0.05), lr=1e-3)
     losses, accs = [], []
     for step in range(30):
-        out = m(batch(imgs, labels, step), {})
+        out = m(batch(imgs, labels), {}, seed_at(step))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -77,19 +83,19 @@ def test_mixup_cutmix_seeded_runs_and_keeps_global_rng():
     np.random.seed(123)
     before = np.random.get_state()[1].copy()
     a, b = make(mixup=0.8, cutmix=1.0), make(mixup=0.8, cutmix=1.0)
-    out_a = a(batch(imgs, labels, step=4, seed=1), {})
-    out_b = b(batch(imgs, labels, step=4, seed=1), {})
+    out_a = a(batch(imgs, labels), {}, seed_at(step=4, seed=1))
+    out_b = b(batch(imgs, labels), {}, seed_at(step=4, seed=1))
     assert torch.equal(out_a["loss"], out_b["loss"])  # same (seed, step) → same λ and boxes: exact resume
-    losses = {a(batch(imgs, labels, step=s, seed=1), {})["loss"].item() for s in range(5, 10)}
+    losses = {a(batch(imgs, labels), {}, seed_at(step=s, seed=1))["loss"].item() for s in range(5, 10)}
     assert len(losses) > 1
     assert np.array_equal(np.random.get_state()[1], before) and torch.equal(imgs, original)
     out_a["loss"].backward()
     assert all(math.isfinite(p.grad.abs().sum().item()) for p in a.parameters() if p.grad is not None)
-    plain = make()(batch(imgs, labels), {})["loss"]
+    plain = make()(batch(imgs, labels), {}, seed_at())["loss"]
     assert not torch.equal(out_b["loss"], plain)
     opt = torch.optim.AdamW(a.param_groups(0.05), lr=1e-3)
     for step in range(3):
-        loss = a(batch(imgs, labels, step), {})["loss"]
+        loss = a(batch(imgs, labels), {}, seed_at(step))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -100,11 +106,11 @@ def test_bad_input():
     imgs, labels = real_batch(8)
     m = make()
     with pytest.raises(SslVitError, match="supervised training needs labels"):
-        m(batch(imgs, torch.full((8,), -1)), {})
+        m(batch(imgs, torch.full((8,), -1)), {}, 0)
     with pytest.raises(SslVitError, match="num_classes=10"):
-        m(batch(imgs, labels + 10), {})
+        m(batch(imgs, labels + 10), {}, 0)
     with pytest.raises(SslVitError, match="even"):
-        make(mixup=0.8)(batch(imgs[:7], labels[:7]), {})
+        make(mixup=0.8)(batch(imgs[:7], labels[:7]), {}, 0)
     with pytest.raises(SslVitError, match="num_classes"):
         Supervised(SPEC, num_classes=1)
     with pytest.raises(SslVitError, match="label_smoothing"):

@@ -176,13 +176,12 @@ def mfu_section(args, device, peak_tflops: float) -> dict:
                                              **model.schedules(100, 100)}.items()}
         views = [normalize(torch.randint(0, 256, (batch_size, 3, s.size, s.size), device=device, dtype=torch.uint8))
                  for s in specs for _ in range(s.count)]
-        batch = {"views": views, "label": torch.zeros(batch_size, dtype=torch.long, device=device), "step": 0,
-                 "seed": 0}
+        batch = {"views": views, "label": torch.zeros(batch_size, dtype=torch.long, device=device)}
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 prepared = model.prepare_step([dict(batch)], sched)[0]
-                loss = model(prepared, sched)["loss"]
+                loss = model(prepared, sched, seed=0)["loss"]
             loss.backward()
             model.before_optimizer_step(0, sched)
             optimizer.step()

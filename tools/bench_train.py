@@ -53,7 +53,7 @@ def plain_method(model, batch: dict, steps: int, sched: dict) -> float:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     t0 = time.perf_counter()
     for step in range(steps):
-        loss = model(dict(batch, step=step, seed=0), sched)["loss"]
+        loss = model(batch, sched, seed=step)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

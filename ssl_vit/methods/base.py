@@ -4,7 +4,8 @@ The trainer never asks which method it runs. Per optimizer step it:
   1. evaluates `schedules[name](step)` for every schedule (`lr`, `wd` from the trainer, plus `method.schedules()`),
   2. calls `batches = method.prepare_step(batches, sched)` once with all accumulation micro-batches (e.g. DINO's
      teacher targets over the whole step),
-  3. calls `out = model(batch, sched)` (the DDP-wrapped method) for each micro-batch, backpropagates `out['loss']`,
+  3. calls `out = model(batch, sched, seed)` (the DDP-wrapped method) for each micro-batch, with the micro-batch's
+     own seed from (run seed, step, rank, micro-batch index), and backpropagates `out['loss']`,
   4. calls `method.before_optimizer_step(step, sched)` (e.g. DINO cancels last-layer gradients),
   5. clips, steps the optimizer,
   6. calls `method.on_step_end(step, sched)` (e.g. the EMA teacher update).
@@ -29,8 +30,9 @@ class Method(nn.Module, ABC):
     """Base class: subclasses set `self.encoder` (the timm ViT trained) and implement `forward`."""
 
     @abstractmethod
-    def forward(self, batch: dict, sched: dict) -> dict:
-        """batch: {'views': list[Tensor[B,3,H,W]], 'label': LongTensor[B]}; returns {'loss': Tensor, **float logs}."""
+    def forward(self, batch: dict, sched: dict, seed: int) -> dict:
+        """batch: {'views': list[Tensor[B,3,H,W]], 'label': LongTensor[B]}; returns {'loss': Tensor, **float logs}.
+        `seed` seeds whatever the method draws at random (MAE's masks, mixup): methods hold no random state."""
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Callable[[int], float]]:
         """Method-specific schedules (pure functions of the global step), evaluated by the trainer."""

@@ -106,7 +106,8 @@ class DINO(Method):
         targets = self._teacher_targets([batch["views"] for batch in batches], _sched(sched, "teacher_temp"))
         return [{**batch, TARGETS: t} for batch, t in zip(batches, targets)]
 
-    def forward(self, batch: dict, sched: dict) -> dict:
+    def forward(self, batch: dict, sched: dict, seed: int | None = None) -> dict:
+        """`seed` is unused: DINO draws no randomness of its own (its views come augmented)."""
         views = batch["views"]
         self._check_views(views)
         targets = batch[TARGETS] if TARGETS in batch else \

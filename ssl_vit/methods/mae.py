@@ -8,8 +8,9 @@ from ssl_vit.losses.mae_loss import mae_loss, patch_stats, patchify, unpatchify
 from ssl_vit.methods.base import Method
 from ssl_vit.models.backbone import BackboneSpec, create_backbone, patch_size_of
 from ssl_vit.models.mae_decoder import MAEDecoder, init_mae_weights
-from ssl_vit.models.masking import StepRandomness, num_visible, random_masking, step_generator
+from ssl_vit.models.masking import num_visible, random_masking
 from ssl_vit.models.pos_embed import sincos_2d
+from ssl_vit.seeding import step_generator
 
 
 def check_mae_encoder(encoder: nn.Module, name: str) -> None:
@@ -28,8 +29,8 @@ class MAE(Method):
 
     The encoder's `pos_embed` is replaced by fixed 2-D sin-cos embeddings with a zero CLS row, as in the paper's
     code; `backbone()` is therefore a plain timm ViT that runs `forward_features` on whole images.
-    Masks are drawn from a generator seeded by (batch['seed'], batch['step'], rank, micro-batch index within the
-    step): micro-batches of one accumulated step get different masks, and a resumed run draws the same ones.
+    Masks are drawn from a generator seeded with the `seed` the caller passes to `forward` (the trainer's: from run
+    seed, step, rank and micro-batch): the model holds no random state, so a resumed run draws the same masks.
     """
 
     def __init__(self, backbone: BackboneSpec, mask_ratio: float = 0.75, decoder_depth: int = 8,
@@ -53,7 +54,6 @@ class MAE(Method):
         self.decoder = MAEDecoder(self.grid, self.patch_size, self.encoder.embed_dim, decoder_dim, decoder_depth,
                                   decoder_heads, in_chans=self.in_chans)
         self._init_encoder()
-        self.rng = StepRandomness()
 
     @torch.no_grad()
     def _init_encoder(self) -> None:
@@ -82,10 +82,10 @@ class MAE(Method):
         x = enc.norm(enc.blocks(enc.norm_pre(enc.pos_drop(x))))
         return x, mask, ids_restore
 
-    def forward(self, batch: dict, sched: dict) -> dict:
+    def forward(self, batch: dict, sched: dict, seed: int) -> dict:
         imgs = batch["views"][0]
         self._check_images(imgs)
-        latent, mask, ids_restore = self.forward_encoder(imgs, self.rng.generator(batch))
+        latent, mask, ids_restore = self.forward_encoder(imgs, torch.Generator().manual_seed(seed))
         pred = self.decoder(latent, ids_restore)  # [N, L, p*p*C]
         loss = mae_loss(pred, patchify(imgs, self.patch_size), mask, self.norm_pix_loss)
         return {"loss": loss, "mask_ratio": self.effective_mask_ratio}

@@ -13,7 +13,6 @@ from ssl_vit.errors import SslVitError
 from ssl_vit.losses.classification import classification_loss, top1_accuracy
 from ssl_vit.methods.base import Method
 from ssl_vit.models.backbone import BackboneSpec, create_backbone
-from ssl_vit.models.masking import StepRandomness
 
 
 @contextlib.contextmanager
@@ -51,7 +50,6 @@ class Supervised(Method):
         if (mixup > 0 or cutmix > 0) and mixup_prob > 0:
             self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
                                label_smoothing=label_smoothing, num_classes=num_classes)
-        self.rng = StepRandomness()
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """With `layer_decay` < 1 (fine-tuning; BEiT, Bao et al. 2021; MAE App. A.3): timm's layer-wise groups, the
@@ -75,19 +73,19 @@ class Supervised(Method):
             raise SslVitError(f"data.num_classes: a label {int(labels.max())} is ≥ num_classes={self.num_classes}")
         return labels
 
-    def _mix(self, imgs: torch.Tensor, labels: torch.Tensor, batch: dict):
+    def _mix(self, imgs: torch.Tensor, labels: torch.Tensor, seed: int):
         if imgs.shape[0] % 2:
             raise SslVitError(f"data.batch_size: mixup/cutmix need an even per-process batch, got {imgs.shape[0]}")
-        # timm's Mixup draws λ and boxes from numpy's *global* RNG; seeding it from (seed, step, rank, micro-batch)
-        # for just this call makes a resumed run mix exactly as the uninterrupted one and leaves the caller's RNG alone.
-        with numpy_global_seed(self.rng.seed(batch)):
+        # timm's Mixup draws λ and boxes from numpy's *global* RNG; seeding it with the caller's seed for just this
+        # call makes a resumed run mix exactly as the uninterrupted one and leaves the caller's RNG alone.
+        with numpy_global_seed(seed):
             return self.mixup(imgs.clone(), labels)  # Mixup mixes in place
 
-    def forward(self, batch: dict, sched: dict) -> dict:
+    def forward(self, batch: dict, sched: dict, seed: int) -> dict:
         imgs, labels = batch["views"][0], self._labels(batch)
         targets = labels
         if self.mixup is not None and self.training:
-            imgs, targets = self._mix(imgs, labels, batch)  # targets: [B, C] soft
+            imgs, targets = self._mix(imgs, labels, seed)  # targets: [B, C] soft
         logits = self.encoder(imgs)  # [B, num_classes]
         loss = classification_loss(logits, targets, self.label_smoothing)
         return {"loss": loss, "acc": top1_accuracy(logits, labels)}

@@ -24,6 +24,7 @@ from ssl_vit.errors import SslVitError
 from ssl_vit.eval.monitor import knn_monitor
 from ssl_vit.loading import method_from_recipe
 from ssl_vit.methods import backbone_spec
+from ssl_vit.seeding import step_seed
 from ssl_vit.train.checkpoint import (architecture_differences, code_version, find_checkpoint,
                                      read_checkpoint_meta, save_checkpoint)
 from ssl_vit.train.preemption import PreemptionWatch
@@ -165,10 +166,9 @@ class Trainer:
         with self.acc.autocast():
             batches = self.method.prepare_step(batches, sched)
         for i, batch in enumerate(batches):
-            batch.update(step=self.step, seed=self.recipe.seed)
             sync = contextlib.nullcontext() if i == accum - 1 else self.acc.no_sync(self.model)
             with sync, self.acc.autocast():
-                out = self.model(batch, sched)
+                out = self.model(batch, sched, seed=step_seed(self.recipe.seed, self.step, self.acc.process_index, i))
                 self.acc.backward(out["loss"] / accum)
             for name, value in out.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / accum
