@@ -250,10 +250,25 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise SslVitError(f"{key}: {message}")
 
 
+# Ranges of the methods' settings: (section, keys, rule, test). The methods check them again with plain ValueErrors.
+METHOD_RANGES = [
+    ("mae", ("mask_ratio",), "must be in [0, 1)", lambda v: 0.0 <= v < 1.0),
+    ("dino", ("out_dim", "hidden_dim", "bottleneck_dim"), "must be ≥ 1", lambda v: v >= 1),
+    ("dino", ("student_temp", "teacher_temp", "warmup_teacher_temp"), "must be positive", lambda v: v > 0),
+    ("dino", ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"), "must be ≥ 0", lambda v: v >= 0),
+    ("dino", ("center_momentum", "momentum_teacher"), "must be in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+    ("supervised", ("label_smoothing",), "must be in [0, 1)", lambda v: 0.0 <= v < 1.0),
+    ("supervised", ("mixup", "cutmix"), "must be ≥ 0", lambda v: v >= 0),
+    ("supervised", ("mixup_prob",), "must be in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
+
+
 def validate(r: Recipe) -> None:
     """Impossible values, each named by its key. (Views are validated where they are built, with their index.)"""
     _check(r.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {r.method!r}")
-    _check(0.0 <= r.mae.mask_ratio < 1.0, "mae.mask_ratio", f"must be in [0, 1), got {r.mae.mask_ratio}")
+    for section, keys, rule, ok in METHOD_RANGES:
+        for key in keys:
+            value = getattr(getattr(r, section), key)
+            _check(ok(value), f"{section}.{key}", f"{rule}, got {value}")
     _check(r.data.batch_size > 0, "data.batch_size", f"must be positive, got {r.data.batch_size}")
     _check(r.data.num_workers >= 0, "data.num_workers", "must be ≥ 0")
     _check(r.data.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be ≥ 1 sample, got {r.data.shuffle_buffer}")
@@ -279,7 +294,6 @@ def validate(r: Recipe) -> None:
     _check(r.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "must be stop or skip")
     _check(r.model.img_size % r.model.patch_size == 0, "model.patch_size",
            f"{r.model.patch_size} does not divide model.img_size={r.model.img_size}")
-    _check(r.dino.out_dim > 0, "dino.out_dim", "must be positive")
     _check(r.dino.centering in DINO_CENTERINGS, "dino.centering",
            f"must be {' or '.join(DINO_CENTERINGS)}, got {r.dino.centering!r}")
     _check(not r.model.init or r.method == "supervised", "model.init",
@@ -287,8 +301,12 @@ def validate(r: Recipe) -> None:
     _check(r.optim.layer_decay == 1.0 or r.method == "supervised", "optim.layer_decay",
            f"layer-wise lr decay is for fine-tuning (method supervised), not {r.method!r}")
     _check(r.mae.decoder_depth >= 1, "mae.decoder_depth", "must be ≥ 1")
-    if r.method == "mae" and r.mae.decoder_dim % r.mae.decoder_heads:
-        raise SslVitError(f"mae.decoder_dim: {r.mae.decoder_dim} is not divisible by mae.decoder_heads")
+    if r.method == "mae":
+        _check(r.mae.decoder_dim % r.mae.decoder_heads == 0, "mae.decoder_dim",
+               f"{r.mae.decoder_dim} is not divisible by mae.decoder_heads")
+        patches = (r.model.img_size // r.model.patch_size) ** 2
+        _check(int(patches * (1 - r.mae.mask_ratio)) < patches, "mae.mask_ratio", f"{r.mae.mask_ratio} masks none of "
+               f"the {patches} patches; the loss would be empty (use a ratio ≥ {1 / max(patches, 1):.4f})")
 
 
 def epoch_settings(r: Recipe) -> dict[str, float]:

@@ -12,6 +12,8 @@ from PIL import Image
 
 from ssl_vit.errors import SslVitError
 from ssl_vit.losses.classification import classification_loss, top1_accuracy
+from ssl_vit.config import load_recipe
+from ssl_vit.methods import build_method
 from ssl_vit.methods.supervised import Supervised
 from ssl_vit.models.backbone import BackboneSpec
 from ssl_vit.seeding import step_seed
@@ -111,7 +113,9 @@ def test_bad_input():
         m(batch(imgs, labels + 10), {}, 0)
     with pytest.raises(SslVitError, match="even"):
         make(mixup=0.8)(batch(imgs[:7], labels[:7]), {}, 0)
-    with pytest.raises(SslVitError, match="num_classes"):
+    with pytest.raises(ValueError, match=r"num_classes ≥ 2 \(1\)"):  # a recipe's: tests/test_config.py
         Supervised(SPEC, num_classes=1)
-    with pytest.raises(SslVitError, match="label_smoothing"):
+    with pytest.raises(ValueError, match=r"label_smoothing in \[0, 1\) \(1.5\)"):
         Supervised(SPEC, num_classes=10, label_smoothing=1.5)
+    with pytest.raises(SslVitError, match="data.num_classes: supervised training needs ≥ 2 classes"):
+        build_method(load_recipe(None, ["method=supervised", "train.steps=1"]), num_classes=1)

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from ssl_vit.errors import SslVitError
 
 
 def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, use_bn: bool) -> nn.Module:
@@ -39,7 +38,7 @@ class DINOHead(nn.Module):
         for key, value in dict(in_dim=in_dim, out_dim=out_dim, hidden_dim=hidden_dim,
                                bottleneck_dim=bottleneck_dim, nlayers=nlayers).items():
             if int(value) < 1:
-                raise SslVitError(f"dino head: {key} must be ≥ 1, got {value}")
+                raise ValueError(f"DINOHead: {key} must be ≥ 1, got {value}")
         self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, use_bn)
         self.mlp.apply(self._init_linear)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))

@@ -21,9 +21,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from ssl_vit.config import DINO_CENTERINGS
-from ssl_vit.errors import SslVitError
-
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Softmax at temperature 0.04 over bf16/fp16 logits loses too much; compute in float32 (or float64)."""
@@ -103,14 +100,11 @@ class DINOLoss(nn.Module):
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "center"):
         super().__init__()
-        if centering not in DINO_CENTERINGS:
-            raise SslVitError(f"dino.centering: must be one of {', '.join(DINO_CENTERINGS)}, got {centering!r}")
-        if out_dim < 1:
-            raise SslVitError(f"dino.out_dim: must be ≥ 1, got {out_dim}")
-        if student_temp <= 0:
-            raise SslVitError(f"dino.student_temp: must be positive, got {student_temp}")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise SslVitError(f"dino.center_momentum: must be in [0, 1], got {center_momentum}")
+        if centering not in ("center", "sinkhorn_knopp"):
+            raise ValueError(f"DINOLoss: centering must be 'center' or 'sinkhorn_knopp', got {centering!r}")
+        if out_dim < 1 or student_temp <= 0 or not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"DINOLoss: need out_dim ≥ 1, student_temp > 0 and center_momentum in [0, 1], got "
+                             f"{out_dim}, {student_temp}, {center_momentum}")
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
@@ -119,14 +113,14 @@ class DINOLoss(nn.Module):
 
     def _check(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
         if student.ndim != 3 or teacher.ndim != 3:
-            raise SslVitError(f"DINOLoss: expected student [V, B, K] and teacher [G, B, K] logits, got "
-                              f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+            raise ValueError(f"DINOLoss: expected student [V, B, K] and teacher [G, B, K] logits, got "
+                             f"{tuple(student.shape)} and {tuple(teacher.shape)}")
         (v, b, k), (g, bt, kt) = student.shape, teacher.shape
         if (b, k) != (bt, kt) or k != self.out_dim:
-            raise SslVitError(f"DINOLoss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must "
-                              f"share batch size and out_dim={self.out_dim}")
+            raise ValueError(f"DINOLoss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must "
+                             f"share batch size and out_dim={self.out_dim}")
         if not 1 <= g <= v or v < 2:
-            raise SslVitError(f"DINOLoss: need ≥ 2 student views and 1..{v} teacher views, got V={v}, G={g}")
+            raise ValueError(f"DINOLoss: need ≥ 2 student views and 1..{v} teacher views, got V={v}, G={g}")
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp: float) -> dict:
         self._check(student, teacher)
@@ -137,7 +131,7 @@ class DINOLoss(nn.Module):
         """P_t of the teacher logits `teacher` [G, B, K]: centred and sharpened (Eq. 4), or Sinkhorn-Knopp; then, in
         training mode, the centre moves towards these logits' mean."""
         if teacher_temp <= 0:
-            raise SslVitError(f"DINOLoss: teacher_temp must be positive, got {teacher_temp}")
+            raise ValueError(f"DINOLoss: teacher_temp must be positive, got {teacher_temp}")
         g, b = teacher.shape[:2]
         teacher = _at_least_fp32(teacher.detach())
         if self.centering == "sinkhorn_knopp":

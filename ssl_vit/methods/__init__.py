@@ -23,6 +23,9 @@ def build_method(recipe: Recipe, num_classes: int = 0, num_global_views: int = 2
     if recipe.method == "dino":
         from ssl_vit.methods.dino import DINO
 
+        if num_global_views < 1:
+            raise SslVitError(f"num_global_views: DINO needs ≥ 1 global view (views marked global_view: true, as the "
+                              f"dino preset marks them), got {num_global_views}")
         return DINO(spec, num_global=num_global_views, **asdict(recipe.dino))
     if recipe.method == "supervised":
         from ssl_vit.methods.supervised import Supervised

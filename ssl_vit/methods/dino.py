@@ -160,13 +160,9 @@ def _before(limit: int, step: int) -> float:
 
 
 def _validate(num_global, teacher_temp, warmup_teacher_temp, warmup_epochs, momentum, freeze_epochs) -> None:
-    checks = [(num_global >= 1, "num_global_views", f"DINO needs ≥ 1 global view (views marked global_view: true, as the "
-              f"dino preset marks them), got {num_global}"),
-              (teacher_temp > 0, "dino.teacher_temp", f"must be positive, got {teacher_temp}"),
-              (warmup_teacher_temp > 0, "dino.warmup_teacher_temp", f"must be positive, got {warmup_teacher_temp}"),
-              (warmup_epochs >= 0, "dino.warmup_teacher_temp_epochs", f"must be ≥ 0, got {warmup_epochs}"),
-              (0.0 <= momentum <= 1.0, "dino.momentum_teacher", f"must be in [0, 1], got {momentum}"),
-              (freeze_epochs >= 0, "dino.freeze_last_layer_epochs", f"must be ≥ 0, got {freeze_epochs}")]
-    for ok, key, message in checks:
-        if not ok:
-            raise SslVitError(f"{key}: {message}")
+    """A plain ValueError: a recipe's values are checked, each named by its key, where it is loaded (config.py)."""
+    if num_global < 1 or min(teacher_temp, warmup_teacher_temp) <= 0 or min(warmup_epochs, freeze_epochs) < 0 or \
+            not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"DINO: need num_global ≥ 1 ({num_global}), teacher temperatures > 0 ({teacher_temp}, "
+                         f"{warmup_teacher_temp}), epochs ≥ 0 ({warmup_epochs}, {freeze_epochs}) and "
+                         f"momentum_teacher in [0, 1] ({momentum})")

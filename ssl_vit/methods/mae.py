@@ -36,8 +36,6 @@ class MAE(Method):
     def __init__(self, backbone: BackboneSpec, mask_ratio: float = 0.75, decoder_depth: int = 8,
                  decoder_dim: int = 512, decoder_heads: int = 16, norm_pix_loss: bool = True):
         super().__init__()
-        if not 0.0 <= mask_ratio < 1.0:
-            raise SslVitError(f"mae.mask_ratio: must be in [0, 1), got {mask_ratio}")
         self.encoder = create_backbone(backbone, num_classes=0)
         check_mae_encoder(self.encoder, backbone.name)
         self.grid = tuple(self.encoder.patch_embed.grid_size)
@@ -45,9 +43,8 @@ class MAE(Method):
         self.img_size = (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
         length = self.grid[0] * self.grid[1]
         kept = num_visible(length, mask_ratio)
-        if kept == length:
-            raise SslVitError(f"mae.mask_ratio: {mask_ratio} masks none of the {length} patches; the loss would be "
-                              f"empty (use a ratio ≥ {1 / length:.4f})")
+        if not 0 < kept < length:
+            raise ValueError(f"MAE: mask_ratio {mask_ratio} masks none or all of the {length} patches")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.effective_mask_ratio = 1.0 - kept / length
         self.in_chans = self.encoder.patch_embed.proj.in_channels

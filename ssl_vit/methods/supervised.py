@@ -36,13 +36,10 @@ class Supervised(Method):
     def __init__(self, backbone: BackboneSpec, num_classes: int, label_smoothing: float = 0.1, mixup: float = 0.0,
                  cutmix: float = 0.0, mixup_prob: float = 1.0, layer_decay: float = 1.0):
         super().__init__()
-        if num_classes < 2:
-            raise SslVitError(f"data.num_classes: supervised training needs ≥ 2 classes, got {num_classes}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise SslVitError(f"supervised.label_smoothing: must be in [0, 1), got {label_smoothing}")
-        if mixup < 0 or cutmix < 0 or not 0.0 <= mixup_prob <= 1.0:
-            raise SslVitError(f"supervised: mixup/cutmix must be ≥ 0 and mixup_prob in [0, 1] "
-                              f"(got {mixup}, {cutmix}, {mixup_prob})")
+        if num_classes < 2 or not 0.0 <= label_smoothing < 1.0 or min(mixup, cutmix) < 0 or not 0 <= mixup_prob <= 1:
+            raise ValueError(f"Supervised: need num_classes ≥ 2 ({num_classes}), label_smoothing in [0, 1) "
+                             f"({label_smoothing}), mixup/cutmix ≥ 0 ({mixup}, {cutmix}), mixup_prob in [0, 1] "
+                             f"({mixup_prob})")
         self.encoder = create_backbone(backbone, num_classes=num_classes)
         self.layer_decay = layer_decay
         self.num_classes, self.label_smoothing = num_classes, label_smoothing

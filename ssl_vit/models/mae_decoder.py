@@ -10,7 +10,6 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ssl_vit.errors import SslVitError
 from ssl_vit.models.pos_embed import sincos_2d
 
 
@@ -32,7 +31,7 @@ class MAEDecoder(nn.Module):
                  depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0, in_chans: int = 3):
         super().__init__()
         if decoder_dim % num_heads:
-            raise SslVitError(f"mae.decoder_dim: {decoder_dim} is not divisible by mae.decoder_heads ({num_heads})")
+            raise ValueError(f"MAEDecoder: decoder_dim {decoder_dim} is not divisible by num_heads {num_heads}")
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.embed = nn.Linear(encoder_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
