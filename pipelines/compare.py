@@ -169,7 +169,7 @@ def evaluate(cfg: CompareConfig, feats: Path, keys: list[str], out: Path) -> Non
 
 
 def finetune(cfg: CompareConfig, model_dir: Path, train_index: str, indexes: dict, out: Path) -> None:
-    from ssl_vit.commands.finetune import finetune as run_finetune
+    from ssl_vit.train.finetune import finetune as run_finetune
     from ssl_vit.config import load_recipe
 
     steps = max(1, cfg.eval.finetune_images // cfg.budget.batch_size)

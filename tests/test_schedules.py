@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ssl_vit.errors import SslVitError
-from ssl_vit.train.schedules import cosine, linear_warmup_then_constant
+from ssl_vit.schedules import cosine, linear_warmup_then_constant
 
 
 def reference_cosine_part(total: int, start: float, end: float, warmup: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from ssl_vit.heads.dino_head import DINOHead
 from ssl_vit.losses.dino_loss import DINOLoss, TeacherTargets
 from ssl_vit.methods.base import Method
 from ssl_vit.models.backbone import BackboneSpec, create_backbone
-from ssl_vit.train.schedules import cosine, linear_warmup_then_constant
+from ssl_vit.schedules import cosine, linear_warmup_then_constant
 
 
 class MultiCropNet(nn.Module):

@@ -24,12 +24,12 @@ from ssl_vit.errors import SslVitError
 from ssl_vit.eval.monitor import knn_monitor
 from ssl_vit.loading import method_from_recipe
 from ssl_vit.methods import backbone_spec
+from ssl_vit.schedules import cosine
 from ssl_vit.seeding import step_seed
 from ssl_vit.train.checkpoint import (architecture_differences, code_version, find_checkpoint,
                                      read_checkpoint_meta, save_checkpoint)
 from ssl_vit.train.preemption import PreemptionWatch
 from ssl_vit.train.run_log import RunLog, tracking_options
-from ssl_vit.train.schedules import cosine
 from ssl_vit.threads import use_threads
 from ssl_vit.transforms import MultiViewTransform, resolve_decode, views_from_recipe
 from ssl_vit.transforms.presets import global_view_count
