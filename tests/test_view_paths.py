@@ -101,19 +101,22 @@ def test_flip_jitter_gray_blur_solarize_choices_follow_torchvision():
 
 
 # -- the pixels, given the choices ----------------------------------------------------------------------------------
-def torchvision_view(full: Image.Image, spec: ViewSpec, row: np.ndarray) -> torch.Tensor:
-    """The view torchvision's functional ops make from the full decode with the choices in `row` (uint8)."""
+def torchvision_view(full: Image.Image, spec: ViewSpec, row: np.ndarray, on_tensors: bool = False) -> torch.Tensor:
+    """The view torchvision's functional ops make from the full decode with the choices in `row` (uint8): on PIL
+    images (the reference pipelines), or with the colour ops on uint8 tensors."""
     x, y, w, h = (int(v) for v in row[[P.X, P.Y, P.W, P.H]])
     view = TF.resized_crop(full, y, x, h, w, [spec.size, spec.size], interpolation=T.InterpolationMode.BICUBIC)
     if row[P.FLIP]:
         view = TF.horizontal_flip(view)
+    if on_tensors:
+        view = TF.pil_to_tensor(view)
     if row[P.JITTER]:
         ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
         for op in row[P.ORDER:P.ORDER + 4].astype(int):
             view = ops[op](view, float(row[P.BRIGHTNESS + op]))
     if row[P.GRAY]:
         view = TF.rgb_to_grayscale(view, num_output_channels=3)
-    pixels = TF.pil_to_tensor(view)
+    pixels = view if on_tensors else TF.pil_to_tensor(view)
     if row[P.BLUR]:
         k, sigma = spec.blur_kernel, float(row[P.SIGMA])
         pixels = TF.gaussian_blur(pixels.float(), [k, k], [sigma, sigma]).round().clamp(0, 255).to(torch.uint8)
@@ -124,10 +127,12 @@ def torchvision_view(full: Image.Image, spec: ViewSpec, row: np.ndarray) -> torc
 
 @pytest.mark.parametrize("specs", [mae_views(224), dino_views(224, 96, 4)], ids=["mae", "dino"])
 def test_same_choices_make_torchvision_pixels(photos, specs):
-    """resize(box=...) against crop-then-resize differs only where the filter meets the box edge; the blur kernel is
-    truncated at 4 sigma; so views agree to a fraction of a grey level on average."""
+    """torch's antialiased resampling is PIL's to ±1 grey level and the blur kernel is truncated at 4 sigma, so views
+    without colour jitter agree to a fraction of a grey level on average. Jittered views go through OpenCV's 8-bit
+    HSV for the hue, whose rounding is not PIL's: they may differ from torchvision-on-PIL no more than torchvision's
+    own tensor `adjust_hue` differs from its PIL one on the same views."""
     flat = [s for s in specs for _ in range(s.count)]
-    diffs = []
+    plain, jittered, torchvision_gap = [], [], []
     for i, data in enumerate(photos[:16]):
         torch.manual_seed(i)
         image = open_image(sample(data))
@@ -136,17 +141,25 @@ def test_same_choices_make_torchvision_pixels(photos, specs):
         torch.manual_seed(i)
         views = MultiViewTransform(specs)(image)
         full = decode_image(sample(data))
-        diffs += [(v.float() - torchvision_view(full, s, r).float()).abs().flatten()
-                  for v, s, r in zip(views, flat, rows)]
-    diffs = torch.cat(diffs)
-    assert diffs.mean() < 0.3 and diffs.quantile(0.99) <= 2, (diffs.mean(), diffs.quantile(0.99))
+        for v, s, r in zip(views, flat, rows):
+            reference = torchvision_view(full, s, r)
+            (jittered if r[P.JITTER] else plain).append((v.float() - reference.float()).abs().flatten())
+            if r[P.JITTER]:
+                tensor_path = torchvision_view(full, s, r, on_tensors=True)
+                torchvision_gap.append((tensor_path.float() - reference.float()).abs().flatten())
+    plain = torch.cat(plain)
+    assert plain.mean() < 0.3 and plain.quantile(0.99) <= 2, (plain.mean(), plain.quantile(0.99))
+    if jittered:
+        jittered, gap = torch.cat(jittered), torch.cat(torchvision_gap)
+        assert jittered.mean() <= gap.mean() and jittered.quantile(0.99) <= gap.quantile(0.99), (
+            jittered.mean(), jittered.quantile(0.99), gap.mean(), gap.quantile(0.99))
 
 
 def test_full_size_decode_gives_pils_pixels(photos):
     from ssl_vit.transforms.cpu_views import complete_jpeg, decode_full
 
     for data in photos:
-        assert np.array_equal(np.asarray(decode_full(complete_jpeg(open_image(sample(data))))),
+        assert np.array_equal(decode_full(complete_jpeg(open_image(sample(data)))).permute(1, 2, 0).numpy(),
                               np.asarray(decode_image(sample(data))))
 
 
@@ -159,7 +172,7 @@ def test_draft_decode_keeps_every_box_at_full_view_resolution(photos):
 
     width, height = image.size
     decoded, scale = decode_for_views(image, [spec], [rows])
-    assert scale > 1 and decoded.size == (math.ceil(width / scale), math.ceil(height / scale))
+    assert scale > 1 and decoded.shape == (3, math.ceil(height / scale), math.ceil(width / scale))
     assert min(rows[0, P.W], rows[0, P.H]) / scale >= 48
 
 
@@ -220,9 +233,17 @@ def test_device_path_makes_the_cpu_paths_views_on_cpu_tensors(photos, specs):
         encoded.append(gpu(open_image(sample(data))))
     assert all(isinstance(e, EncodedViews) for e in encoded)
     made = device_views(collate_views(encoded, specs), torch.device("cpu"))
-    for reference, view in zip(collate_views(items), made):
+    jitter = torch.from_numpy(np.stack([e.params[:, P.JITTER] for e in encoded]) > 0)  # [B, V]
+    plain, jittered = [], []
+    for k, (reference, view) in enumerate(zip(collate_views(items), made)):
+        assert view.shape == reference.shape
         diff = (reference.float() - view).abs()
-        assert view.shape == reference.shape and diff.mean() < 0.3 and diff.quantile(0.99) <= 2  # JPEG decoders differ
+        plain.append(diff[~jitter[:, k]].flatten())
+        jittered.append(diff[jitter[:, k]].flatten())
+    plain, jittered = torch.cat(plain), torch.cat(jittered)
+    assert plain.mean() < 0.3 and plain.quantile(0.99) <= 2  # JPEG decoders differ
+    if len(jittered):  # the device path's hue is PIL's arithmetic, the CPU path's OpenCV's (see the test above)
+        assert jittered.mean() < 0.35 and jittered.quantile(0.99) <= 5, (jittered.mean(), jittered.quantile(0.99))
     normalised = views_to_device(collate_views(encoded, specs), torch.device("cpu"))
     assert all(v.dtype == torch.float32 for v in normalised)
     assert torch.allclose(normalised[0], normalize(made[0]), atol=1e-6)

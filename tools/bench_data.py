@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from ssl_vit.data.loader import StreamLoader  # noqa: E402
-from ssl_vit.data.samples import decode_image, open_image, read_shard  # noqa: E402
+from ssl_vit.data.samples import open_image, read_shard  # noqa: E402
 from ssl_vit.data.sources import expand_source  # noqa: E402
 from ssl_vit.data.stream import ShardStream  # noqa: E402
 from ssl_vit.transforms import MultiViewTransform, dino_views, mae_views  # noqa: E402
@@ -78,7 +78,7 @@ def _plain_loop(payload) -> tuple[int, float]:
     transform, cpu = MultiViewTransform(specs), torch.device("cpu")
     t0 = time.perf_counter()
     for start in range(0, len(raw), batch):
-        views_to_device(collate_views([transform(decode_image(s)) for s in raw[start:start + batch]]), cpu)
+        views_to_device(collate_views([transform(open_image(s)) for s in raw[start:start + batch]]), cpu)
     return len(raw), time.perf_counter() - t0
 
 

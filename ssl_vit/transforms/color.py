@@ -1,15 +1,15 @@
 """The pixel ops after the crop, on a stack of views: colour jitter, grayscale, Gaussian blur, solarize.
 
-Both view paths call `augment` — the CPU path on the views of one image, the device path on a whole batch — on
-float tensors [N, 3, S, S] holding 8-bit values, with the choices of `params.draw_params`. The arithmetic is PIL's,
-which the torchvision ops on PIL images (the reference pipelines) run: ImageEnhance blends in float32 and truncates
-to 8 bits (about -0.5 grey level per op, which a plain float version would not reproduce), "L" is ITU-R 601-2 luma
-in 16-bit fixed point, hue is a shift of PIL's 8-bit HSV, wrapping at 256. The Gaussian blur is torchvision's kernel
-(`kernel_size` taps, sigma drawn in BLUR_SIGMA) truncated at 4 sigma (< 7e-5 of its mass), separable, reflect-padded,
-rounded to 8 bits; torchvision convolves with the full 2-D kernel (~40 ms for one 224-px view on a CPU core).
+The device path calls `augment` on a whole batch of views: float tensors [N, 3, S, S] holding 8-bit values, with the
+choices of `params.draw_params`. The arithmetic is PIL's, which the torchvision ops on PIL images (the reference
+pipelines) run: ImageEnhance blends in float32 and truncates to 8 bits (about -0.5 grey level per op, which a plain
+float version would not reproduce), "L" is ITU-R 601-2 luma in 16-bit fixed point, hue is a shift of PIL's 8-bit
+HSV, wrapping at 256. The Gaussian blur is torchvision's kernel (`kernel_size` taps, sigma drawn in BLUR_SIGMA)
+truncated at 4 sigma (< 7e-5 of its mass), separable, reflect-padded, rounded to 8 bits; torchvision convolves with
+the full 2-D kernel (~40 ms for one 224-px view on a CPU core). The CPU path (`cpu_views`) makes the same ops one
+view at a time with PIL and OpenCV, which are faster than these tensor ops on one image's views.
 
-Each op runs on the views that drew it only (one op call per op and jitter position, whatever N): on a CPU the 10
-local crops of an image cost about what one PIL call each would, without PIL's per-call overhead.
+Each op runs on the views that drew it only (one op call per op and jitter position, whatever N).
 """
 import math
 

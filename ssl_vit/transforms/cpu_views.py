@@ -1,42 +1,47 @@
 """The CPU path: one image → uint8 views, decoding no more pixels than the views need.
 
-The boxes are drawn from the image header (`params.draw_params`), then the JPEG is decoded once at the largest DCT
-scale (1/2, 1/4, 1/8: PIL's `draft`, libjpeg-turbo's scaled IDCT) that still leaves every box at least as many pixels
-as its view has (at full size through torchvision's decoder: PIL's pixels, ~40 % faster), and each box is resampled
-straight from that image (PIL `resize(box=...)`: crop and resize in one pass, no crop copy). The ops after the crop
-are the PIL calls torchvision makes on PIL images (ImageEnhance for brightness, contrast and saturation, an HSV shift
-for hue, "L" for grayscale) without torchvision's per-call dispatch, then the blur and solarize of `color` on the
-stack of an image's views. Views stay uint8 [3, S, S]; normalisation happens once per batch
-(`normalize.normalize_views`). The device path runs the same arithmetic as tensor ops (`color.augment`); here PIL's C
-loops are 2-3× faster than torch's CPU kernels on one image's views.
+The boxes are drawn from the image header (`params.draw_params`), then the JPEG is decoded once: at full size by
+torchvision's libjpeg-turbo binding (PIL's pixels, straight into a tensor), or at the largest DCT scale (1/2, 1/4,
+1/8: PIL's `draft`, libjpeg-turbo's scaled IDCT) that still leaves every box at least as many pixels as its view has.
+Each box is resampled to its view by torch's antialiased uint8 kernels (a port of PIL's resampling: the same weights,
+±1 grey level, about twice as fast as PIL's `resize`). The colour ops are the PIL calls torchvision makes on PIL
+images (ImageEnhance for brightness, contrast and saturation, "L" for grayscale) without torchvision's per-call
+dispatch; the hue shift goes through OpenCV's 8-bit HSV (PIL's conversion costs ~10× more; the two differ by 0.3
+grey levels on average) and the Gaussian blur through OpenCV's separable filter (torchvision's kernel, truncated at
+`color.TRUNCATE_SIGMAS`, reflect padding). Views stay uint8 [3, S, S]; normalisation happens once per batch
+(`normalize.normalize_views`). The device path runs the same arithmetic as tensor ops (`color.augment`).
 
 Decoding at 1/2 where every box keeps ≥ 2× its view's side makes those views 0.6-2.3 % less sharp (mean horizontal
 gradient, scikit-image photographs, boxes 2-3× the view) than resampling the full decode; at ~500×375 px it rarely
-applies (a 224-px view needs a ≥ 448-px box). Making DINO's local crops from a further-reduced copy (Image.reduce)
-would save ~6 % of DINO's time but loses 3-4 % sharpness, so it is not done.
+applies (a 224-px view needs a ≥ 448-px box).
 
-An evaluation view (`crop="center"`) is decoded at full size and made exactly as torchvision's Resize + CenterCrop
-make it, so features match those computed before this path existed.
+An evaluation view (`crop="center"`) is made exactly as torchvision's Resize + CenterCrop make it on a PIL image, so
+features match those computed before this path existed.
 """
 import contextlib
+import math
 import warnings
 
+import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageEnhance
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ssl_vit.data.samples import SAMPLE_INFO, BadSample
 from ssl_vit.transforms import params as P
-from ssl_vit.transforms.color import SOLARIZE_THRESHOLD, gaussian_blur
+from ssl_vit.transforms.color import SOLARIZE_THRESHOLD, TRUNCATE_SIGMAS
 
-PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+cv2.setNumThreads(1)  # one image at a time per loader process: OpenCV's own pool would only oversubscribe the cores
+
+RESIZE_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}  # nearest-exact: PIL's
 END_OF_IMAGE = b"\xff\xd9"
 
 
-def decode_for_views(image: Image.Image, specs: list, rows: list[np.ndarray]) -> tuple[Image.Image, int]:
-    """(the decoded RGB image, its DCT scale s): pixel (i, j) of it covers source pixels [s·i, s·i + s).
+def decode_for_views(image: Image.Image, specs: list, rows: list[np.ndarray]) -> tuple[torch.Tensor, int]:
+    """(the decoded image, uint8 [3, H, W], its DCT scale s): pixel (i, j) of it covers source pixels [s·i, s·i + s).
     An image that does not decode raises BadSample naming its sample."""
     scale = 1
     if all(spec.crop != "center" for spec in specs):
@@ -51,7 +56,8 @@ def decode_for_views(image: Image.Image, specs: list, rows: list[np.ndarray]) ->
         if data is not None:
             return decode_full(data), 1
         image.load()
-        return (image if image.mode == "RGB" else image.convert("RGB")), scale
+        rgb = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # [H, W, 3], writable
+        return torch.from_numpy(rgb).permute(2, 0, 1), scale
     except Exception as e:  # PIL and torchvision raise many types for corrupt data
         raise BadSample(f"corrupt image in {image.info.get(SAMPLE_INFO, 'an image')}: {e}") from None
 
@@ -65,12 +71,11 @@ def complete_jpeg(image: Image.Image) -> bytes | None:
     return data if data.rstrip(b"\0").endswith(END_OF_IMAGE) else None
 
 
-def decode_full(data: bytes) -> Image.Image:
-    """A full-size JPEG decode through torchvision's libjpeg-turbo: the same pixels as PIL's (checked on every test
-    photograph), in ~60 % of the time (PIL feeds its decoder from Python in chunks)."""
+def decode_full(data: bytes) -> torch.Tensor:
+    """A full-size JPEG decode through torchvision's libjpeg-turbo: PIL's pixels (checked on every test photograph)
+    as uint8 [3, H, W], stored pixel by pixel ([H, W, 3] in memory), ~20 % faster than PIL's decode."""
     with quiet_torchvision_io():
-        pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())  # [H, W, 3]
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 @contextlib.contextmanager
@@ -82,41 +87,56 @@ def quiet_torchvision_io():
         yield
 
 
-def make_views(image: Image.Image, scale: int, spec, rows: np.ndarray, randaugment=None) -> list[torch.Tensor]:
-    """The uint8 views [3, S, S] of `spec` from `image` (decoded at DCT scale 1/`scale`), one per row of choices;
-    blur and solarize run once on the stack of those views."""
-    crops = np.stack([np.asarray(pil_view(image, scale, spec, row, randaugment)) for row in rows])
-    views = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()  # [n, 3, S, S]
-    blurred = np.flatnonzero(rows[:, P.BLUR])
-    if len(blurred):
-        sigma = torch.from_numpy(rows[blurred, P.SIGMA])
-        views[blurred] = gaussian_blur(views[blurred].float(), sigma, spec.blur_kernel).round_().clamp_(0, 255).to(
-            torch.uint8)
-    solarized = np.flatnonzero(rows[:, P.SOLARIZE])
-    if len(solarized):
-        chosen = views[solarized]
-        views[solarized] = torch.where(chosen >= SOLARIZE_THRESHOLD, 255 - chosen, chosen)
-    return list(views)
+def make_views(pixels: torch.Tensor, scale: int, spec, rows: np.ndarray, randaugment=None) -> list[torch.Tensor]:
+    """The uint8 views [3, S, S] of `spec` from `pixels` (decoded at DCT scale 1/`scale`), one per row of choices,
+    stored pixel by pixel ([S, S, 3] in memory: the batch's stacking lays them out)."""
+    return [make_view(pixels, scale, spec, row, randaugment) for row in rows]
 
 
-def pil_view(image: Image.Image, scale: int, spec, row: np.ndarray, randaugment=None) -> Image.Image:
-    """The box resampled to the view size (or the evaluation resize + centre crop), flipped, RandAugment-ed,
-    colour-jittered and grayscaled, as PIL images."""
+def make_view(pixels: torch.Tensor, scale: int, spec, row: np.ndarray, randaugment=None) -> torch.Tensor:
+    """One view: the box resampled to the view size (or the evaluation resize + centre crop), flipped,
+    RandAugment-ed, colour-jittered, grayscaled, blurred and solarized."""
     if spec.crop == "center":
-        interpolation = TF.InterpolationMode(spec.interpolation)
-        view = TF.center_crop(TF.resize(image, [spec.resize_to], interpolation=interpolation), [spec.size])
+        view = pil_to_view(center_view(Image.fromarray(pixels.permute(1, 2, 0).numpy()), spec))
     else:
-        x, y, w, h = row[[P.X, P.Y, P.W, P.H]] / scale
-        view = image.resize((spec.size, spec.size), PIL_FILTERS[spec.interpolation], box=(x, y, x + w, y + h))
+        view = resample_box(pixels, row[[P.X, P.Y, P.W, P.H]] / scale, spec)
     if row[P.FLIP]:
-        view = view.transpose(Image.FLIP_LEFT_RIGHT)
-    if randaugment is not None:
-        view = randaugment(view)
-    if row[P.JITTER]:
-        view = color_jitter(view, row)
-    if row[P.GRAY]:
-        view = view.convert("L").convert("RGB")
+        view = view.flip(-1)
+    if randaugment is not None or row[P.JITTER] or row[P.GRAY]:
+        image = Image.fromarray(view.permute(1, 2, 0).numpy())
+        if randaugment is not None:
+            image = randaugment(image)
+        if row[P.JITTER]:
+            image = color_jitter(image, row)
+        if row[P.GRAY]:
+            image = image.convert("L").convert("RGB")
+        view = pil_to_view(image)
+    if row[P.BLUR]:
+        view = gaussian_blur(view, row[P.SIGMA], spec.blur_kernel)
+    if row[P.SOLARIZE]:
+        view = torch.where(view >= SOLARIZE_THRESHOLD, 255 - view, view)
     return view
+
+
+def pil_to_view(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def center_view(image: Image.Image, spec) -> Image.Image:
+    """The evaluation view: torchvision's Resize of the shorter side, then CenterCrop."""
+    interpolation = TF.InterpolationMode(spec.interpolation)
+    return TF.center_crop(TF.resize(image, [spec.resize_to], interpolation=interpolation), [spec.size])
+
+
+def resample_box(pixels: torch.Tensor, box: np.ndarray, spec) -> torch.Tensor:
+    """The box (x, y, w, h in decoded pixels, rounded to whole ones) resampled to [3, S, S]."""
+    height, width = pixels.shape[-2:]
+    x0, y0 = min(int(round(box[0])), width - 1), min(int(round(box[1])), height - 1)
+    x1 = max(x0 + 1, min(width, int(round(box[0] + box[2]))))
+    y1 = max(y0 + 1, min(height, int(round(box[1] + box[3]))))
+    crop = pixels[:, y0:y1, x0:x1].unsqueeze(0).contiguous(memory_format=torch.channels_last)  # the fast kernels'
+    mode = RESIZE_MODES[spec.interpolation]
+    return F.interpolate(crop, size=(spec.size, spec.size), mode=mode, antialias=mode != "nearest-exact")[0]
 
 
 def color_jitter(view: Image.Image, row: np.ndarray) -> Image.Image:
@@ -130,12 +150,23 @@ def color_jitter(view: Image.Image, row: np.ndarray) -> Image.Image:
         elif op == 2:
             view = Image.blend(view.convert("L").convert("RGB"), view, factor)  # ImageEnhance.Color
         else:
-            view = shift_hue(view, factor)
+            view = Image.fromarray(shift_hue(np.asarray(view), factor))
     return view
 
 
-def shift_hue(view: Image.Image, factor: float) -> Image.Image:
-    """torchvision's `adjust_hue` for PIL images: rotate the 8-bit HSV hue by `factor` of a turn."""
-    hsv = np.array(view.convert("HSV"))
+def shift_hue(view: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision's `adjust_hue` for PIL images: rotate the 8-bit HSV hue by `factor` of a turn (wrapping)."""
+    hsv = cv2.cvtColor(view, cv2.COLOR_RGB2HSV_FULL)
     hsv[..., 0] += np.int32(factor * 255).astype(np.uint8)  # wraps around, as it should
-    return Image.fromarray(hsv, "HSV").convert("RGB")
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+
+
+def gaussian_blur(view: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
+    """A view blurred with torchvision's Gaussian kernel of `kernel_size` taps, truncated at TRUNCATE_SIGMAS."""
+    radius = min(kernel_size // 2, math.ceil(TRUNCATE_SIGMAS * sigma))
+    if radius == 0:
+        return view
+    taps = 2 * radius + 1
+    blurred = cv2.GaussianBlur(np.ascontiguousarray(view.permute(1, 2, 0).numpy()), (taps, taps), sigmaX=sigma,
+                               sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+    return torch.from_numpy(blurred).permute(2, 0, 1)

@@ -3,9 +3,9 @@
 `draw_params(spec, count, width, height)` draws, from torch's CPU generator (which the stream seeds per sample), the
 crop box, flip, colour jitter (apply, order, factors), grayscale, blur (apply, sigma) and solarize choices of `count`
 views of an image whose header says it is `width` × `height`, as rows of a float64 array (columns below). The CPU
-path (`cpu_views`) applies a row with PIL; the device path (`device_views`) applies a batch of rows with tensor ops.
-Drawing first is what lets the CPU path decode at a reduced scale (the boxes are known before decoding) and the
-device path leave decoding to the GPU (workers only read bytes and draw these numbers).
+path (`cpu_views`) applies one row at a time (torch, PIL, OpenCV); the device path (`device_views`) a batch of rows
+with tensor ops. Drawing first is what lets the CPU path decode at a reduced scale (the boxes are known before
+decoding) and the device path leave decoding to the GPU (workers only read bytes and draw these numbers).
 
 The distributions are torchvision's (v0.19+): `RandomResizedCrop.get_params` (10 tries of an area fraction and a
 log-uniform aspect ratio, then a centre crop of the clamped ratio), `RandomApply`/`RandomHorizontalFlip`/

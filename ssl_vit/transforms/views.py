@@ -20,7 +20,7 @@ from timm.data.transforms import str_to_pil_interp
 
 from ssl_vit.config import _coerce as coerce_recipe_value
 from ssl_vit.errors import SslVitError
-from ssl_vit.transforms.cpu_views import PIL_FILTERS, decode_for_views, make_views
+from ssl_vit.transforms.cpu_views import RESIZE_MODES, decode_for_views, make_views
 from ssl_vit.transforms.gpu_views import encode_views
 from ssl_vit.transforms.normalize import MEAN
 from ssl_vit.transforms.params import draw_params
@@ -136,8 +136,8 @@ def checked_view_values(values: dict, where: str) -> dict:
     if v["resize"] < 0 or (v["crop"] == "center" and 0 < v["resize"] < v["size"]):
         raise SslVitError(f"{where}.resize: must be 0 (size / {EVAL_CROP_RATIO}) or >= size {v['size']}, "
                           f"got {v['resize']}")
-    if v["interpolation"] not in PIL_FILTERS:
-        raise SslVitError(f"{where}.interpolation: must be one of {', '.join(PIL_FILTERS)}, "
+    if v["interpolation"] not in RESIZE_MODES:
+        raise SslVitError(f"{where}.interpolation: must be one of {', '.join(RESIZE_MODES)}, "
                           f"got {v['interpolation']!r}")
     if v["blur"] > 0 and v["size"] < 2:
         raise SslVitError(f"{where}.blur: a blurred view needs size >= 2, got size {v['size']}")
