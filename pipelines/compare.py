@@ -76,30 +76,34 @@ class Row:
     trained_on: int = 0        # labelled images its pretraining saw
 
 
-def same_warmup(recipe, index: str, full_index: str) -> list[str]:
+def same_warmup(recipe, index: str, full_index: str) -> dict:
     """On a labelled subset an epoch is fewer steps; the warm-up, set in epochs of the full training set, keeps its
     number of steps, so that every fraction's run has the same schedule and differs only in its images."""
     from ssl_vit.data.sources import expand_source
     from ssl_vit.train.trainer import epoch_length
 
     if index == full_index or recipe.optim.warmup_epochs <= 0:
-        return []
+        return {}
     full, subset = (epoch_length(recipe, expand_source(i)) for i in (full_index, index))
-    return [f"optim.warmup_epochs={recipe.optim.warmup_epochs * full / subset}"]
+    return {"optim.warmup_epochs": recipe.optim.warmup_epochs * full / subset}
+
+
+def run_settings(cfg: CompareConfig, method: str, train_source, out: Path, indexes: dict, images: int) -> dict:
+    """The recipe keys that one training run of the comparison sets: its data, its folder, its length (`images`
+    seen) and the evaluation resize of `method`'s image size."""
+    image_size = training_recipe(cfg, method).model.img_size
+    return {"data.train": train_source, "train.out_dir": str(out), "train.epochs": 0, "train.resume": "auto",
+            "train.steps": max(1, images // cfg.budget.batch_size), "data.batch_size": cfg.budget.batch_size,
+            "data.monitor": indexes["monitor"], "data.eval_resize": eval_resize(cfg, image_size)}
 
 
 def pretrain(cfg: CompareConfig, method: str, train_source, out: Path, indexes: dict) -> None:
     from ssl_vit.train.trainer import Trainer
 
-    steps = cfg.budget.images // cfg.budget.batch_size
-    data = train_source if isinstance(train_source, str) else "[" + ", ".join(train_source) + "]"
-    image_size = training_recipe(cfg, method).model.img_size
-    run = [f"data.train={data}", f"train.out_dir={out}", f"train.steps={steps}", "train.epochs=0",
-           "train.resume=auto", f"data.batch_size={cfg.budget.batch_size}", f"data.monitor={indexes['monitor']}",
-           f"data.eval_resize={eval_resize(cfg, image_size)}"]
+    run = run_settings(cfg, method, train_source, out, indexes, cfg.budget.images)
     recipe = training_recipe(cfg, method, run)
     if isinstance(train_source, str):
-        recipe = training_recipe(cfg, method, [*run, *same_warmup(recipe, train_source, indexes["train"])])
+        recipe = training_recipe(cfg, method, {**run, **same_warmup(recipe, train_source, indexes["train"])})
     Trainer(recipe).fit()
 
 
@@ -169,19 +173,15 @@ def evaluate(cfg: CompareConfig, feats: Path, keys: list[str], out: Path) -> Non
 
 
 def finetune(cfg: CompareConfig, model_dir: Path, train_index: str, indexes: dict, out: Path) -> None:
-    from ssl_vit.train.finetune import finetune as run_finetune
     from ssl_vit.config import load_recipe
+    from ssl_vit.train.finetune import finetune as run_finetune
 
-    steps = max(1, cfg.eval.finetune_images // cfg.budget.batch_size)
-    run = [f"model.init={model_dir}", f"data.train={train_index}", f"data.eval={indexes['test']}",
-           f"data.monitor={indexes['monitor']}",
-           f"data.eval_resize={eval_resize(cfg, training_recipe(cfg, cfg.methods[0]).model.img_size)}",
-           f"train.out_dir={out}", f"train.steps={steps}", "train.epochs=0", "train.resume=auto",
-           f"data.batch_size={cfg.budget.batch_size}"]
-    recipe = load_recipe(cfg.eval.finetune_recipe, [*cfg.overrides, *run])
-    recipe = load_recipe(cfg.eval.finetune_recipe,
-                         [*cfg.overrides, *run, *same_warmup(recipe, train_index, indexes["train"])])
-    run_finetune(recipe, cfg.eval.finetune_recipe)
+    run = {**run_settings(cfg, cfg.methods[0], train_index, out, indexes, cfg.eval.finetune_images),
+           "model.init": str(model_dir), "data.eval": indexes["test"]}
+    recipe = load_recipe(cfg.eval.finetune_recipe, [*cfg.overrides, *run.items()])
+    warmup = same_warmup(recipe, train_index, indexes["train"])
+    run_finetune(load_recipe(cfg.eval.finetune_recipe, [*cfg.overrides, *run.items(), *warmup.items()]),
+                 cfg.eval.finetune_recipe)
 
 
 def write_source_shards(cfg: CompareConfig, out: Path, stages: StageRunner) -> dict:

@@ -3,9 +3,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ssl_vit.config import Recipe, _apply, _check, load_recipe, parse_override, _nest
+from ssl_vit.config import Recipe, _check, apply_file, apply_override, load_recipe, parse_override
 from ssl_vit.errors import SslVitError
 from ssl_vit.eval.label_subsets import check_fractions
 from ssl_vit.eval.linear_probe import DEFAULT_LRS
@@ -66,22 +64,15 @@ class CompareConfig:
 
 def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConfig:
     cfg = CompareConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise SslVitError(f"recipe not found: {path}")
+    apply_file(cfg, path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SslVitError(f"{path}: is not valid YAML: {getattr(e, 'problem', e)}") from None
-    try:
-        _apply(cfg, values, "")
         training = []  # `model.img_size=64` on the command line: a key of every training recipe
         for text in overrides or []:
-            keys, value = parse_override(text)
-            if keys[0] in TRAINING_KEYS:
+            key, value = parse_override(text)
+            if key.split(".")[0] in TRAINING_KEYS:
                 training.append(text)
             else:
-                _apply(cfg, _nest(keys, value), "")
+                apply_override(cfg, (key, value))
         cfg.overrides = [*cfg.overrides, *training]
     except SslVitError as e:
         raise SslVitError(f"{path}: {e}") from None
@@ -110,11 +101,11 @@ def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConf
     return cfg
 
 
-def training_recipe(cfg: CompareConfig, method: str, extra: list[str] | None = None):
-    """The training recipe of `method` with the comparison's overrides (and `extra`); without `extra`, as read for
-    its settings (a placeholder length and no monitoring, so that no run-only key is needed)."""
+def training_recipe(cfg: CompareConfig, method: str, run: dict | None = None):
+    """The training recipe of `method` with the comparison's overrides, then `run` ({dotted key: value}, what one run
+    sets); without `run`, read for its settings (the keys only a run needs may be missing)."""
     return load_recipe(cfg.recipes[method], [*cfg.overrides, *cfg.method_overrides.get(method, []),
-                                             *(extra or ["train.steps=1", "train.epochs=0", "train.monitor_every=0"])])
+                                             *(run or {}).items()], for_run=run is not None)
 
 
 def needs_labels(cfg: CompareConfig, method: str) -> bool:

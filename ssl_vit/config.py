@@ -187,7 +187,8 @@ def _apply(obj, values: dict, where: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], path))
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` text (the command line's) → (dotted key, the value read as YAML)."""
     if "=" not in text:
         raise SslVitError(f"override {text!r} is not key=value (e.g. optim.base_lr=1e-3)")
     key, raw = text.split("=", 1)
@@ -195,36 +196,46 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return key.strip(), value
 
 
-def _nest(keys: list[str], value) -> dict:
-    for key in reversed(keys):
-        value = {key: value}
-    return value
+def apply_override(obj, override) -> None:
+    """Set one override on the dataclass `obj` (checked like a recipe's keys): `key=value` text, or a
+    `(dotted key, value)` pair whose value is set as it is (no text in between)."""
+    key, value = parse_override(override) if isinstance(override, str) else override
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    _apply(obj, value, "")
 
 
-def load_recipe(path=None, overrides: list[str] | None = None) -> Recipe:
+def apply_file(obj, path) -> None:
+    """The YAML mapping in the file `path` applied to the dataclass `obj`; errors name the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SslVitError(f"recipe not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise SslVitError(f"{path}:{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    try:
+        _apply(obj, values, "")
+    except SslVitError as e:
+        raise SslVitError(f"{path}: {e}") from None
+
+
+def load_recipe(path=None, overrides: list | None = None, for_run: bool = True) -> Recipe:
+    """The recipe at `path` (None: the defaults), then `overrides` in order (see `apply_override`). With
+    `for_run=False` it is read for its settings: the keys only a run needs (train.steps or train.epochs, data.monitor)
+    may still be missing, for a caller that sets them per run."""
     recipe = Recipe()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SslVitError(f"recipe not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise SslVitError(f"{path}:{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
-        try:
-            _apply(recipe, values, "")
-        except SslVitError as e:
-            raise SslVitError(f"{path}: {e}") from None
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        _apply(recipe, _nest(keys, value), "")
+        apply_file(recipe, path)
+    for override in overrides or []:
+        apply_override(recipe, override)
     recipe.views = views_following_img_size(recipe.views, recipe.model.img_size, recipe.model.patch_size)
-    validate(recipe)
+    validate(recipe, for_run)
     return recipe
 
 
@@ -262,7 +273,7 @@ METHOD_RANGES = [
     ("supervised", ("mixup_prob",), "must be in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
 
 
-def validate(r: Recipe) -> None:
+def validate(r: Recipe, for_run: bool = True) -> None:
     """Impossible values, each named by its key. (Views are validated where they are built, with their index.)"""
     _check(r.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {r.method!r}")
     for section, keys, rule, ok in METHOD_RANGES:
@@ -278,7 +289,7 @@ def validate(r: Recipe) -> None:
            f"got {r.data.decode!r}")
     _check(r.train.threads >= 0, "train.threads", "must be ≥ 0 (0: the cores left after the loader's workers)")
     _check(r.train.monitor_every >= 0, "train.monitor_every", "must be ≥ 0 (0: no monitoring)")
-    _check(not r.train.monitor_every or bool(r.data.monitor), "data.monitor",
+    _check(not (for_run and r.train.monitor_every) or bool(r.data.monitor), "data.monitor",
            "train.monitor_every needs a small labelled shard set to score (data.monitor=INDEX.json)")
     _check(r.optim.accum_steps >= 1, "optim.accum_steps", "must be ≥ 1")
     _check(r.data.batch_size % r.optim.accum_steps == 0, "data.batch_size",
@@ -287,7 +298,7 @@ def validate(r: Recipe) -> None:
     _check(len(r.optim.betas) == 2 and all(0 <= b < 1 for b in r.optim.betas), "optim.betas",
            "must be two numbers in [0, 1)")
     _check(0 < r.optim.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]")
-    _check((r.train.epochs > 0) != (r.train.steps > 0), "train.steps",
+    _check(not for_run or (r.train.epochs > 0) != (r.train.steps > 0), "train.steps",
            "set exactly one of train.epochs and train.steps (> 0)")
     _check(r.train.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision",
            "must be auto, no, bf16 or fp16")

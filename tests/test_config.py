@@ -100,6 +100,23 @@ def test_overrides_are_typed_and_checked():
         load_recipe(None, ["train.steps"])
 
 
+def test_override_pairs_are_set_as_they_are_and_settings_need_no_run_length():
+    """(key, value) pairs skip the YAML text: a folder named 2024 stays a string, a list stays a list."""
+    recipe = load_recipe(None, ["train.steps=5", ("train.out_dir", "2024"), ("data.train", ["a.json", "b: c.json"])])
+    assert recipe.train.out_dir == "2024" and recipe.data.train == ["a.json", "b: c.json"]
+    with pytest.raises(SslVitError, match="unknown recipe key 'optim.nope'"):
+        load_recipe(None, [("train.steps", 5), ("optim.nope", 1)])
+    with pytest.raises(SslVitError, match="train.steps: expected an integer"):
+        load_recipe(None, [("train.steps", "5")])
+    assert load_recipe(None, ["train.monitor_every=10"], for_run=False).train.steps == 0  # read for its settings
+    with pytest.raises(SslVitError, match="data.monitor: train.monitor_every needs"):
+        load_recipe(None, ["train.monitor_every=10"])
+    with pytest.raises(SslVitError, match="set exactly one of train.epochs and train.steps"):
+        load_recipe(None, [])
+    with pytest.raises(SslVitError, match="mae.mask_ratio"):  # every other value is still checked
+        load_recipe(None, ["mae.mask_ratio=1.5"], for_run=False)
+
+
 def test_cli_reports_recipe_errors_in_one_line(tmp_path, capsys):
     path = write(tmp_path, "method: mae\ntrain: {steps: 10}\noptim: {lrr: 0.1}\n")
     assert main(["pretrain", "--recipe", str(path)]) == 2

@@ -27,13 +27,11 @@ def run(args) -> int:
     from ssl_vit.config import load_recipe
     from ssl_vit.train.finetune import finetune
 
-    overrides = list(args.overrides)
-    for key, value in (("model.init", args.init), ("data.eval", args.eval_shards), ("train.out_dir", args.out_dir),
-                       ("train.resume", args.resume)):
-        if value:
-            overrides.append(f"{key}={value}")
+    options = {"model.init": args.init, "data.eval": args.eval_shards, "train.out_dir": args.out_dir,
+               "train.resume": args.resume}
+    overrides = [*args.overrides, *((k, v) for k, v in options.items() if v)]  # the options' values as they are
     if args.no_progress:
-        overrides.append("train.progress=false")
+        overrides.append(("train.progress", False))
     result = finetune(load_recipe(args.recipe, overrides), args.recipe)
     print(json.dumps(result, indent=1))
     end_process_group()

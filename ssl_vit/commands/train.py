@@ -28,12 +28,8 @@ def run(args) -> int:
     from ssl_vit.config import load_recipe
     from ssl_vit.train.trainer import Trainer
 
-    overrides = list(args.overrides)
-    if args.out_dir:
-        overrides.append(f"train.out_dir={args.out_dir}")
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
-    recipe = load_recipe(args.recipe, overrides)
+    options = {"train.out_dir": args.out_dir, "train.resume": args.resume}
+    recipe = load_recipe(args.recipe, [*args.overrides, *((k, v) for k, v in options.items() if v)])
     trainer = Trainer(recipe)
     summary = trainer.fit()
     if trainer.acc.is_main_process:
