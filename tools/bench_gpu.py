@@ -15,8 +15,11 @@ Sections, all measured in the same run:
 
 On the GPU machine, with the repository as the working directory and no install: `PYTHONPATH=. python3
 tools/bench_gpu.py --out $OUT/gpu.json`. Its image has torch, torchvision, timm, accelerate, scikit-image and PIL,
-not webdataset (the shard reader imports it) nor faiss: carry their wheels (webdataset, braceexpand; faiss-cpu for the
-`knn` comparison, which is skipped without it). `--smoke` runs every section at toy sizes on a CPU in ~1 minute.
+not webdataset (the shard reader imports it), OpenCV (the CPU view path) nor faiss: carry their wheels (webdataset,
+braceexpand, opencv-python-headless; faiss-cpu for the `knn` comparison, which is skipped without it). OpenCV's
+wheel (61 MB) and faiss-cpu's (19 MB) together exceed what one call may carry (64 MiB): install OpenCV in a first
+call into an ignored folder that stays on the warm machine (`pip install --no-deps --target .gpu_deps ...`), then
+run this with `PYTHONPATH=.:.gpu_deps`. `--smoke` runs every section at toy sizes on a CPU in ~1 minute.
 """
 import argparse
 import contextlib
