@@ -106,10 +106,15 @@ def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     return weights / weights.sum(dim=1, keepdim=True)
 
 
+def blur_radius(sigma: float, kernel_size: int) -> int:
+    """Taps each side of the centre: the kernel truncated at TRUNCATE_SIGMAS·sigma, at most kernel_size // 2."""
+    return min(kernel_size // 2, math.ceil(TRUNCATE_SIGMAS * sigma))
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Separable Gaussian blur of float images [N, C, H, W] with per-image sigma [N], reflect padding, the kernel
-    truncated at TRUNCATE_SIGMAS·max(sigma) (at most kernel_size // 2 each side), as shifted multiply-adds."""
-    radius = min(kernel_size // 2, math.ceil(TRUNCATE_SIGMAS * float(sigma.max())))
+    truncated (`blur_radius` of the largest sigma), as shifted multiply-adds."""
+    radius = blur_radius(float(sigma.max()), kernel_size)
     if radius == 0:
         return x
     weights = gaussian_kernels(sigma.to(x.device), radius).view(len(x), 1, 1, -1, 1)  # [N, 1, 1, taps, 1]

@@ -19,7 +19,6 @@ An evaluation view (`crop="center"`) is made exactly as torchvision's Resize + C
 features match those computed before this path existed.
 """
 import contextlib
-import math
 import warnings
 
 import cv2
@@ -32,7 +31,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from ssl_vit.data.samples import SAMPLE_INFO, BadSample
 from ssl_vit.transforms import params as P
-from ssl_vit.transforms.color import SOLARIZE_THRESHOLD, TRUNCATE_SIGMAS
+from ssl_vit.transforms.color import SOLARIZE_THRESHOLD, blur_radius
 
 cv2.setNumThreads(1)  # one image at a time per loader process: OpenCV's own pool would only oversubscribe the cores
 
@@ -87,15 +86,11 @@ def quiet_torchvision_io():
         yield
 
 
-def make_views(pixels: torch.Tensor, scale: int, spec, rows: np.ndarray, randaugment=None) -> list[torch.Tensor]:
-    """The uint8 views [3, S, S] of `spec` from `pixels` (decoded at DCT scale 1/`scale`), one per row of choices,
-    stored pixel by pixel ([S, S, 3] in memory: the batch's stacking lays them out)."""
-    return [make_view(pixels, scale, spec, row, randaugment) for row in rows]
-
-
 def make_view(pixels: torch.Tensor, scale: int, spec, row: np.ndarray, randaugment=None) -> torch.Tensor:
-    """One view: the box resampled to the view size (or the evaluation resize + centre crop), flipped,
-    RandAugment-ed, colour-jittered, grayscaled, blurred and solarized."""
+    """One uint8 view [3, S, S] of `spec` from `pixels` (decoded at DCT scale 1/`scale`) with the choices in `row`,
+    stored pixel by pixel ([S, S, 3] in memory: the batch's stacking lays it out): the box resampled to the view
+    size (or the evaluation resize + centre crop), flipped, RandAugment-ed, colour-jittered, grayscaled, blurred and
+    solarized."""
     if spec.crop == "center":
         view = pil_to_view(center_view(Image.fromarray(pixels.permute(1, 2, 0).numpy()), spec))
     else:
@@ -162,8 +157,8 @@ def shift_hue(view: np.ndarray, factor: float) -> np.ndarray:
 
 
 def gaussian_blur(view: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
-    """A view blurred with torchvision's Gaussian kernel of `kernel_size` taps, truncated at TRUNCATE_SIGMAS."""
-    radius = min(kernel_size // 2, math.ceil(TRUNCATE_SIGMAS * sigma))
+    """A view blurred with torchvision's Gaussian kernel of `kernel_size` taps, truncated (`color.blur_radius`)."""
+    radius = blur_radius(sigma, kernel_size)
     if radius == 0:
         return view
     taps = 2 * radius + 1

@@ -20,7 +20,7 @@ from timm.data.transforms import str_to_pil_interp
 
 from ssl_vit.config import _coerce as coerce_recipe_value
 from ssl_vit.errors import SslVitError
-from ssl_vit.transforms.cpu_views import RESIZE_MODES, decode_for_views, make_views
+from ssl_vit.transforms.cpu_views import RESIZE_MODES, decode_for_views, make_view
 from ssl_vit.transforms.gpu_views import encode_views
 from ssl_vit.transforms.normalize import MEAN
 from ssl_vit.transforms.params import draw_params
@@ -204,5 +204,5 @@ class MultiViewTransform:
             if encoded is not None:
                 return encoded
         decoded, scale = decode_for_views(image, self.specs, rows)
-        return [view for spec, r, ra in zip(self.specs, rows, self.randaugments)
-                for view in make_views(decoded, scale, spec, r, ra)]
+        return [make_view(decoded, scale, spec, row, ra)
+                for spec, r, ra in zip(self.specs, rows, self.randaugments) for row in r]
