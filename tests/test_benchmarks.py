@@ -1,5 +1,5 @@
 """Every benchmark in tools/ runs at a tiny size and reports its ratios, so that bench/results/ can be re-measured
-with the code as it is (tools/bench_data.py has its own test)."""
+with the code as it is."""
 import json
 import math
 import subprocess
@@ -36,6 +36,15 @@ def test_bench_eval_reports_knn_over_faiss():
     assert_ratio(out["ratio_knn_total_over_faiss_search"])
     assert_ratio(out["ratio_knn_total_over_faiss_total"])
     assert set(out["variants"]) == {"faiss_raw", "knn", "torch_matmul_topk"}
+
+
+def test_bench_data_32_reports_loader_over_decode_bound(train_shards):
+    out = run_bench("bench_data.py", "--sections", "32", "--shards", train_shards, "--samples", 96, "--batch", 16,
+                    "--workers", 0, 2, "--rounds", 1)
+    assert set(out["views"]) == {"mae", "dino"}
+    for view in out["views"].values():
+        for workers in ("workers=0", "workers=2"):
+            assert_ratio(view[workers]["ratio"])
 
 
 def test_bench_data_224_reports_ours_over_the_papers_pipelines():

@@ -23,7 +23,6 @@ rounds and the best rate of each is reported (with every round's figures).
                                [--photos 600] [--photo-samples 400] [--photo-side 500] [--shards INDEX.json]
 """
 import argparse
-import importlib.util
 import io
 import json
 import multiprocessing as mp
@@ -47,9 +46,9 @@ from ssl_vit.data.samples import open_image, read_shard  # noqa: E402
 from ssl_vit.data.sources import expand_source  # noqa: E402
 from ssl_vit.data.stream import ShardStream  # noqa: E402
 from ssl_vit.transforms import MultiViewTransform, dino_views, mae_views  # noqa: E402
-from ssl_vit.transforms.gpu_views import collate_views, views_to_device  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_common import alternate, bundled_shards, plain_loop, timed  # noqa: E402
+from make_photo_shards import make_photo_shards  # noqa: E402
 
 
 def view_sets(args) -> dict:
@@ -59,62 +58,33 @@ def view_sets(args) -> dict:
 
 def loader_rate(index: str, transform, workers: int, samples: int, batch: int) -> float:
     stream = ShardStream(index, transform, batch, mode="train", seed=0, num_workers=workers)
-    batches, t0, n = iter(StreamLoader(stream)), None, 0
-    for batch_ in batches:
-        if t0 is None:  # start the clock after the first batch: worker start-up is not throughput
-            t0 = time.perf_counter()
-            continue
-        n += len(batch_["key"])
-        if n >= samples:
-            break
-    return n / (time.perf_counter() - t0)
-
-
-def _plain_loop(payload) -> tuple[int, float]:
-    """Views of each sample, stacked and normalised once per batch of `batch` samples: the loader's work without
-    the loader."""
-    raw, specs, batch = payload
-    torch.set_num_threads(1)
-    transform, cpu = MultiViewTransform(specs), torch.device("cpu")
-    t0 = time.perf_counter()
-    for start in range(0, len(raw), batch):
-        views_to_device(collate_views([transform(open_image(s)) for s in raw[start:start + batch]]), cpu)
-    return len(raw), time.perf_counter() - t0
+    return timed(StreamLoader(stream), samples)
 
 
 def bound_rate(raw: list[dict], specs, processes: int, batch: int) -> float:
     if processes <= 1:
-        n, seconds = _plain_loop((raw, specs, batch))
+        n, seconds = plain_loop((raw, specs, batch))
         return n / seconds
     parts = [(raw[i::processes], specs, batch) for i in range(processes)]
     with mp.get_context("fork").Pool(processes) as pool:
         t0 = time.perf_counter()
-        results = pool.map(_plain_loop, parts)
+        results = pool.map(plain_loop, parts)
         wall = time.perf_counter() - t0
     return sum(n for n, _ in results) / wall
 
 
-def default_shards(tmp: Path) -> str:
-    from ssl_vit.data.writer import write_shards
-
-    out = tmp / "bench"
-    write_shards(str(ROOT / "data" / "cifar10_subset" / "train.tar.gz"), str(out), max_count=250, seed=0,
-                 workers=2, progress=False)
-    return f"{out}-index.json"
-
-
 def cifar_section(args, tmp: Path) -> dict:
-    index = args.shards or default_shards(tmp)
+    index = args.shards or bundled_shards(tmp / "bench", max_count=250, workers=2)
     raw = [s for url in expand_source(index).urls for s in read_shard(url)][: args.samples]
     results = {"shards": index, "samples_timed": len(raw), "views": {}}
     for name, specs in view_sets(args).items():
         transform = MultiViewTransform(specs)
         rows = {}
         for workers in args.workers:
-            processes, loaders, bounds = max(1, workers), [], []
-            for _ in range(max(1, args.rounds)):
-                loaders.append(loader_rate(index, transform, workers, len(raw), args.batch))
-                bounds.append(bound_rate(raw, specs, processes, args.batch))
+            processes = max(1, workers)
+            loaders, bounds = alternate(args.rounds,
+                                        lambda: loader_rate(index, transform, workers, len(raw), args.batch),
+                                        lambda: bound_rate(raw, specs, processes, args.batch))
             rows[f"workers={workers}"] = {"loader_samples_per_s": round(max(loaders), 1),
                                           "bound_samples_per_s": round(max(bounds), 1), "processes": processes,
                                           "ratio": round(max(loaders) / max(bounds), 3),
@@ -193,19 +163,6 @@ class ReferenceDataset(Dataset):
         return self.transform(Image.open(io.BytesIO(data)).convert("RGB")), label
 
 
-def timed(batches, samples: int, count) -> float:
-    """Images/s after the first batch (worker start-up is not throughput)."""
-    t0, n = None, 0
-    for batch in batches:
-        if t0 is None:
-            t0 = time.perf_counter()
-            continue
-        n += count(batch)
-        if n >= samples:
-            break
-    return n / (time.perf_counter() - t0)
-
-
 def reference_rate(items, transform, workers: int, samples: int, batch: int) -> float:
     loader = DataLoader(ReferenceDataset(items, transform), batch_size=batch, shuffle=True, drop_last=True,
                         num_workers=workers, generator=torch.Generator().manual_seed(0))
@@ -228,16 +185,9 @@ def plain_rates(raw: list[dict], transform, reference) -> tuple[float, float]:
     return ours, len(raw) / (time.process_time() - t0)
 
 
-def photo_shards(tmp: Path, count: int, long_side: int) -> str:
-    spec = importlib.util.spec_from_file_location("make_photo_shards", ROOT / "tools" / "make_photo_shards.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.make_photo_shards(tmp / "photos" / "train", count=count, max_count=max(1, count // 6), seed=0,
-                                  long_side=long_side)
-
-
 def photo_section(args, tmp: Path) -> dict:
-    index = photo_shards(tmp, args.photos, args.photo_side)
+    index = make_photo_shards(tmp / "photos" / "train", count=args.photos, max_count=max(1, args.photos // 6), seed=0,
+                              long_side=args.photo_side)
     raw = [s for url in expand_source(index).urls for s in read_shard(url)]
     items = [(s["jpg"], int(s["cls"])) for s in raw]
     samples = min(args.photo_samples, len(items) - 2 * args.batch)
@@ -255,10 +205,8 @@ def photo_section(args, tmp: Path) -> dict:
                               "rounds": {"ours": [round(p[0], 1) for p in plain],
                                          "reference": [round(p[1], 1) for p in plain]}}
         for workers in args.workers:
-            mine, theirs = [], []
-            for _ in range(max(1, args.rounds)):
-                mine.append(loader_rate(index, ours, workers, samples, args.batch))
-                theirs.append(reference_rate(items, reference, workers, samples, args.batch))
+            mine, theirs = alternate(args.rounds, lambda: loader_rate(index, ours, workers, samples, args.batch),
+                                     lambda: reference_rate(items, reference, workers, samples, args.batch))
             processes = max(1, workers)
             rows[f"workers={workers}"] = {
                 "ours_images_per_s": round(max(mine), 1), "reference_images_per_s": round(max(theirs), 1),

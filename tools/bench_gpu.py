@@ -43,8 +43,10 @@ from ssl_vit.data.sources import expand_source  # noqa: E402
 from ssl_vit.transforms import MultiViewTransform, dino_views, mae_views, views_from_recipe  # noqa: E402
 from ssl_vit.transforms.gpu_views import collate_views, views_to_device  # noqa: E402
 
+from make_photo_shards import make_photo_shards  # noqa: E402
+
 SIZES = {  # full run | --smoke
-    "matmul": (8192, 256), "photos": (2000, 48), "view_batches": (20, 2), "view_batch": (128, 8),
+    "matmul": (8192, 256), "photos": (2700, 48), "view_batches": (20, 2), "view_batch": (128, 8),
     "train_steps": (60, 3), "mae_batch": (256, 4), "dino_batch": (128, 4), "mfu_steps": (10, 2),
     "knn": ((50_000, 1_280_000, 768, 200, 500), (64, 2000, 32, 20, 16)),
 }
@@ -94,19 +96,20 @@ class Samples(torch.utils.data.Dataset):
 
 def views_rate(samples, specs, decode: str, device, workers: int, batch: int, batches: int) -> float:
     transform = MultiViewTransform(specs, decode)
+    if len(samples) < (batches + 1) * batch:
+        raise SystemExit(f"views: {len(samples)} photos cannot fill {batches + 1} batches of {batch} in one pass")
     loader = torch.utils.data.DataLoader(Samples(samples, transform), batch_size=batch, num_workers=workers,
                                          collate_fn=lambda items: collate_views(items, specs), shuffle=True)
     done, t0 = 0, None
-    while done < batches:
-        for views in loader:
-            out = views_to_device(views, device)
-            if t0 is None:  # after the first batch: worker start-up is not throughput
-                sync(device)
-                t0 = time.perf_counter()
-            else:
-                done += 1
-            if done == batches:
-                break
+    for views in loader:  # one pass, full batches: a restarted pass or a short batch would count as throughput
+        out = views_to_device(views, device)
+        if t0 is None:  # after the first batch: worker start-up is not throughput
+            sync(device)
+            t0 = time.perf_counter()
+        else:
+            done += 1
+        if done == batches:
+            break
     sync(device)
     del out
     return batches * batch / (time.perf_counter() - t0)
@@ -237,13 +240,6 @@ def knn_section(args, device) -> dict:
             "faiss_threads": faiss.omp_get_max_threads(), "torch_speedup": round(faiss_seconds / torch_seconds, 1)}
 
 
-def photo_index(tmp: Path, count: int) -> str:
-    spec = importlib.util.spec_from_file_location("make_photo_shards", ROOT / "tools" / "make_photo_shards.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.make_photo_shards(tmp / "photos" / "train", count=count, max_count=max(1, count // 16), seed=0)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="toy sizes, any device: checks the script runs")
@@ -260,7 +256,8 @@ def main(argv=None) -> int:
     peak = matmul_rate(device, size(args, "matmul"))
     result["matmul"] = {"n": size(args, "matmul"), "bf16_tflops": round(peak, 1)}
     with tempfile.TemporaryDirectory() as tmp:
-        index = photo_index(Path(tmp), size(args, "photos"))
+        photos = size(args, "photos")
+        index = make_photo_shards(Path(tmp) / "photos" / "train", count=photos, max_count=max(1, photos // 16), seed=0)
         if "views" in args.sections:
             samples = [s for url in expand_source(index).urls for s in read_shard(url)]
             result["views"] = views_section(args, samples, device)

@@ -16,7 +16,6 @@ Shards hold ~110 KB JPEGs of 500×375 (blocks plus noise, quality 90), ImageNet'
 import argparse
 import io
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -60,24 +59,23 @@ def make_shard(path: Path, size_bytes: int) -> tuple[Path, int]:
     `ssl-vit shards index` writes, so that two workers can split one shard); returns (index, sample count)."""
     from webdataset import TarWriter
 
+    from ssl_vit.atomic_io import atomic_path
     from ssl_vit.data.scan import index_shards
 
     images = [jpeg(i) for i in range(8)]
     count = max(1, size_bytes // (len(images[0]) + 3 * 512))
     index = path.with_name(path.stem + "-index.json")
     if not path.is_file():
-        tmp = path.with_suffix(".tmp")
-        with TarWriter(str(tmp), encoder=False) as tar:
+        with atomic_path(path) as tmp, TarWriter(str(tmp), encoder=False) as tar:
             for i in range(count):
                 tar.write({"__key__": f"s{i:08d}", "jpg": images[i % len(images)], "cls": b"0"})
-        os.replace(tmp, path)
     if not index.is_file():
         index_shards(str(path), index, workers=1, progress=False)
     return index, count
 
 
-def read_samples(url: str, samples: int, workers: int, window: int, batch: int) -> float:
-    """Read `samples` samples through the stream; returns seconds to the first batch."""
+def read_samples(url: str, samples: int, workers: int, window: int, batch: int) -> float | None:
+    """Read `samples` samples through the stream; returns seconds to the first batch (None when `samples` is 0)."""
     from ssl_vit.data.loader import StreamLoader
     from ssl_vit.data.stream import ShardStream
     from ssl_vit.transforms import MultiViewTransform, mae_views
@@ -122,39 +120,28 @@ def peak_rss_mb(cmd: list[str]) -> tuple[float, str]:
 
 
 def throughput(url: str, samples: int) -> dict:
-    import torch
-
-    from ssl_vit.data.samples import open_image
-    from ssl_vit.data.tar_reader import iter_samples
-    from ssl_vit.transforms.gpu_views import collate_views, views_to_device
-    from ssl_vit.transforms import MultiViewTransform, mae_views
-
-    transform = MultiViewTransform(mae_views(224))
     from ssl_vit.data.loader import StreamLoader
     from ssl_vit.data.stream import ShardStream
+    from ssl_vit.data.tar_reader import iter_samples
+    from ssl_vit.transforms import MultiViewTransform, mae_views
 
-    torch.set_num_threads(1)  # both sides decode in this process; on 2 busy cores torch's threads only contend
-    cpu = torch.device("cpu")
+    from bench_common import alternate, plain_loop, timed
+
+    specs, batch = mae_views(224), 16
+    transform = MultiViewTransform(specs)
     raw = [s for _, s in zip(range(samples), iter_samples(url))]
-    bounds, loaders = [], []
-    for _ in range(3):  # alternate, keep each one's best: a busy neighbour slows whichever runs at the time
-        start = time.perf_counter()  # views from bytes in memory, stacked and normalised per batch as the loader's
-        for first in range(0, len(raw), 16):
-            views_to_device(collate_views([transform(open_image(s)) for s in raw[first:first + 16]]), cpu)
-        bounds.append(len(raw) / (time.perf_counter() - start))
-        stream = ShardStream(url, transform, 16, mode="train", seed=0, shuffle_buffer=100, batches_per_epoch=None)
-        start, n = None, 0
-        for batch in StreamLoader(stream):
-            if start is None:  # steady state: the first batch (opening the shard, filling the window) is timed above
-                start = time.perf_counter()
-                continue
-            n += len(batch["key"])
-            if n >= len(raw):
-                break
-        loaders.append(n / (time.perf_counter() - start))
-    loader, bound = max(loaders), max(bounds)
-    return {"loader_samples_per_s": round(loader, 1), "decode_bound_samples_per_s": round(bound, 1),
-            "ratio": round(loader / bound, 3)}
+
+    def bound() -> float:  # views from bytes in memory, stacked and normalised per batch, in one thread
+        n, seconds = plain_loop((raw, specs, batch))
+        return n / seconds
+
+    def loader() -> float:  # in this process too (0 workers, one thread); timed from its second batch
+        stream = ShardStream(url, transform, batch, mode="train", seed=0, shuffle_buffer=100, batches_per_epoch=None)
+        return timed(StreamLoader(stream), len(raw))
+
+    bounds, loaders = alternate(3, bound, loader)
+    return {"loader_samples_per_s": round(max(loaders), 1), "decode_bound_samples_per_s": round(max(bounds), 1),
+            "ratio": round(max(loaders) / max(bounds), 3)}
 
 
 def main() -> None:

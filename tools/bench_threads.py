@@ -17,7 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_common import ROOT, bundled_shards
+from ssl_vit.threads import available_cores
+from ssl_vit.train.run_log import read_log
+
 SMALL = {"mae": ["mae.decoder_depth=2", "mae.decoder_dim=128", "mae.decoder_heads=4"],
          "dino": ["views.num_local=2", "dino.out_dim=1024", "dino.hidden_dim=256", "dino.bottleneck_dim=64"]}
 
@@ -31,7 +34,7 @@ def run(method: str, shards: str, out: Path, steps: int, workers: int, threads: 
             "optim.warmup_epochs=0", "dino.warmup_teacher_temp_epochs=0", "dino.freeze_last_layer_epochs=0",
             *SMALL[method]]
     subprocess.run(args, check=True, env=env, cwd=ROOT, capture_output=True)
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_log(out / "log.jsonl")
     rows = rows[min(5, len(rows) - 1):]  # after warm-up
     return {"threads": rows[-1]["threads"], "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows)}
 
@@ -45,17 +48,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--index", help="index.json of shards (default: the bundled CIFAR-10 subset, written to a tmp dir)")
     args = p.parse_args(argv)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()  # what the trainer's choice starts from
     results = {"method": args.method, "cores": cores, "workers": args.workers, "steps": args.steps,
                "batch": args.batch}
     with tempfile.TemporaryDirectory() as tmp:
-        shards = args.index
-        if shards is None:
-            from ssl_vit.data.writer import write_shards
-
-            write_shards(str(ROOT / "data" / "cifar10_subset" / "train.tar.gz"), f"{tmp}/shards", max_count=500,
-                         seed=0, workers=1, progress=False)
-            shards = f"{tmp}/shards-index.json"
+        shards = args.index or bundled_shards(f"{tmp}/shards", max_count=500)
         for load in ("idle", "busy"):
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
             time.sleep(0.5 if busy else 0)

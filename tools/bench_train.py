@@ -23,10 +23,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ssl_vit.config import load_recipe  # noqa: E402
-from ssl_vit.data.loader import StreamLoader  # noqa: E402
 from ssl_vit.train.trainer import Trainer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_common import ROOT, bundled_shards  # noqa: E402
 
 
 def make_trainer(method: str, index: str, out: Path, args) -> Trainer:
@@ -37,7 +36,7 @@ def make_trainer(method: str, index: str, out: Path, args) -> Trainer:
 
 
 def batch_in_memory(trainer: Trainer) -> dict:
-    return next(iter(StreamLoader(trainer.stream, device=trainer.acc.device)))
+    return next(iter(trainer.loader))
 
 
 def ours(trainer: Trainer, batch: dict, steps: int) -> float:
@@ -104,15 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["mae", "dino", "supervised"])
     p.add_argument("--index", help="shards to read the batch from (default: the bundled subset, written here)")
     args = p.parse_args(argv)
-    from ssl_vit.data.writer import write_shards
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        index = args.index
-        if index is None:
-            write_shards(str(ROOT / "data" / "cifar10_subset" / "train.tar.gz"), str(tmp / "train"), max_count=500,
-                         progress=False)
-            index = str(tmp / "train-index.json")
+        index = args.index or bundled_shards(tmp / "train", max_count=500, workers=2)
         results = {"device": "cpu", "threads": torch.get_num_threads(), "batch": args.batch, "depth": args.depth,
                    "img_size": args.size, "patch": args.patch,
                    "methods": {m: bench(m, index, tmp, args) for m in args.methods}}

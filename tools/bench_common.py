@@ -1,0 +1,57 @@
+"""What the benchmarks share: the bundled subset as shards, timing a loader after its first batch, the decode bound's
+plain loop, and alternating rounds. Imported by the `tools/bench_*.py` scripts (run as `python tools/X.py`, so this
+folder is on the path); importing it sets nothing.
+"""
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bundled_shards(out_prefix, max_count: int, workers: int = 1) -> str:
+    """The bundled CIFAR-10 training subset written as shards at `out_prefix`; returns the index path."""
+    from ssl_vit.data.writer import write_shards
+
+    write_shards(str(ROOT / "data" / "cifar10_subset" / "train.tar.gz"), str(out_prefix), max_count=max_count,
+                 seed=0, workers=workers, progress=False)
+    return f"{out_prefix}-index.json"
+
+
+def timed(batches, samples: int, count=lambda batch: len(batch["key"])) -> float:
+    """Images/s over `samples` images after the first batch (worker start-up and the first window are not
+    throughput)."""
+    t0, n = None, 0
+    for batch in batches:
+        if t0 is None:
+            t0 = time.perf_counter()
+            continue
+        n += count(batch)
+        if n >= samples:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def plain_loop(payload) -> tuple[int, float]:
+    """(samples, seconds) of making the views of raw samples in one thread, stacked and normalised once per batch
+    as the loader hands batches out: the loader's work without the loader. `payload` = (raw, specs, batch), one
+    argument so that a process pool can map it."""
+    import torch
+
+    from ssl_vit.data.samples import open_image
+    from ssl_vit.transforms import MultiViewTransform
+    from ssl_vit.transforms.gpu_views import collate_views, views_to_device
+
+    raw, specs, batch = payload
+    torch.set_num_threads(1)
+    transform, cpu = MultiViewTransform(specs), torch.device("cpu")
+    t0 = time.perf_counter()
+    for start in range(0, len(raw), batch):
+        views_to_device(collate_views([transform(open_image(s)) for s in raw[start:start + batch]]), cpu)
+    return len(raw), time.perf_counter() - t0
+
+
+def alternate(rounds: int, *sides) -> list[list]:
+    """Each side's results over `rounds` rounds, the sides run in turn within a round: a busy neighbour on a shared
+    machine slows whichever runs at the time, and the best round of each side is compared."""
+    runs = [[side() for side in sides] for _ in range(max(1, rounds))]
+    return [list(results) for results in zip(*runs)]
