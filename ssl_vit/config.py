@@ -315,9 +315,13 @@ def validate(r: Recipe, for_run: bool = True) -> None:
     if r.method == "mae":
         _check(r.mae.decoder_dim % r.mae.decoder_heads == 0, "mae.decoder_dim",
                f"{r.mae.decoder_dim} is not divisible by mae.decoder_heads")
+        from ssl_vit.models.masking import num_visible  # torch: loaded with the method anyway
+
         patches = (r.model.img_size // r.model.patch_size) ** 2
-        _check(int(patches * (1 - r.mae.mask_ratio)) < patches, "mae.mask_ratio", f"{r.mae.mask_ratio} masks none of "
-               f"the {patches} patches; the loss would be empty (use a ratio ≥ {1 / max(patches, 1):.4f})")
+        _check(num_visible(patches, r.mae.mask_ratio) < patches, "mae.mask_ratio", f"{r.mae.mask_ratio} masks none "
+               f"of the {patches} patches; the loss would be empty (use a ratio ≥ {1 / max(patches, 1):.4f})")
+        _check(num_visible(patches, r.mae.mask_ratio) > 0, "mae.mask_ratio", f"{r.mae.mask_ratio} masks all of the "
+               f"{patches} patches; the encoder would see nothing (use a ratio ≤ {1 - 1 / max(patches, 1):.4f})")
 
 
 def epoch_settings(r: Recipe) -> dict[str, float]:

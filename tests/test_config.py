@@ -46,6 +46,8 @@ def write(tmp_path, text: str) -> Path:
     ("method: mae\ntrain: {steps: 10}\nmae: {mask_ratio: 1.0}\n", "mae.mask_ratio: must be in [0, 1)"),
     ("method: mae\ntrain: {steps: 10}\nmodel: {img_size: 32, patch_size: 4}\nmae: {mask_ratio: 0.0}\n",
      "mae.mask_ratio: 0.0 masks none of the 64 patches; the loss would be empty (use a ratio ≥ 0.0156)"),
+    ("method: mae\ntrain: {steps: 10}\nmodel: {img_size: 32, patch_size: 4}\nmae: {mask_ratio: 0.999}\n",
+     "mae.mask_ratio: 0.999 masks all of the 64 patches; the encoder would see nothing (use a ratio ≤ 0.9844)"),
     ("method: mae\ntrain: {steps: 10}\nmae: {decoder_dim: 30, decoder_heads: 4}\n",
      "mae.decoder_dim: 30 is not divisible by mae.decoder_heads"),
     ("method: dino\ntrain: {steps: 10}\ndino: {teacher_temp: 0}\n", "dino.teacher_temp: must be positive, got 0"),

@@ -116,6 +116,9 @@ def test_bad_images_backbones_and_dims_are_one_line_errors(indexed, tmp_path, ca
     wide = tiny_backbone(tmp_path / "wide.safetensors", embed_dim=32)
     err = error_of(query + ["--image", str(good), "--backbone", str(wide)], capsys)
     assert f"index {indexed / 'ix'} holds 64-d features but backbone {wide} gives 32-d" in err
+    err = error_of(query + ["--image", str(good), "--backbone", "timm-random:vit_tiny_patch16_224"], capsys)
+    assert f"backbone timm-random:vit_tiny_patch16_224 takes 224-px images; index {indexed / 'ix'} holds " \
+           "features of 32-px images" in err  # a timm name is a backbone, not a missing file
     with pytest.raises(SystemExit):  # --image and --key exclude each other (argparse usage error)
         main(query + ["--image", str(good), "--key", "x"])
 

@@ -219,7 +219,7 @@ def run_index_query(args) -> int:
 def embed_query_images(args, index):
     """(features [N, D], PIL images) of the --image files, embedded as the index's features were."""
     from ssl_vit.eval.features import embed_images, load_image
-    from ssl_vit.loading import load_backbone
+    from ssl_vit.loading import load_backbone, timm_source
 
     images = [load_image(path) for path in args.image]
     backbone = args.backbone or index.source.get("backbone")
@@ -228,11 +228,14 @@ def embed_query_images(args, index):
         raise SslVitError(f"index {args.index} does not record how its features were made (no "
                           f"{', '.join(missing)}): rebuild it with `ssl-vit index build` from a cache written by "
                           "`ssl-vit features`")
-    if not Path(backbone).exists():
+    if not timm_source(backbone) and not Path(backbone).exists():
         recorded = "" if args.backbone else f" (recorded in index {args.index}; pass --backbone)"
         raise SslVitError(f"backbone {backbone} does not exist{recorded}")
-    model, _ = load_backbone(backbone)
+    model, meta = load_backbone(backbone)
     how = {key: index.source[key] for key in EXTRACTION_KEYS}
+    if int(meta["img_size"]) != how["image_size"]:  # `features` embeds at the backbone's own size
+        raise SslVitError(f"backbone {backbone} takes {meta['img_size']}-px images; index {args.index} holds "
+                          f"features of {how['image_size']}-px images (another backbone made them)")
     features = embed_images(model, images, **how)  # [N, D]
     if features.shape[1] != index.dim:
         raise SslVitError(f"index {args.index} holds {index.dim}-d features but backbone {backbone} gives "
