@@ -30,6 +30,15 @@ def one_line(message: str) -> str:
     return "; ".join(lines)
 
 
+def end_process_group() -> None:
+    """Close the process group (a command run under `accelerate launch`) before the interpreter exits: left to
+    interpreter shutdown, gloo's threads can abort the process ("terminate called without an active exception")
+    after a run that succeeded."""
+    dist = sys.modules.get("torch.distributed")  # never imported: no process group, and no torch import for it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -40,6 +49,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        end_process_group()
 
 
 if __name__ == "__main__":

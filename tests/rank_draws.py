@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from ssl_vit.commands.train import end_process_group
+from ssl_vit.cli import end_process_group
 from ssl_vit.config import load_recipe
 from ssl_vit.train.trainer import Trainer
 

@@ -1,7 +1,7 @@
 """`ssl-vit finetune`: end-to-end fine-tuning of a pretrained backbone, then top-1/top-5 on evaluation shards."""
 import json
 
-from ssl_vit.commands.train import add_resume_options, end_process_group
+from ssl_vit.commands.train import add_resume_options
 
 
 def register(subparsers) -> None:
@@ -34,5 +34,4 @@ def run(args) -> int:
         overrides.append(("train.progress", False))
     result = finetune(load_recipe(args.recipe, overrides), args.recipe)
     print(json.dumps(result, indent=1))
-    end_process_group()
     return 0

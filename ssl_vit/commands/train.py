@@ -34,14 +34,4 @@ def run(args) -> int:
     summary = trainer.fit()
     if trainer.acc.is_main_process:
         print(json.dumps(summary, indent=1))
-    end_process_group()
     return 0
-
-
-def end_process_group() -> None:
-    """Close the process group before the interpreter exits: left to interpreter shutdown, gloo's threads can abort
-    the process ("terminate called without an active exception") after a run that succeeded."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
