@@ -17,7 +17,7 @@ from PIL import Image
 from ssl_vit.data.index import index_is_labeled, index_path_for, read_index, sha256_file
 from ssl_vit.data.samples import BadSample, decode_label, image_key
 from ssl_vit.data.sources import is_remote
-from ssl_vit.data.tar_reader import iter_samples
+from ssl_vit.data.tar_reader import Checksum, iter_samples
 from ssl_vit.errors import SslVitError
 from ssl_vit.figure_io import save_png
 
@@ -78,30 +78,33 @@ def inspect_shards(index_path, *, verify=False, grid_png=None, grid_n=64) -> dic
 def _verify_shard(shard: Path, entry: dict, total: ShardScan, want: int) -> list[str]:
     if not shard.is_file():
         return [f"{entry['name']}: missing ({shard})"]
+    checksum = Checksum()  # the scan's one read also gives the sha256
+    try:
+        scan, damage = _scan(shard, want - len(total.firsts), checksum), None
+        digest = checksum.hexdigest()
+    except SslVitError as e:  # the read stopped at the damage: the digest needs the whole file
+        scan, damage, digest = None, f"{entry['name']}: {e}", sha256_file(shard)
     problems = []
-    digest = sha256_file(shard)
     if digest != entry["sha256"]:
         problems.append(f"{entry['name']}: sha256 {digest[:16]}... differs from the index's {entry['sha256'][:16]}...")
-    try:
-        scan = _scan(shard, want - len(total.firsts))
-    except SslVitError as e:
-        return problems + [f"{entry['name']}: {e}"]
+    if scan is None:
+        return problems + [damage]
     if scan.samples != entry["samples"]:
         problems.append(f"{entry['name']}: {scan.samples} samples in the tar, {entry['samples']} in the index")
     _merge(total, scan)
     return problems
 
 
-def iter_tar_samples(path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) in tar order, read by the loader's tar reader; a damaged shard is an SslVitError
-    rather than a silently shorter one."""
-    for sample in iter_samples(str(path), strict=True):
+def iter_tar_samples(path, checksum: Checksum | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) in tar order, read by the loader's tar reader (every byte through `checksum`, if
+    given); a damaged shard is an SslVitError rather than a silently shorter one."""
+    for sample in iter_samples(str(path), checksum=checksum, strict=True):
         yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
 
 
-def _scan(shard: Path, keep_first: int) -> ShardScan:
+def _scan(shard: Path, keep_first: int, checksum: Checksum | None = None) -> ShardScan:
     scan = ShardScan()
-    for key, sample in iter_tar_samples(shard):
+    for key, sample in iter_tar_samples(shard, checksum):
         _count(scan, key, sample, keep_first)
     return scan
 

@@ -10,7 +10,6 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 
-
 def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, use_bn: bool) -> nn.Module:
     if nlayers == 1:
         return nn.Linear(in_dim, bottleneck_dim)

@@ -108,11 +108,9 @@ class DINO(Method):
 
     def forward(self, batch: dict, sched: dict, seed: int | None = None) -> dict:
         """`seed` is unused: DINO draws no randomness of its own (its views come augmented)."""
-        views = batch["views"]
-        self._check_views(views)
-        targets = batch[TARGETS] if TARGETS in batch else \
-            self._teacher_targets([views], _sched(sched, "teacher_temp"))[0]
-        out = self.loss.student_loss(self.student(views), targets)  # student logits [V, B, K]
+        if TARGETS not in batch:  # called outside the trainer, which prepares (and checks) the step's batches
+            batch = self.prepare_step([batch], sched)[0]
+        out = self.loss.student_loss(self.student(batch["views"]), batch[TARGETS])  # student logits [V, B, K]
         return {**out, "teacher_temp": _sched(sched, "teacher_temp"), "momentum": _sched(sched, "momentum")}
 
     @torch.no_grad()

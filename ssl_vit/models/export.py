@@ -30,7 +30,6 @@ from ssl_vit.models.backbone import BackboneSpec
 
 META_KEY = "ssl_vit"
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
-EVAL_CROP_PCT = 0.875  # what `eval_views` crops by default: shorter side to img_size / 0.875, centre crop
 
 
 def reference_model(model_name: str, create_kwargs: dict) -> nn.Module:
@@ -86,9 +85,10 @@ def write_hf_folder(ref: nn.Module, path: Path, create_kwargs: dict, meta: dict)
     from timm.models._hub import save_config_for_hf
 
     from ssl_vit.transforms.normalize import MEAN, STD
+    from ssl_vit.transforms.views import EVAL_CROP_RATIO  # what `eval_views` crops by default
 
     folder = path.parent
-    data_config = {"mean": MEAN, "std": STD, "crop_pct": EVAL_CROP_PCT, "interpolation": "bicubic"}
+    data_config = {"mean": MEAN, "std": STD, "crop_pct": EVAL_CROP_RATIO, "interpolation": "bicubic"}
     with atomic_path(folder / HF_CONFIG) as tmp:
         save_config_for_hf(ref, tmp, model_args=create_kwargs, model_config={META_KEY: meta}, data_config=data_config)
         config = json.loads(tmp.read_text())

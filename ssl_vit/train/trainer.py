@@ -107,7 +107,7 @@ class Trainer:
                                   shuffle_buffer=r.data.shuffle_buffer, rank=self.acc.process_index,
                                   world_size=self.acc.num_processes, max_skip_fraction=r.data.max_skip_fraction,
                                   num_workers=r.data.num_workers, require_labels=r.method == "supervised",
-                                  batches_per_epoch=self.spe * r.optim.accum_steps if shards.counts else None)
+                                  batches_per_epoch=self.spe * r.optim.accum_steps)
         self.step, self.skipped_steps, self.images_seen, self.train_seconds = 0, 0, 0, 0.0
         self._maybe_resume()
         self.loader = StreamLoader(self.stream, device=self.acc.device)
