@@ -24,7 +24,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from ssl_vit.config import Recipe, _apply
-from ssl_vit.errors import SslVitError
+from ssl_vit.errors import SslVitError, load_error_detail
 from ssl_vit.methods import backbone_spec, build_method
 from ssl_vit.methods.base import Method
 from ssl_vit.models.export import META_KEY, first_mismatch, read_backbone_meta, reference_model
@@ -86,8 +86,8 @@ def load_method(path) -> tuple[Method, dict]:
     try:
         method.load_state_dict(load_file(str(weights)), strict=True)
     except RuntimeError as e:
-        raise SslVitError(f"checkpoint {weights} does not match its recipe's model: "
-                          f"{str(e).strip().splitlines()[-1][:200]}") from None
+        raise SslVitError(f"checkpoint {weights} does not match its recipe's model: {load_error_detail(e)}") \
+            from None
     spec = backbone_spec(recipe)
     meta = {"model_name": spec.name, "img_size": spec.img_size, "patch_size": spec.patch_size,
             "method": recipe.method, "step": state.get("step"), "classes": state.get("classes")}
@@ -117,8 +117,7 @@ def init_backbone(model: nn.Module, source) -> dict:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise SslVitError(f"model.init: {source} does not fit the recipe's model: "
-                          f"{str(e).strip().splitlines()[-1][:200]}") from None
+        raise SslVitError(f"model.init: {source} does not fit the recipe's model: {load_error_detail(e)}") from None
     stray = sorted(set(missing) - head) + sorted(unexpected)
     if stray:
         raise SslVitError(f"model.init: {source} does not fit the recipe's model: {stray[0]} "

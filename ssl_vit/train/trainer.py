@@ -20,7 +20,7 @@ from ssl_vit.config import Recipe, check_world, epoch_settings
 from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.sources import expand_source
 from ssl_vit.data.stream import ShardStream
-from ssl_vit.errors import SslVitError
+from ssl_vit.errors import SslVitError, load_error_detail
 from ssl_vit.eval.monitor import knn_monitor
 from ssl_vit.loading import method_from_recipe
 from ssl_vit.methods import backbone_spec
@@ -129,11 +129,9 @@ class Trainer:
             raise SslVitError(f"checkpoint {path} does not match this recipe's model: {'; '.join(differences)}")
         try:
             self.acc.load_state(str(path))
-        except (RuntimeError, KeyError, ValueError) as e:  # torch's first line only says "Error(s) in loading ..."
-            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-            detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s)") else lines[0] if lines else ""
-            raise SslVitError(f"checkpoint {path} does not match this recipe's model/optimizer: {detail[:300]}") \
-                from None
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise SslVitError(f"checkpoint {path} does not match this recipe's model/optimizer: "
+                              f"{load_error_detail(e)}") from None
         self.step = trainer_state["step"]
         self.skipped_steps = trainer_state.get("skipped_steps", 0)
         self.images_seen = trainer_state.get("images_seen", 0)
