@@ -76,16 +76,18 @@ class Row:
     trained_on: int = 0        # labelled images its pretraining saw
 
 
-def same_warmup(recipe, index: str, full_index: str) -> dict:
-    """On a labelled subset an epoch is fewer steps; the warm-up, set in epochs of the full training set, keeps its
-    number of steps, so that every fraction's run has the same schedule and differs only in its images."""
+def with_same_warmup(load, run: dict, index, full_index: str):
+    """The recipe `load(run)` gives, its warm-up kept at the full training set's number of steps: on a labelled
+    subset an epoch is fewer steps, and every fraction's run should have the same schedule and differ only in its
+    images. `index` may be a list of sources (SSL on all images), which is no subset."""
     from ssl_vit.data.sources import expand_source
     from ssl_vit.train.trainer import epoch_length
 
-    if index == full_index or recipe.optim.warmup_epochs <= 0:
-        return {}
+    recipe = load(run)
+    if not isinstance(index, str) or index == full_index or recipe.optim.warmup_epochs <= 0:
+        return recipe
     full, subset = (epoch_length(recipe, expand_source(i)) for i in (full_index, index))
-    return {"optim.warmup_epochs": recipe.optim.warmup_epochs * full / subset}
+    return load({**run, "optim.warmup_epochs": recipe.optim.warmup_epochs * full / subset})
 
 
 def run_settings(cfg: CompareConfig, method: str, train_source, out: Path, indexes: dict, images: int) -> dict:
@@ -101,10 +103,7 @@ def pretrain(cfg: CompareConfig, method: str, train_source, out: Path, indexes: 
     from ssl_vit.train.trainer import Trainer
 
     run = run_settings(cfg, method, train_source, out, indexes, cfg.budget.images)
-    recipe = training_recipe(cfg, method, run)
-    if isinstance(train_source, str):
-        recipe = training_recipe(cfg, method, {**run, **same_warmup(recipe, train_source, indexes["train"])})
-    Trainer(recipe).fit()
+    Trainer(with_same_warmup(lambda r: training_recipe(cfg, method, r), run, train_source, indexes["train"])).fit()
 
 
 def random_init(cfg: CompareConfig, out: Path) -> None:
@@ -178,10 +177,9 @@ def finetune(cfg: CompareConfig, model_dir: Path, train_index: str, indexes: dic
 
     run = {**run_settings(cfg, cfg.methods[0], train_index, out, indexes, cfg.eval.finetune_images),
            "model.init": str(model_dir), "data.eval": indexes["test"]}
-    recipe = load_recipe(cfg.eval.finetune_recipe, [*cfg.overrides, *run.items()])
-    warmup = same_warmup(recipe, train_index, indexes["train"])
-    run_finetune(load_recipe(cfg.eval.finetune_recipe, [*cfg.overrides, *run.items(), *warmup.items()]),
-                 cfg.eval.finetune_recipe)
+    recipe = with_same_warmup(lambda r: load_recipe(cfg.eval.finetune_recipe, [*cfg.overrides, *r.items()]), run,
+                              train_index, indexes["train"])
+    run_finetune(recipe, cfg.eval.finetune_recipe)
 
 
 def write_source_shards(cfg: CompareConfig, out: Path, stages: StageRunner) -> dict:
