@@ -70,23 +70,16 @@ def load_mae_method(run_dir: Path) -> nn.Module:
     return method
 
 
-def eval_batch(images: list[Image.Image], img_size: int):
-    """Images → normalised batch [B, 3, S, S], with the evaluation transform."""
-    from ssl_vit.transforms import MultiViewTransform, eval_views, normalize
-
-    transform = MultiViewTransform(eval_views(img_size, resize=img_size))
-    return normalize(torch.stack([transform(img)[0] for img in images]))  # [B, 3, S, S]
-
-
 @torch.no_grad()
 def dino_panels(run_dir: Path, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
     """(images in [0, 1] as [B, S, S, 3], head-mean CLS attention [B, S, S]) for the backbone exported in `run_dir`
     (for DINO that is the teacher, the network the paper visualises)."""
+    from ssl_vit.eval.features import eval_pixels
     from ssl_vit.loading import load_backbone
     from ssl_vit.transforms import denormalize
 
     model, meta = load_backbone(run_dir)
-    batch = eval_batch(images, int(meta["img_size"]))
+    batch = eval_pixels(images, int(meta["img_size"]), int(meta["img_size"]))
     return denormalize(batch).permute(0, 2, 3, 1), attention_maps(model, batch)
 
 
@@ -94,10 +87,11 @@ def dino_panels(run_dir: Path, images: list[Image.Image]) -> tuple[torch.Tensor,
 def mae_panels(run_dir: Path, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(masked input, reconstruction, fraction masked); images [B, S, S, 3] in [0, 1]: removed patches grey in the
     input; the reconstruction shows the visible pixels plus the predicted masked patches, as in the MAE paper."""
+    from ssl_vit.eval.features import eval_pixels
     from ssl_vit.transforms import denormalize
 
     method = load_mae_method(run_dir)
-    batch = eval_batch(images, method.img_size[0])
+    batch = eval_pixels(images, method.img_size[0], method.img_size[0])
     pred, mask = method.reconstruct(batch)  # [B, 3, S, S] each; mask 1 on removed patches
     visible = denormalize(batch) * (1 - mask)
     masked = visible + 0.5 * mask

@@ -47,16 +47,19 @@ def load_image(path) -> Image.Image:
         raise SslVitError(f"image file {path} is not a readable image") from None
 
 
+def eval_pixels(images: list, image_size: int, resize: int | None = None) -> torch.Tensor:
+    """PIL images → the normalised batch [B, 3, S, S] of their evaluation views."""
+    transform = eval_transform(image_size, resize)
+    return normalize(torch.stack([transform(img)[0] for img in images]))
+
+
 def embed_images(model: nn.Module, images: list, *, image_size: int, resize: int | None = None,
                  pooling: str = "cls", last_blocks: int = 1) -> np.ndarray:
     """[N, D] float32 features of PIL images through the same view and pooling as `extract_features` (CPU)."""
-    transform, out = eval_transform(image_size, resize), []
     model = model.eval()
-    for start in range(0, len(images), EMBED_BATCH):
-        pixels = torch.stack([transform(img)[0] for img in images[start:start + EMBED_BATCH]])  # [B, 3, H, W]
-        batch = normalize(pixels)
-        out.append(pooled_features(model, batch, pooling, last_blocks).numpy())
-    return np.concatenate(out)
+    return np.concatenate([pooled_features(model, eval_pixels(images[start:start + EMBED_BATCH], image_size, resize),
+                                           pooling, last_blocks).numpy()
+                           for start in range(0, len(images), EMBED_BATCH)])
 
 
 @torch.no_grad()
