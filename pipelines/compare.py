@@ -218,18 +218,18 @@ def labelled_subsets(cfg: CompareConfig, indexes: dict, out: Path, stages: Stage
             path.unlink()  # a new fraction: the subsets are a function of the seed, the old ones come out the same
     record = stages.run("labels:subsets", path, choose)
     trains = cfg.eval.finetune or any(needs_labels(cfg, m) for m in cfg.methods)
-    subsets = {}
-    for f in cfg.eval.label_fractions:
+    subsets, superset = {}, None
+    for f in sorted(cfg.eval.label_fractions, reverse=True):  # nested: a smaller subset's images come from a larger
         keys = record["fractions"][f"{f:g}"]["keys"]
         index = indexes["train"]
         if f < 1 and trains:
             folder = out / "labels" / fraction_tag(f)
             stages.run(f"labels:shards:{fraction_tag(f)}", folder / "shards-index.json",
-                       lambda k=keys, d=folder: subset_shards(indexes["train"], k, d, cfg.budget.batch_size,
-                                                              cfg.source.shard_max_count))
-            index = str(folder / "shards-index.json")
+                       lambda k=keys, d=folder, s=superset: subset_shards(indexes["train"], k, d, cfg.budget.batch_size,
+                                                                          cfg.source.shard_max_count, superset=s))
+            index, superset = str(folder / "shards-index.json"), folder
         subsets[f] = {"keys": keys, "index": index}
-    return subsets
+    return {f: subsets[f] for f in cfg.eval.label_fractions}
 
 
 def pretrain_all(cfg: CompareConfig, indexes: dict, subsets: dict, out: Path, stages: StageRunner) -> dict:

@@ -11,6 +11,7 @@ the supervised baseline trains on exactly those images and nothing else.
 """
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,29 +103,23 @@ def _counts(labels: list[int]) -> dict[str, int]:
     return {str(v): int(n) for v, n in zip(values, counts)}
 
 
-def subset_shards(source, keys: list[str], out_dir, min_samples: int, max_count: int) -> str:
+def subset_shards(source, keys: list[str], out_dir, min_samples: int, max_count: int, superset=None) -> str:
     """Shards holding only the samples `keys` of `source` (with their labels); returns the index path.
 
     The images are copied byte for byte into `out_dir/images/` and listed with their class names in `list.csv`,
     which the shard writer turns into shards (keys renumbered). Each image is listed ceil(min_samples / len(keys))
-    times, so that an epoch holds at least one batch of `min_samples`: more epochs over the same labelled images."""
-    from ssl_vit.data.samples import decode_label, image_key, iter_samples
+    times, so that an epoch holds at least one batch of `min_samples`: more epochs over the same labelled images.
+    `superset`: the folder of a larger subset made this way that holds every one of `keys`; its images are copied
+    instead of reading all of `source` again."""
     from ssl_vit.data.sources import expand_source
     from ssl_vit.data.writer import write_shards
 
     out_dir = Path(out_dir)
-    shards = expand_source(source)
-    classes = shards.classes or []
-    wanted, rows = set(keys), []
+    classes = expand_source(source).classes or []
+    wanted = set(keys)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    for url in shards.urls:
-        for sample in iter_samples(url):
-            if sample["__key__"] not in wanted:
-                continue
-            member = image_key(sample)
-            name = f"images/{sample['__key__']}.{member.rsplit('.', 1)[-1].lower()}"
-            (out_dir / name).write_bytes(sample[member])
-            rows.append((name, classes[decode_label(sample)]))
+    rows = _copy_from_subset(Path(superset), wanted, out_dir) if superset else _copy_from_shards(source, wanted,
+                                                                                                    classes, out_dir)
     if len(rows) != len(wanted):
         raise SslVitError(f"{source}: {len(wanted) - len(rows)} of the {len(wanted)} labelled samples were not found")
     repeats = math.ceil(min_samples / len(rows))
@@ -140,3 +135,31 @@ def subset_shards(source, keys: list[str], out_dir, min_samples: int, max_count:
         raise SslVitError(f"{out_dir}: the labelled subset's classes {index['classes'][:3]}... differ from the "
                           f"training shards' {classes[:3]}...")
     return str(out_dir / "shards-index.json")
+
+
+def _copy_from_shards(source, wanted: set[str], classes: list[str], out_dir: Path) -> list[tuple[str, str]]:
+    """(image file, class name) of the `wanted` samples, read from the shards and written under out_dir."""
+    from ssl_vit.data.samples import decode_label, image_key, iter_samples
+    from ssl_vit.data.sources import expand_source
+
+    rows = []
+    for url in expand_source(source).urls:
+        for sample in iter_samples(url):
+            if sample["__key__"] not in wanted:
+                continue
+            member = image_key(sample)
+            name = f"images/{sample['__key__']}.{member.rsplit('.', 1)[-1].lower()}"
+            (out_dir / name).write_bytes(sample[member])
+            rows.append((name, classes[decode_label(sample)]))
+    return rows
+
+
+def _copy_from_subset(superset: Path, wanted: set[str], out_dir: Path) -> list[tuple[str, str]]:
+    """(image file, class name) of the `wanted` samples, copied from a larger subset's folder."""
+    with open(superset / "list.csv", newline="") as f:
+        listed = dict(tuple(row) for row in list(csv.reader(f))[1:])  # its rows repeat: one entry each
+    rows = sorted((name, label) for name, label in listed.items()
+                  if name.removeprefix("images/").rsplit(".", 1)[0] in wanted)
+    for name, _ in rows:
+        shutil.copyfile(superset / name, out_dir / name)
+    return rows
