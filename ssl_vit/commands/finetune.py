@@ -1,7 +1,7 @@
 """`ssl-vit finetune`: end-to-end fine-tuning of a pretrained backbone, then top-1/top-5 on evaluation shards."""
 import json
 
-from ssl_vit.commands.train import add_resume_options
+from ssl_vit.commands.train import add_resume_options, recipe_overrides
 
 
 def register(subparsers) -> None:
@@ -27,9 +27,8 @@ def run(args) -> int:
     from ssl_vit.config import load_recipe
     from ssl_vit.train.finetune import finetune
 
-    options = {"model.init": args.init, "data.eval": args.eval_shards, "train.out_dir": args.out_dir,
-               "train.resume": args.resume}
-    overrides = [*args.overrides, *((k, v) for k, v in options.items() if v)]  # the options' values as they are
+    overrides = recipe_overrides(args, {"model.init": args.init, "data.eval": args.eval_shards,
+                                        "train.out_dir": args.out_dir, "train.resume": args.resume})
     if args.no_progress:
         overrides.append(("train.progress", False))
     result = finetune(load_recipe(args.recipe, overrides), args.recipe)

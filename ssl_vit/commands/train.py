@@ -24,12 +24,17 @@ def add_resume_options(p) -> None:
                        help="continue from this checkpoint folder (<out_dir>/checkpoints/ckpt-<step>)")
 
 
+def recipe_overrides(args, options: dict) -> list:
+    """The command line's key=value overrides, then the options given (recipe key → value, set as it is)."""
+    return [*args.overrides, *((key, value) for key, value in options.items() if value)]
+
+
 def run(args) -> int:
     from ssl_vit.config import load_recipe
     from ssl_vit.train.trainer import Trainer
 
-    options = {"train.out_dir": args.out_dir, "train.resume": args.resume}
-    recipe = load_recipe(args.recipe, [*args.overrides, *((k, v) for k, v in options.items() if v)])
+    recipe = load_recipe(args.recipe, recipe_overrides(args, {"train.out_dir": args.out_dir,
+                                                              "train.resume": args.resume}))
     trainer = Trainer(recipe)
     summary = trainer.fit()
     if trainer.acc.is_main_process:
