@@ -100,9 +100,9 @@ def _score_bars(ax, rows: list[dict]) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def _log_series(run_dir: Path, key: str):
-    """(steps, values, images per step or None) of the finite `key` entries of a run's log.jsonl; None without any.
-    Images per step come from the run's summary.json (images_seen / steps)."""
+def _log_series(run_dir: Path, key: str) -> dict | None:
+    """{"step", "images" (None when unknown), key} of the finite `key` entries of a run's log.jsonl; None without
+    any. Images seen = step × images per step from the run's summary.json (images_seen / steps)."""
     import json
 
     from ssl_vit.train.run_log import read_log
@@ -118,39 +118,30 @@ def _log_series(run_dir: Path, key: str):
         raise SslVitError(f"{run_dir}: log.jsonl or summary.json is not valid JSON ({e})") from None
     if not entries:
         return None
+    steps = np.array([e["step"] for e in entries], dtype=np.float64)
     per_step = info["images_seen"] / info["steps"] if info.get("steps") and info.get("images_seen") else None
-    return (np.array([e["step"] for e in entries], dtype=np.float64),
-            np.array([e[key] for e in entries], dtype=np.float64), per_step)
+    return {"step": steps, "images": None if per_step is None else steps * per_step,
+            key: np.array([e[key] for e in entries], dtype=np.float64)}
 
 
 def loss_curve(run_dir: Path) -> dict | None:
     """{"step", "images" (None when unknown), "loss" (divided by the first logged loss)} from a run's log.jsonl;
-    None without a usable log. Images seen = step × images per step from the run's summary.json."""
-    series = _log_series(run_dir, "loss")
-    if series is None or series[1][0] == 0:
+    None without a usable log."""
+    curve = _log_series(run_dir, "loss")
+    if curve is None or curve["loss"][0] == 0:
         return None
-    steps, loss, per_step = series
-    return {"step": steps, "images": None if per_step is None else steps * per_step, "loss": loss / abs(loss[0])}
+    return {**curve, "loss": curve["loss"] / abs(curve["loss"][0])}
 
 
 def monitor_curve(run_dir: Path) -> dict | None:
     """{"step", "images", "top1"}: the k-NN top-1 logged every train.monitor_every steps; None without one."""
-    series = _log_series(run_dir, "monitor_knn_top1")
-    if series is None:
-        return None
-    steps, top1, per_step = series
-    return {"step": steps, "images": None if per_step is None else steps * per_step, "top1": top1}
+    curve = _log_series(run_dir, "monitor_knn_top1")
+    return None if curve is None else {"step": curve["step"], "images": curve["images"],
+                                       "top1": curve["monitor_knn_top1"]}
 
 
 def _monitor_curves(ax, curves: dict) -> None:
-    x_key = "images" if all(c["images"] is not None for c in curves.values()) else "step"
-    for i, (name, c) in enumerate(curves.items()):
-        ax.plot(c[x_key], c["top1"], marker="o", ms=3, label=name, color=f"C{i}")
-    ax.set_xlabel("images seen" if x_key == "images" else "optimizer step")
-    ax.set_ylabel("k-NN top-1 on the monitor set (%)")
-    ax.set_title("k-NN during pretraining")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    _curves(ax, curves, "top1", "k-NN top-1 on the monitor set (%)", "k-NN during pretraining")
 
 
 def _loss_curves(ax, models: dict) -> None:
@@ -158,13 +149,19 @@ def _loss_curves(ax, models: dict) -> None:
     if not curves:
         _note(ax, "no training logs (log.jsonl) to plot")
         return
+    _curves(ax, curves, "loss", "loss / first logged loss\n(MAE: MSE; DINO, supervised: cross-entropy)",
+            "training loss, normalised per run")
+    ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
+
+
+def _curves(ax, curves: dict, y_key: str, ylabel: str, title: str) -> None:
+    """One line per run against images seen (optimizer steps where a run does not say how many images a step is)."""
     x_key = "images" if all(c["images"] is not None for c in curves.values()) else "step"
     for i, (name, c) in enumerate(curves.items()):
-        ax.plot(c[x_key], c["loss"], marker="o" if len(c["loss"]) < 30 else None, ms=3, label=name, color=f"C{i}")
+        ax.plot(c[x_key], c[y_key], marker="o" if len(c[y_key]) < 30 else None, ms=3, label=name, color=f"C{i}")
     ax.set_xlabel("images seen" if x_key == "images" else "optimizer step")
-    ax.set_ylabel("loss / first logged loss\n(MAE: MSE; DINO, supervised: cross-entropy)")
-    ax.set_title("training loss, normalised per run")
-    ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
