@@ -7,7 +7,7 @@ float version would not reproduce), "L" is ITU-R 601-2 luma in 16-bit fixed poin
 HSV, wrapping at 256. The Gaussian blur is torchvision's kernel (`kernel_size` taps, sigma drawn in BLUR_SIGMA)
 truncated at 4 sigma (< 7e-5 of its mass), separable, reflect-padded, rounded to 8 bits; torchvision convolves with
 the full 2-D kernel (~40 ms for one 224-px view on a CPU core). The CPU path (`cpu_views`) makes the same ops one
-view at a time with PIL and OpenCV, which are faster than these tensor ops on one image's views.
+view at a time with OpenCV, which are faster than these tensor ops on one image's views.
 
 Each op runs on the views that drew it only (one op call per op and jitter position, whatever N).
 """
