@@ -87,11 +87,11 @@ def collate_views(items: list, specs: list | None = None):
     EncodedBatch where any sample is an EncodedViews (then `specs` are the transform's specs)."""
     encoded = [i for i, item in enumerate(items) if isinstance(item, EncodedViews)]
     if not encoded:  # default_collate stacks straight into shared memory inside a DataLoader worker
-        return [default_collate([view.contiguous() for view in v]) for v in zip(*items)]
+        return [default_collate(v) for v in zip(*items)]
     decoded = [i for i, item in enumerate(items) if not isinstance(item, EncodedViews)]
     data = [items[i].data for i in encoded]
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in data])])
-    views = [default_collate([view.contiguous() for view in v]) for v in zip(*(items[i] for i in decoded))]
+    views = [default_collate(v) for v in zip(*(items[i] for i in decoded))]
     return EncodedBatch(len(items), torch.from_numpy(np.concatenate(data)), offsets,
                         np.stack([items[i].params for i in encoded]), np.asarray(encoded), views,
                         np.asarray(decoded, dtype=np.int64), tuple(s for s in specs for _ in range(s.count)))
