@@ -54,6 +54,9 @@ def test_bench_data_224_reports_ours_over_the_papers_pipelines():
     assert set(views) == {"mae", "dino"} and views["dino"]["sizes"] == [224] * 2 + [96] * 10
     for view in views.values():
         assert_ratio(view["workers=0"]["ratio"])
+        cpu_ratio = view["workers=0"]["cpu_ratio"]  # None where the span was under one clock tick of CPU time
+        if cpu_ratio is not None:
+            assert_ratio(cpu_ratio)
 
 
 def test_bench_gpu_smoke_runs_every_section():

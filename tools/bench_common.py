@@ -1,7 +1,8 @@
-"""What the benchmarks share: the bundled subset as shards, timing a loader after its first batch, the decode bound's
-plain loop, and alternating rounds. Imported by the `tools/bench_*.py` scripts (run as `python tools/X.py`, so this
+"""What the benchmarks share: the bundled subset as shards, timing a loader after its first batch (wall time, and the
+CPU time of the loader's processes), the decode bound's plain loop, and alternating rounds. Imported by the `tools/bench_*.py` scripts (run as `python tools/X.py`, so this
 folder is on the path); importing it sets nothing.
 """
+import os
 import time
 from pathlib import Path
 
@@ -20,15 +21,37 @@ def bundled_shards(out_prefix, max_count: int, workers: int = 1) -> str:
 def timed(batches, samples: int, count=lambda batch: len(batch["key"])) -> float:
     """Images/s over `samples` images after the first batch (worker start-up and the first window are not
     throughput)."""
-    t0, n = None, 0
-    for batch in batches:
+    return measured(batches, samples, count)[0]
+
+
+def measured(batches, samples: int, count=lambda batch: len(batch["key"])) -> tuple[float, float]:
+    """(images/s, CPU milliseconds per image) over `samples` images after the first batch. The CPU time is that of
+    this process and its child processes (DataLoader workers) over the same span: what the images cost, whatever
+    else runs on the machine. `count(batch)` is the batch's image count; it may also consume the batch."""
+    t0 = cpu0 = None
+    n, iterator = 0, iter(batches)  # held until the end: a loader's workers live as long as its iterator
+    for batch in iterator:
         if t0 is None:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), cpu_seconds()
             continue
         n += count(batch)
         if n >= samples:
             break
-    return n / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    return n / wall, 1000 * cpu / n
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children so far (Linux /proc; 0 elsewhere)."""
+    me, ticks, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue  # a process that ended meanwhile
+        if int(stat.parent.name) == me or int(fields[1]) == me:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 def plain_loop(payload) -> tuple[int, float]:
