@@ -46,7 +46,8 @@ def decode_for_views(image: Image.Image, specs: list, rows: list[np.ndarray]) ->
     """(the decoded image, uint8 [3, H, W], its DCT scale s): pixel (i, j) of it covers source pixels [s·i, s·i + s).
     An image that does not decode raises BadSample naming its sample."""
     scale = 1
-    if all(spec.crop != "center" for spec in specs):
+    # A box is never larger than the image: one shorter than twice the largest view leaves nothing to draft.
+    if all(spec.crop != "center" for spec in specs) and min(image.size) >= 2 * max(spec.size for spec in specs):
         boxes = np.concatenate(rows)[:, [P.X, P.Y, P.W, P.H]]
         sizes = np.concatenate([[spec.size] * len(r) for spec, r in zip(specs, rows)])
         wanted, full_width = P.draft_scale(boxes, sizes), image.width
