@@ -163,6 +163,28 @@ def test_full_size_decode_gives_pils_pixels(photos):
                               np.asarray(decode_image(sample(data))))
 
 
+def test_pixel_ops_keep_pils_arithmetic(photos):
+    """The CPU path's jitter ops on uint8 arrays against the PIL calls torchvision makes: brightness and contrast
+    the same levels, saturation and grayscale (OpenCV's luma) one level apart for a fraction of a percent."""
+    from PIL import ImageEnhance
+
+    from ssl_vit.transforms import cpu_views as C
+
+    rng, diffs = np.random.default_rng(0), {"saturation": [], "grayscale": []}
+    for data in photos[:24]:
+        image = decode_image(sample(data)).crop((0, 0, 96, 96))
+        view, factor = np.asarray(image), float(rng.uniform(0.6, 1.4))
+        assert np.array_equal(C.brightness(view, factor), np.asarray(ImageEnhance.Brightness(image).enhance(factor)))
+        assert np.array_equal(C.contrast(view, factor), np.asarray(ImageEnhance.Contrast(image).enhance(factor)))
+        pairs = {"saturation": (C.saturation(view, factor), ImageEnhance.Color(image).enhance(factor)),
+                 "grayscale": (C.luma(view), image.convert("L"))}
+        for name, (ours, theirs) in pairs.items():
+            diffs[name].append((ours.astype(int) - np.asarray(theirs).astype(int)).ravel())
+    for name, d in diffs.items():
+        d = np.abs(np.concatenate(d))
+        assert d.max() <= 1 and (d > 0).mean() < 0.005, (name, d.max(), (d > 0).mean())
+
+
 def test_draft_decode_keeps_every_box_at_full_view_resolution(photos):
     spec = ViewSpec(48, scale=(0.3, 1.0))  # a 48-px view of a ≥ 200-px box: decoded at 1/2 or 1/4
     torch.manual_seed(0)
