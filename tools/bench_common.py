@@ -1,6 +1,6 @@
 """What the benchmarks share: the bundled subset as shards, timing a loader after its first batch (wall time, and the
-CPU time of the loader's processes), the decode bound's plain loop, and alternating rounds. Imported by the `tools/bench_*.py` scripts (run as `python tools/X.py`, so this
-folder is on the path); importing it sets nothing.
+CPU time of the loader's processes), the decode bound's plain loop, and alternating rounds. Imported by the
+`tools/bench_*.py` scripts (run as `python tools/X.py`, so this folder is on the path); importing it sets nothing.
 """
 import os
 import time

@@ -228,7 +228,8 @@ def photo_section(args, tmp: Path) -> dict:
             cpu, their_cpu = min(c for _, c in mine), min(c for _, c in theirs)
             rows[f"workers={workers}"] = {
                 "ours_images_per_s": round(rate, 1), "reference_images_per_s": round(their_rate, 1),
-                "ours_per_process": round(rate / processes, 1), "reference_per_process": round(their_rate / processes, 1),
+                "ours_per_process": round(rate / processes, 1),
+                "reference_per_process": round(their_rate / processes, 1),
                 "ratio": round(rate / their_rate, 3),
                 "ours_cpu_ms_per_image": round(cpu, 3), "reference_cpu_ms_per_image": round(their_cpu, 3),
                 "cpu_ratio": round(their_cpu / cpu, 3) if cpu else None,  # None: too short to count a tick

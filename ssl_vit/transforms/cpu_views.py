@@ -11,7 +11,8 @@ OpenCV's luma (one level apart from PIL's for ~0.1 % of values), grayscale as th
 8-bit HSV (PIL's conversion costs ~10× more; the two differ by 0.3 grey levels on average), the Gaussian blur as
 OpenCV's separable filter (torchvision's kernel, truncated at `color.TRUNCATE_SIGMAS`, reflect padding) and solarize
 as a lookup table: 2.3-2.5× faster than PIL's calls, which also convert every view to PIL's layout and back. Views
-stay uint8 [3, S, S]; normalisation happens once per batch (`normalize.normalize_views`). The device path runs the same arithmetic as tensor ops (`color.augment`).
+stay uint8 [3, S, S]; normalisation happens once per batch (`normalize.normalize_views`). The device path runs the
+same arithmetic as tensor ops (`color.augment`).
 
 Decoding at 1/2 where every box keeps ≥ 2× its view's side makes those views 0.6-2.3 % less sharp (mean horizontal
 gradient, scikit-image photographs, boxes 2-3× the view) than resampling the full decode; at ~500×375 px it rarely
