@@ -60,9 +60,8 @@ def view_sets(args) -> dict:
             "dino": dino_views(global_size=args.size, local_size=args.local_size, num_local=args.num_local)}
 
 
-def loader_rate(index: str, transform, workers: int, samples: int, batch: int) -> float:
-    stream = ShardStream(index, transform, batch, mode="train", seed=0, num_workers=workers)
-    return timed(StreamLoader(stream), samples)
+def our_loader(index: str, transform, workers: int, batch: int) -> StreamLoader:
+    return StreamLoader(ShardStream(index, transform, batch, mode="train", seed=0, num_workers=workers))
 
 
 def bound_rate(raw: list[dict], specs, processes: int, batch: int) -> float:
@@ -87,7 +86,7 @@ def cifar_section(args, tmp: Path) -> dict:
         for workers in args.workers:
             processes = max(1, workers)
             loaders, bounds = alternate(args.rounds,
-                                        lambda: loader_rate(index, transform, workers, len(raw), args.batch),
+                                        lambda: timed(our_loader(index, transform, workers, args.batch), len(raw)),
                                         lambda: bound_rate(raw, specs, processes, args.batch))
             rows[f"workers={workers}"] = {"loader_samples_per_s": round(max(loaders), 1),
                                           "bound_samples_per_s": round(max(bounds), 1), "processes": processes,
@@ -174,8 +173,8 @@ def reference_measured(items, transform, workers: int, samples: int, batch: int)
 
 
 def loader_measured(index: str, transform, workers: int, samples: int, batch: int) -> tuple[float, float]:
-    stream = ShardStream(index, transform, batch, mode="train", seed=0, num_workers=workers)
-    return measured(StreamLoader(stream), samples, lambda b: read_pixels(b["views"]) or len(b["key"]))
+    return measured(our_loader(index, transform, workers, batch), samples,
+                    lambda b: read_pixels(b["views"]) or len(b["key"]))
 
 
 def read_pixels(views) -> None:
