@@ -28,10 +28,10 @@ from webdataset import TarWriter
 
 from ssl_vit.atomic_io import atomic_write, write_json_atomic
 from ssl_vit.data.image_sources import SourceSet, encode_for_shard, open_source, read_image_bytes
-from ssl_vit.data.index import (INDEX_FORMAT, index_path_for, plan_path_for, read_json, sha256_file,
-                                shard_path_for, write_index)
+from ssl_vit.data.index import INDEX_FORMAT, index_path_for, plan_path_for, read_json, shard_path_for, write_index
 from ssl_vit.data.inspect import iter_tar_samples
 from ssl_vit.data.samples import BadSample, decode_label
+from ssl_vit.data.tar_reader import Checksum
 from ssl_vit.errors import SslVitError
 
 PLAN_FORMAT = "ssl_vit.shards-plan/1"
@@ -293,9 +293,9 @@ def _sample(key: int, ref: str, label: int, location: tuple, classes: list[str],
 def _summarize_existing(task: ShardTask) -> dict:
     """Counts of a shard kept from an earlier run, read from the tar itself."""
     path = Path(task.path)
-    counts, keys = [0] * len(task.classes), set()
+    counts, keys, checksum = [0] * len(task.classes), set(), Checksum()
     try:
-        for key, sample in iter_tar_samples(path):
+        for key, sample in iter_tar_samples(path, checksum):
             keys.add(key)
             label = decode_label(sample)
             if (label >= 0) != bool(task.classes):
@@ -311,7 +311,7 @@ def _summarize_existing(task: ShardTask) -> dict:
         raise SslVitError(f"existing shard {path} holds keys outside this plan (e.g. {min(keys - planned.keys())}); "
                           "delete it to rewrite it, or pass --overwrite")
     skipped = [(ref, "unreadable when this shard was written") for key, ref in planned.items() if key not in keys]
-    return {"name": path.name, "samples": len(keys), "bytes": path.stat().st_size, "sha256": sha256_file(path),
+    return {"name": path.name, "samples": len(keys), "bytes": checksum.size, "sha256": checksum.hexdigest(),
             "class_counts": counts, "skipped": skipped}
 
 
