@@ -96,10 +96,10 @@ def _verify_shard(shard: Path, entry: dict, total: ShardScan, want: int) -> list
 
 
 def iter_tar_samples(path, checksum: Checksum | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) in tar order, read by the loader's tar reader (every byte through `checksum`, if
-    given); a damaged shard is an SslVitError rather than a silently shorter one."""
+    """(key, sample) in tar order, read by the loader's tar reader (every byte through `checksum`, if given); a
+    damaged shard is an SslVitError rather than a silently shorter one."""
     for sample in iter_samples(str(path), checksum=checksum, strict=True):
-        yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
+        yield sample["__key__"], sample
 
 
 def _scan(shard: Path, keep_first: int, checksum: Checksum | None = None) -> ShardScan:

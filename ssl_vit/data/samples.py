@@ -72,8 +72,8 @@ def decode_label(sample: dict) -> int:
         try:
             return int(sample["cls"].decode().strip())
         except (ValueError, UnicodeDecodeError):
-            where = f" in sample {sample['__key__']} of {sample['__url__']}" if "__key__" in sample else ""
-            raise BadSample(f"bad label {sample['cls'][:20]!r}{where}") from None
+            raise BadSample(f"bad label {sample['cls'][:20]!r} in sample {sample['__key__']} of "
+                            f"{sample['__url__']}") from None
     if "json" in sample:
         label = json.loads(sample["json"]).get("label_index")
         if label is not None:
