@@ -115,10 +115,11 @@ def subset_shards(source, keys: list[str], out_dir, min_samples: int, max_count:
     from ssl_vit.data.writer import write_shards
 
     out_dir = Path(out_dir)
-    classes = expand_source(source).classes or []
+    shards = expand_source(source)
+    classes = shards.classes or []
     wanted = set(keys)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    rows = _copy_from_subset(Path(superset), wanted, out_dir) if superset else _copy_from_shards(source, wanted,
+    rows = _copy_from_subset(Path(superset), wanted, out_dir) if superset else _copy_from_shards(shards.urls, wanted,
                                                                                                     classes, out_dir)
     if len(rows) != len(wanted):
         raise SslVitError(f"{source}: {len(wanted) - len(rows)} of the {len(wanted)} labelled samples were not found")
@@ -137,13 +138,12 @@ def subset_shards(source, keys: list[str], out_dir, min_samples: int, max_count:
     return str(out_dir / "shards-index.json")
 
 
-def _copy_from_shards(source, wanted: set[str], classes: list[str], out_dir: Path) -> list[tuple[str, str]]:
+def _copy_from_shards(urls: list[str], wanted: set[str], classes: list[str], out_dir: Path) -> list[tuple[str, str]]:
     """(image file, class name) of the `wanted` samples, read from the shards and written under out_dir."""
     from ssl_vit.data.samples import decode_label, image_key, iter_samples
-    from ssl_vit.data.sources import expand_source
 
     rows = []
-    for url in expand_source(source).urls:
+    for url in urls:
         for sample in iter_samples(url):
             if sample["__key__"] not in wanted:
                 continue
