@@ -88,6 +88,10 @@ def atomic_dir(folder):
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:  # its name holds this process's id: no later run would reuse or remove it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_tree(tmp)
     replace_dir(tmp, folder)
