@@ -62,7 +62,7 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None, checksum: Ch
     try:
         for name, size in _members(stream):
             match = _KEY_SUFFIX.match(name)
-            if match is None or ("__" in name and _is_metadata(name)):
+            if match is None or _is_metadata(name):
                 stream.skip(size + -size % BLOCK)
                 continue
             key, suffix = match.group(1), match.group(2).lower()
@@ -105,7 +105,9 @@ def read_shard(url: str) -> list[dict]:
 
 
 def _is_metadata(name: str) -> bool:
-    return bool(("/" not in name and name.startswith("__") and name.endswith("__")) or _METADATA.match(name))
+    if not name.startswith("__"):  # every member of every sample passes here: the cheap test first
+        return False
+    return ("/" not in name and name.endswith("__")) or bool(_METADATA.match(name))
 
 
 def _members(stream: "_Stream") -> Iterator[tuple[str, int]]:
