@@ -318,9 +318,10 @@ def validate(r: Recipe, for_run: bool = True) -> None:
         from ssl_vit.models.masking import num_visible  # torch: loaded with the method anyway
 
         patches = (r.model.img_size // r.model.patch_size) ** 2
-        _check(num_visible(patches, r.mae.mask_ratio) < patches, "mae.mask_ratio", f"{r.mae.mask_ratio} masks none "
+        visible = num_visible(patches, r.mae.mask_ratio)
+        _check(visible < patches, "mae.mask_ratio", f"{r.mae.mask_ratio} masks none "
                f"of the {patches} patches; the loss would be empty (use a ratio ≥ {1 / max(patches, 1):.4f})")
-        _check(num_visible(patches, r.mae.mask_ratio) > 0, "mae.mask_ratio", f"{r.mae.mask_ratio} masks all of the "
+        _check(visible > 0, "mae.mask_ratio", f"{r.mae.mask_ratio} masks all of the "
                f"{patches} patches; the encoder would see nothing (use a ratio ≤ {1 - 1 / max(patches, 1):.4f})")
 
 
