@@ -104,6 +104,53 @@ def test_mixup_cutmix_seeded_runs_and_keeps_global_rng():
         assert math.isfinite(loss.item())
 
 
+def reference_mix(imgs, mixed, labels, smoothing: float, classes: int = 10):
+    """(kind, λ, soft targets) recovered from the images alone, by the papers' rules: mixup (Zhang et al. 2018) is
+    λ·x + (1-λ)·x_pair, cutmix (Yun et al. 2019) pastes one box of x_pair with λ = 1 - box area / image area; the
+    pair of sample i is sample n-1-i (the batch reversed); each one-hot target is smoothed to (1-ε)·δ + ε/C."""
+    pair = imgs.flip(0)
+    if torch.equal(mixed, imgs):
+        kind, lam = "none", 1.0
+    elif torch.equal(torch.where(mixed == imgs, pair, mixed), pair):  # every pixel is its own or the pair's
+        changed = (mixed != imgs).any(1).any(0)  # [H, W]: the box, over the whole batch
+        rows, cols = changed.any(1).nonzero()[:, 0], changed.any(0).nonzero()[:, 0]
+        top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        expected = imgs.clone()
+        expected[:, :, top:bottom, left:right] = pair[:, :, top:bottom, left:right]
+        assert torch.equal(mixed, expected), "cutmix must paste exactly one box of the paired image"
+        kind, lam = "cutmix", 1.0 - (bottom - top) * (right - left) / (imgs.shape[2] * imgs.shape[3])
+    else:
+        d = (imgs - pair).double()
+        lam = float(((mixed - pair).double() * d).sum() / (d * d).sum())
+        torch.testing.assert_close(mixed, lam * imgs + (1 - lam) * pair, atol=1e-5, rtol=0)
+        kind = "mixup"
+    smooth = torch.full((len(labels), classes), smoothing / classes, dtype=torch.float64)
+    smooth[torch.arange(len(labels)), labels] += 1.0 - smoothing
+    return kind, lam, lam * smooth + (1 - lam) * smooth.flip(0)
+
+
+def test_mixup_cutmix_targets_are_soft_smoothed_and_sum_to_one():
+    imgs, labels = real_batch(16)
+    m = make(mixup=0.8, cutmix=1.0, mixup_prob=0.5, label_smoothing=0.1)
+    seen = {}
+    captured = []
+    m.encoder.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().clone()))
+    for step in range(24):
+        mixed, targets = m._mix(imgs, labels, seed_at(step))
+        kind, lam, reference = reference_mix(imgs, mixed, labels, 0.1)
+        seen[kind] = seen.get(kind, 0) + 1
+        assert targets.shape == (16, 10) and 0.0 < lam <= 1.0
+        torch.testing.assert_close(targets.double(), reference, atol=1e-6, rtol=0)
+        torch.testing.assert_close(targets.sum(1).double(), torch.ones(16, dtype=torch.float64), atol=1e-6, rtol=0)
+        # forward() trains on these images and targets: the soft cross-entropy of its own logits
+        loss = m(batch(imgs, labels), {}, seed_at(step))["loss"]
+        assert torch.equal(captured[-1], mixed)
+        logp = m.encoder(mixed).double().log_softmax(-1)
+        assert loss.item() == pytest.approx(-(reference * logp).sum(-1).mean().item(), rel=1e-5)
+    assert set(seen) == {"none", "mixup", "cutmix"}, seen  # mixup_prob=0.5: every kind occurs in 24 steps
+    assert min(seen.values()) >= 3, seen
+
+
 def test_bad_input():
     imgs, labels = real_batch(8)
     m = make()
