@@ -1,5 +1,8 @@
 """Intra-op threads: the cores the loader's workers leave, unless OMP_NUM_THREADS or train.threads says otherwise;
 the choice is set, and the trainer logs it."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,13 +62,30 @@ def test_use_threads_sets_torch(no_omp):
         torch.set_num_threads(before)
 
 
+def trainer_args(out, workers: int) -> list[str]:
+    return ["pretrain", "--recipe", str(ROOT / "recipes" / "mae_vit_tiny_cifar10.yaml"), f"train.out_dir={out}",
+            "train.steps=2", "train.epochs=0", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+            "mae.decoder_depth=1", "mae.decoder_dim=32", "mae.decoder_heads=2", "train.progress=false",
+            "train.log_every=1", f"data.num_workers={workers}", "data.batch_size=16", "train.log_with=[]"]
+
+
 def test_trainer_logs_its_threads(train_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "run"
-    args = ["pretrain", "--recipe", str(ROOT / "recipes" / "mae_vit_tiny_cifar10.yaml"), f"data.train={train_shards}",
-            f"train.out_dir={out}", "train.steps=2", "train.epochs=0", "model.depth=1", "model.embed_dim=32",
-            "model.num_heads=2", "mae.decoder_depth=1", "mae.decoder_dim=32", "mae.decoder_heads=2",
-            "train.progress=false", "train.log_every=1", "data.num_workers=0", "data.batch_size=16",
-            "train.log_with=[]"]
-    assert main(args) == 0
+    assert main([*trainer_args(out, 0), f"data.train={train_shards}"]) == 0
     assert [row["threads"] for row in read_log(out / "log.jsonl")] == [1, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_trainer_without_omp_num_threads_takes_the_cores_its_workers_leave(train_shards, tmp_path, workers):
+    """The default rule itself, in a fresh process: no OMP_NUM_THREADS (the suite sets it), no train.threads."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+    code = ("import sys, torch; from ssl_vit.cli import main; code = main(sys.argv[1:]); "
+            "print('torch threads', torch.get_num_threads()); sys.exit(code)")
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", code, *trainer_args(out, workers), f"data.train={train_shards}"],
+                            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = max(1, len(os.sched_getaffinity(0)) - workers)
+    assert [row["threads"] for row in read_log(out / "log.jsonl")] == [expected, expected]
+    assert f"torch threads {expected}" in result.stdout
