@@ -2,13 +2,13 @@
 pretrain (MAE/DINO once on every training image without labels; the supervised baseline once per fraction, on that
 fraction's labelled images only, same image budget) → features → k-NN / linear probe per fraction, the fraction's
 labelled images as the bank and the probe's training set → report. Every stage writes its result into the run folder
-and is skipped when re-run; a failing stage is named and what finished is kept.
+and is skipped when re-run; a failing stage is named and what finished is kept. Under `accelerate launch`
+pretraining, features and fine-tuning use every process, the other stages run on the main one (pipelines/stages.py).
 
     ssl-vit compare --recipe recipes/compare_cifar10_subset.yaml
 """
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,32 +16,9 @@ import torch
 from torch import nn
 
 from ssl_vit.pipelines.compare_config import CompareConfig, eval_resize, needs_labels, training_recipe
+from ssl_vit.pipelines.stages import StageRunner
 from ssl_vit.atomic_io import write_json_atomic
 from ssl_vit.errors import SslVitError
-
-
-class StageRunner:
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        self.timings: dict[str, float] = {}
-
-    def run(self, name: str, done: Path, fn):
-        """Run `fn` unless `done` exists; returns `done`'s JSON when it is a .json file."""
-        if done.exists():
-            print(f"[skip] {name}: done ({done})", flush=True)
-        else:
-            print(f"[run ] {name}", flush=True)
-            t0 = time.perf_counter()
-            try:
-                fn()
-            except SslVitError as e:
-                raise SslVitError(f"stage '{name}' failed: {e} (finished stages are kept in {self.out_dir})") \
-                    from None
-            except Exception as e:
-                raise SslVitError(f"stage '{name}' failed: {type(e).__name__}: {e} (finished stages are kept in "
-                                  f"{self.out_dir})") from e
-            self.timings[name] = time.perf_counter() - t0
-        return json.loads(done.read_text()) if done.suffix == ".json" else None
 
 
 def shards_for(source: str, out_prefix: Path, max_count: int, unlabeled: bool = False) -> str:
@@ -208,14 +185,17 @@ def labelled_subsets(cfg: CompareConfig, indexes: dict, out: Path, stages: Stage
         keys, labels = label_table(indexes["train"])
         write_subsets(out / "labels" / "subsets.json", keys, labels, cfg.eval.label_fractions, cfg.eval.label_seed)
 
-    path = out / "labels" / "subsets.json"
-    if path.is_file():
+    def drop_outdated():
         record = json.loads(path.read_text())
         if record["seed"] != cfg.eval.label_seed:
             raise SslVitError(f"{path} holds the labelled subsets of eval.label_seed={record['seed']}, not "
                               f"{cfg.eval.label_seed}: their models and results are in {out}; choose another out_dir")
         if any(f"{f:g}" not in record["fractions"] for f in cfg.eval.label_fractions):
             path.unlink()  # a new fraction: the subsets are a function of the seed, the old ones come out the same
+
+    path = out / "labels" / "subsets.json"
+    if path.is_file():
+        stages.on_main(drop_outdated)
     record = stages.run("labels:subsets", path, choose)
     trains = cfg.eval.finetune or any(needs_labels(cfg, m) for m in cfg.methods)
     subsets, superset = {}, None
@@ -245,7 +225,7 @@ def pretrain_all(cfg: CompareConfig, indexes: dict, subsets: dict, out: Path, st
             folder = out / "models" / name
             data = subset["index"] if labelled else ssl_data
             stages.run(f"pretrain:{name}", folder / "summary.json",
-                       lambda m=method, d=folder, s=data: pretrain(cfg, m, s, d, indexes))
+                       lambda m=method, d=folder, s=data: pretrain(cfg, m, s, d, indexes), together=True)
             for g in ([f] if labelled else rows):
                 rows[g].append(Row(method, name, str(folder), len(subset["keys"]) if labelled else 0))
     floors = []
@@ -273,7 +253,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         for split in ("train", "test"):
             folder = out / "features" / row.model / split
             stages.run(f"features:{row.model}:{split}", folder / "meta.json",
-                       lambda b=row.source, s=split, f=folder: extract(cfg, b, indexes[s], f))
+                       lambda b=row.source, s=split, f=folder: extract(cfg, b, indexes[s], f), together=True)
     for f, f_rows in rows.items():
         tag, keys = fraction_tag(f), subsets[f]["keys"]
         for row in f_rows:
@@ -283,5 +263,6 @@ def run_compare(cfg: CompareConfig) -> dict:
             if cfg.eval.finetune and row.name not in ("raw_pixels", *cfg.backbones):  # the recipe's architecture
                 ft_dir = out / "finetune" / tag / row.name
                 stages.run(f"finetune:{tag}:{row.name}", ft_dir / "finetune_eval.json",
-                           lambda r=row, d=ft_dir, i=subsets[f]["index"]: finetune(cfg, r.source, i, indexes, d))
-    return write_report(cfg, out, rows, indexes)
+                           lambda r=row, d=ft_dir, i=subsets[f]["index"]: finetune(cfg, r.source, i, indexes, d),
+                           together=True)
+    return stages.on_main(lambda: write_report(cfg, out, rows, indexes))

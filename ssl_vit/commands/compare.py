@@ -8,19 +8,25 @@ def register(subparsers) -> None:
         description="Runs shards → labelled subsets (eval.label_fractions) → pretrain (MAE/DINO on every image "
                     "without labels; supervised on each fraction's labelled images; same images seen) → features → "
                     "k-NN / linear probe per fraction → report.md, report.json, label_efficiency.png, comparison.png, "
-                    "retrieval.png, attention.png in the run folder. Re-running skips finished stages.")
+                    "retrieval.png, attention.png in the run folder. Re-running skips finished stages. Under "
+                    "`accelerate launch` pretraining and features use every process; the other stages run on the "
+                    "main process while the rest wait.")
     p.add_argument("--recipe", required=True, help="comparison recipe, e.g. recipes/compare_cifar10_subset.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. budget.images=20000 out_dir=runs/x")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from accelerate import PartialState
+
     from ssl_vit.pipelines.compare import run_compare
     from ssl_vit.pipelines.compare_config import load_compare_recipe
     from ssl_vit.pipelines.report import markdown_tables
 
     cfg = load_compare_recipe(args.recipe, args.overrides)
     report = run_compare(cfg)
+    if not PartialState().is_main_process:  # under `accelerate launch`: one copy of the tables
+        return 0
     print()
     print(markdown_tables(report))
     print(f"\nreport: {cfg.out_dir}/report.md")
