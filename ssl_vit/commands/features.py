@@ -24,21 +24,24 @@ def register(subparsers) -> None:
                                           "launch), sorted by key, with labels, into a cache folder.")
     add_extract_options(p)
     p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--per-rank", action="store_true",
+                   help="under accelerate launch: each process writes its share as its own cache OUT/part-<rank> "
+                        "(nothing gathered on one process; `index build --features OUT/part-*` takes them)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    extract_from_args(args, args.out)
+    extract_from_args(args, args.out, per_rank=args.per_rank)
     print(f"features written to {args.out}")
     return 0
 
 
-def extract_from_args(args, out):
+def extract_from_args(args, out, per_rank: bool = False):
     from ssl_vit.eval.features import extract_features
     from ssl_vit.loading import load_backbone, source_name
 
     model, meta = load_backbone(args.backbone)
     return extract_features(model, args.shards, out, image_size=int(meta["img_size"]), resize=args.resize,
                             pooling=args.pooling, last_blocks=args.last_blocks, batch_size=args.batch_size,
-                            num_workers=args.workers, progress=not args.no_progress,
+                            num_workers=args.workers, progress=not args.no_progress, per_rank=per_rank,
                             meta={"backbone": source_name(args.backbone), "model_name": meta.get("model_name")})

@@ -1,8 +1,10 @@
 """Feature extraction: a backbone over evaluation shards → a feature cache (every sample once, in key order).
 
-Each process streams its share of the shards (eval mode), appends float32 rows to its own part file, then the main
-process merges the parts by sorted key into a memory-mapped `features.npy`. Memory stays bounded by one batch per
-process plus one merge chunk, whatever the number of samples (a million 768-d rows is a 3 GB file, not 3 GB of RAM).
+Each process streams its share of the shards (eval mode), appends float32 rows to its own part file and sorts its
+own keys, then the main process merges the sorted runs into a memory-mapped `features.npy` (or, `per_rank`, each
+process writes its own part as a cache). Feature memory stays bounded by one batch per process plus one merge chunk,
+whatever the number of samples (a million 768-d rows is a 3 GB file, not 3 GB of RAM); the merge holds the keys as
+one bytes array and three int64 per row (about 5 GB at 10^8 rows of 24-byte keys).
 `embed_images` embeds image files through the same view and pooling (retrieval queries by image).
 """
 import json
@@ -21,6 +23,7 @@ from ssl_vit.data.samples import BadSample, decode_image
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
 from ssl_vit.eval import POOLINGS
+from ssl_vit.eval.feature_cache import encode_keys, write_keys
 from ssl_vit.threads import use_threads
 from ssl_vit.transforms import MultiViewTransform, eval_views, normalize
 
@@ -83,8 +86,12 @@ def pooled_features(model: nn.Module, images: torch.Tensor, pooling: str = "cls"
 
 def extract_features(backbone: nn.Module, source, out_dir, *, accelerator=None, image_size: int = 224,
                      resize: int | None = None, pooling: str = "cls", last_blocks: int = 1, batch_size: int = 128,
-                     num_workers: int = 2, meta: dict | None = None, progress: bool = True) -> Path:
-    """Write a feature cache folder (see eval/feature_cache.py) and return its path. Collective under accelerate."""
+                     num_workers: int = 2, meta: dict | None = None, progress: bool = True,
+                     per_rank: bool = False) -> Path:
+    """Write a feature cache folder (see eval/feature_cache.py) and return its path. Collective under accelerate.
+
+    With `per_rank`, each process writes its own share as a cache `out_dir/part-<rank>` (sorted by key) and nothing
+    is gathered on one process: `index build` takes the parts as they are."""
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator()
@@ -94,6 +101,9 @@ def extract_features(backbone: nn.Module, source, out_dir, *, accelerator=None, 
     if acc.is_main_process:
         shutil.rmtree(parts_dir, ignore_errors=True)
         parts_dir.mkdir(parents=True)
+        if per_rank:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            out_dir.mkdir(parents=True)
     acc.wait_for_everyone()
     stream = ShardStream(source, eval_transform(image_size, resize), batch_size, mode="eval", rank=acc.process_index,
                          world_size=acc.num_processes, num_workers=num_workers)
@@ -112,15 +122,18 @@ def extract_features(backbone: nn.Module, source, out_dir, *, accelerator=None, 
             bar.update(len(batch["key"]) * acc.num_processes)
     bar.close()
     seen, skipped = loader.skip_counts()
-    (parts_dir / f"rank{acc.process_index}.json").write_text(
-        json.dumps({"keys": keys, "labels": labels, "dim": dim, "skipped": skipped}))
+    write_part(parts_dir, acc.process_index, keys, labels, dim, skipped)
+    info = {"pooling": pooling, "last_blocks": last_blocks, "image_size": image_size, "resize": resize,
+            "source": source if isinstance(source, (str, list)) else str(source),
+            "shards": [absolute_url(url) for url in stream.shards.urls], "classes": stream.shards.classes,
+            **(meta or {})}
+    if per_rank:
+        merge_parts(out_dir / f"part-{acc.process_index:05d}", parts_dir, [acc.process_index],
+                    {**info, "part": acc.process_index}, num_processes=acc.num_processes)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        info = {"pooling": pooling, "last_blocks": last_blocks, "image_size": image_size, "resize": resize,
-                "source": source if isinstance(source, (str, list)) else str(source),
-                "shards": [absolute_url(url) for url in stream.shards.urls], "classes": stream.shards.classes,
-                **(meta or {})}
-        merge_parts(out_dir, parts_dir, acc.num_processes, info)
+        if not per_rank:
+            merge_parts(out_dir, parts_dir, range(acc.num_processes), info, num_processes=acc.num_processes)
         shutil.rmtree(parts_dir, ignore_errors=True)
     acc.wait_for_everyone()
     return out_dir
@@ -131,31 +144,55 @@ def absolute_url(url: str) -> str:
     return url if url.startswith("pipe:") or "://" in url else str(Path(url).resolve())
 
 
-def merge_parts(out_dir: Path, parts_dir: Path, num_parts: int, info: dict, chunk: int = 65536) -> None:
-    """Merge per-process part files into the cache format (features.npy, labels.npy, keys.json, meta.json),
-    sorted by key, written into a temporary folder and renamed into place."""
-    parts = [json.loads((parts_dir / f"rank{r}.json").read_text()) for r in range(num_parts)]
-    dims = {p["dim"] for p in parts if p["dim"] is not None}
-    keys = [k for p in parts for k in p["keys"]]
-    if not keys:
+def write_part(parts_dir: Path, rank: int, keys: list, labels: list, dim, skipped: int) -> None:
+    """One process's part beside its rows file: its keys sorted (each rank sorts its own share, in parallel), their
+    labels, and `order` (the row of rank{r}.f32 holding each sorted key)."""
+    encoded = encode_keys(keys)
+    order = np.argsort(encoded, kind="stable")
+    np.save(parts_dir / f"rank{rank}.keys.npy", encoded[order])
+    np.save(parts_dir / f"rank{rank}.labels.npy", np.asarray(labels, dtype=np.int64)[order])
+    np.save(parts_dir / f"rank{rank}.order.npy", order)
+    (parts_dir / f"rank{rank}.json").write_text(json.dumps({"num": len(keys), "dim": dim, "skipped": skipped}))
+
+
+def merge_parts(out_dir: Path, parts_dir: Path, ranks, info: dict, num_processes: int,
+                chunk: int = 65536) -> None:
+    """Merge per-process parts into the cache format (features.npy, labels.npy, keys.json/.npy, meta.json), sorted
+    by key, written into a temporary folder and renamed into place.
+
+    Vectorised for 10^8 rows: the ranks' sorted key runs are merged by one stable argsort (timsort finds the runs:
+    O(N log ranks)), and features are copied a chunk of output rows at a time, gathered from each part by index."""
+    ranks = list(ranks)
+    parts = [json.loads((parts_dir / f"rank{r}.json").read_text()) for r in ranks]
+    keys = np.concatenate([np.load(parts_dir / f"rank{r}.keys.npy") for r in ranks])
+    if not len(keys):
         raise SslVitError(f"empty evaluation set: no readable samples in {info.get('source')}")
-    if len(set(keys)) != len(keys):
-        raise SslVitError(f"duplicate sample keys in {info.get('source')}: shards overlap or keys are not unique")
-    (dim,) = dims
-    sources = [(r, i) for r, p in enumerate(parts) for i in range(len(p["keys"]))]
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    labels = [p["labels"][i] for p in parts for i in range(len(p["keys"]))]
+    order = np.argsort(keys, kind="stable")  # [N]: position in the ranks' concatenated sorted runs
+    keys = keys[order]
+    same = np.flatnonzero(keys[1:] == keys[:-1])
+    if len(same):
+        raise SslVitError(f"duplicate sample keys in {info.get('source')} (first {keys[same[0]].decode()!r}): "
+                          "shards overlap or keys are not unique")
+    (dim,) = {p["dim"] for p in parts if p["dim"] is not None}
+    labels = np.concatenate([np.load(parts_dir / f"rank{r}.labels.npy") for r in ranks])[order]
+    bounds = np.cumsum([0] + [p["num"] for p in parts])  # run r holds positions bounds[r]:bounds[r+1]
+    rows = [np.load(parts_dir / f"rank{r}.order.npy") for r in ranks]
+    maps = [np.memmap(parts_dir / f"rank{r}.f32", dtype=np.float32, mode="r", shape=(p["num"], dim))
+            if p["num"] else None for r, p in zip(ranks, parts)]
     meta = {**info, "dim": dim, "num": len(keys), "skipped": sum(p["skipped"] for p in parts),
-            "num_processes": num_parts}
-    maps = [np.memmap(parts_dir / f"rank{r}.f32", dtype=np.float32, mode="r", shape=(len(p["keys"]), dim))
-            if p["keys"] else None for r, p in enumerate(parts)]
+            "num_processes": num_processes}
     with atomic_dir(out_dir) as tmp:
         features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(len(keys), dim))
-        for start in range(0, len(order), chunk):
-            rows = [sources[j] for j in order[start:start + chunk]]
-            features[start:start + len(rows)] = np.stack([maps[r][i] for r, i in rows])
+        for start in range(0, len(keys), chunk):
+            source = order[start:start + chunk]
+            run = np.searchsorted(bounds, source, side="right") - 1
+            block = np.empty((len(source), dim), np.float32)
+            for r in np.unique(run):
+                mine = run == r
+                block[mine] = maps[r][rows[r][source[mine] - bounds[r]]]
+            features[start:start + len(source)] = block
         features.flush()
         del features, maps
-        np.save(tmp / "labels.npy", np.asarray([labels[j] for j in order], dtype=np.int64))
-        (tmp / "keys.json").write_text(json.dumps([keys[j] for j in order]))
+        np.save(tmp / "labels.npy", labels)
+        write_keys(tmp, keys)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
