@@ -163,3 +163,17 @@ def test_few_labels_per_class_select_by_cross_validation():
     assert selection_folds(one_shot.labels, 0.1, seed=0) == []
     r = linear_probe(one_shot, test, lrs=LRS, epochs=20, batch_size=64, num_threads=1)
     assert r["selection"].startswith("fixed lr") and r["best_lr"] == 1e-2 and r["grid"] is None
+
+
+def test_cross_validated_choice_is_refit_on_every_labelled_image():
+    """Labels with no structure at all (random features, random classes), scored on the training images themselves:
+    only a head that was fit on every image can know all their labels. A head from one fold never saw that fold's
+    images (one per class), and on them it can only guess."""
+    rng = np.random.default_rng(7)
+    y = np.repeat(np.arange(5), 4)  # 4 labels per class: 4-fold cross-validation
+    x = rng.normal(size=(20, 64)).astype(np.float32)
+    train = FeatureSet(x, y, [f"{i:02d}" for i in range(20)], {"pooling": "cls"})
+    r = linear_probe(train, train, lrs=(0.1, 0.3), epochs=60, batch_size=8, num_threads=1)
+    assert r["selection"] == "4-fold cross-validation, refit on all" and r["num_train"] == 20
+    assert r["val_top1"] <= 60.0  # held-out images of random labels: near chance (20 %)
+    assert r["test_top1"] == 100.0  # every image's own label: the refit used all of them
