@@ -2,6 +2,7 @@
 
 Every check reads the shards back with plain `tarfile` and `hashlib`, independent of the writer.
 """
+import errno
 import gzip
 import hashlib
 import io
@@ -271,30 +272,68 @@ def test_damaged_kept_shard_is_an_error_on_resume(tmp_path, bundled_test):
         write_shards(str(bundled_test), str(out), max_count=500, workers=1, progress=False)
 
 
+def open_fifo_when_read(fifo: Path, proc: subprocess.Popen, timeout: float = 300) -> int:
+    """Wait (on the event, not on a clock) until `proc` opens `fifo` for reading; returns our write end."""
+    deadline = time.monotonic() + timeout  # only against a hang: the writer gets there at any speed
+    while time.monotonic() < deadline:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a reader has it open
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        assert proc.poll() is None, "the writer ended before it reached the blocking image"
+        time.sleep(0.01)
+    raise AssertionError(f"the writer never opened {fifo}")
+
+
 def test_killed_write_resumes_to_the_clean_result(tmp_path, bundled_test):
-    """SIGKILL a real writer mid-run: no partial shard under a final name; the re-run keeps finished shards."""
+    """SIGKILL a real writer while it is blocked reading one image (a FIFO in its list): the shards before that
+    image's shard are complete under their final names, the one being written is not there, the re-run keeps the
+    finished ones and gives the clean result."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = []
+    for i, (name, (data, _)) in enumerate(sorted(read_tar_images(bundled_test).items())[:400]):
+        names.append(f"imgs/{i:03d}.jpg")
+        (tmp_path / names[-1]).write_bytes(data)
+    (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
+    blocking = tmp_path / names[123]
+    real = blocking.read_bytes()
+    blocking.unlink()
+    os.mkfifo(blocking)
+
     out = tmp_path / "k" / "t"
     code = (f"from ssl_vit.data.writer import write_shards; "
-            f"write_shards({str(bundled_test)!r}, {str(out)!r}, max_count=25, workers=1, progress=False)")
+            f"write_shards({str(tmp_path / 'list.txt')!r}, {str(out)!r}, max_count=20, workers=1, progress=False)")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, start_new_session=True)
     try:
-        deadline = time.time() + 60
-        while len(list(out.parent.glob("t-*.tar"))) < 3 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        fd = open_fifo_when_read(blocking, proc)
+        os.killpg(proc.pid, signal.SIGKILL)  # blocked in that image's read: mid-shard, deterministically
         proc.wait()
-    assert not Path(f"{out}-index.json").exists(), "the writer finished before it was killed"
-    clean = write_shards(str(bundled_test), str(tmp_path / "clean" / "t"), max_count=25, workers=1, progress=False)
-    expected = {e["name"]: e["sha256"] for e in clean["shards"]}
+        os.close(fd)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    plan = json.loads(Path(f"{out}-plan.json").read_text())
+    (blocked,) = [e["index"] for e in plan["shards"] if any(ref == names[123] for ref, _ in e["samples"])]
+    assert 2 <= blocked < 19  # fixed by the seed: shards before it, and after it
     survivors = shard_state(out)
-    assert 3 <= len(survivors) < 40
+    assert sorted(survivors) == [f"t-{i:06d}.tar" for i in range(blocked)]  # every finished shard, no partial one
+    assert not Path(f"{out}-index.json").exists()
+
+    blocking.unlink()
+    blocking.write_bytes(real)
+    clean = write_shards(str(tmp_path / "list.txt"), str(tmp_path / "clean" / "t"), max_count=20, workers=1,
+                         progress=False)
+    expected = {e["name"]: e["sha256"] for e in clean["shards"]}
     for name, (_, data) in survivors.items():
         assert hashlib.sha256(data).hexdigest() == expected[name]  # complete, never partial
-    resumed = write_shards(str(bundled_test), str(out), max_count=25, workers=1, progress=False)
+    resumed = write_shards(str(tmp_path / "list.txt"), str(out), max_count=20, workers=1, progress=False)
     assert resumed == clean
     assert {k: v for k, v in shard_state(out).items() if k in survivors} == survivors
+    assert not list(out.parent.glob("*.tmp"))
 
 
 def corrupt_folder(root: Path) -> None:
