@@ -254,19 +254,20 @@ def test_device_path_makes_the_cpu_paths_views_on_cpu_tensors(photos, specs):
         torch.manual_seed(i)
         encoded.append(gpu(open_image(sample(data))))
     assert all(isinstance(e, EncodedViews) for e in encoded)
-    made = device_views(collate_views(encoded, specs), torch.device("cpu"))
+    made = device_views(collate_views(encoded, specs), torch.device("cpu")).views
     jitter = torch.from_numpy(np.stack([e.params[:, P.JITTER] for e in encoded]) > 0)  # [B, V]
     plain, jittered = [], []
     for k, (reference, view) in enumerate(zip(collate_views(items), made)):
         assert view.shape == reference.shape
-        diff = (reference.float() - view).abs()
+        assert view.dtype == torch.uint8
+        diff = (reference.float() - view.float()).abs()
         plain.append(diff[~jitter[:, k]].flatten())
         jittered.append(diff[jitter[:, k]].flatten())
     plain, jittered = torch.cat(plain), torch.cat(jittered)
     assert plain.mean() < 0.3 and plain.quantile(0.99) <= 2  # JPEG decoders differ
     if len(jittered):  # the device path's hue is PIL's arithmetic, the CPU path's OpenCV's (see the test above)
         assert jittered.mean() < 0.35 and jittered.quantile(0.99) <= 5, (jittered.mean(), jittered.quantile(0.99))
-    normalised = views_to_device(collate_views(encoded, specs), torch.device("cpu"))
+    normalised = views_to_device(collate_views(encoded, specs), torch.device("cpu")).views
     assert all(v.dtype == torch.float32 for v in normalised)
     assert torch.allclose(normalised[0], normalize(made[0]), atol=1e-6)
 
@@ -282,7 +283,7 @@ def test_same_seed_same_views_on_both_paths(photos):
             assert all(torch.equal(a, b) for a, b in zip(*runs))
         else:
             assert np.array_equal(runs[0].params, runs[1].params)
-            a, b = (device_views(collate_views([r], specs), torch.device("cpu")) for r in runs)
+            a, b = (device_views(collate_views([r], specs), torch.device("cpu")).views for r in runs)
             assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -306,7 +307,8 @@ def test_device_path_falls_back_per_sample_and_bad_images_are_bad_samples(photos
     batch = collate_views(items, specs)
     assert isinstance(batch, EncodedBatch) and list(batch.encoded) == [0, 2] and list(batch.decoded_index) == [1]
     made = device_views(batch, torch.device("cpu"))
-    assert all(torch.equal(v[1], p.float()) for v, p in zip(made, png_views))
+    assert all(torch.equal(v[1], p) for v, p in zip(made.views, png_views))
+    assert made.counts == {"cpu_decoded_samples": 1, "cpu_reduced_samples": 0} and not made.unreadable
     truncated = photos[4][:len(photos[4]) // 2]  # header intact, no end-of-image marker: decoded on the CPU
     with pytest.raises(BadSample, match="corrupt image in sample s0 of memory"):
         gpu(open_image(sample(truncated)))
@@ -316,7 +318,7 @@ def test_device_path_falls_back_per_sample_and_bad_images_are_bad_samples(photos
 
 @pytest.mark.parametrize("mode,device,specs,expected", [
     ("auto", "cpu", mae_views(224), "cpu"),
-    ("auto", "cuda", dino_views(224, 96, 10), "gpu"),
+    ("auto", "cuda", dino_views(224, 96, 10), "cpu"),  # until a GPU measurement shows the device path faster
     ("auto", "cuda", [ViewSpec(224, randaugment="rand-m9-mstd0.5")], "cpu"),
     ("auto", "cuda", eval_views(224), "cpu"),
     ("cpu", "cuda", mae_views(224), "cpu"),
@@ -341,7 +343,9 @@ def test_decode_selection_errors_are_one_line(mode, device, specs, message):
 def test_move_to_normalises_pixels_once_and_leaves_float_views(photos):
     pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     already = torch.randn(2, 3, 8, 8)
-    out = move_to({"views": [pixels, already], "label": torch.zeros(2, dtype=torch.long)}, torch.device("cpu"))
+    out, made = move_to({"views": [pixels, already], "label": torch.zeros(2, dtype=torch.long), "key": ["a", "b"]},
+                        torch.device("cpu"))
+    assert not made.unreadable and not made.counts
     reference = T.Normalize(MEAN, STD)(pixels.float() / 255)
     assert torch.allclose(out["views"][0], reference, atol=1e-6) and torch.equal(out["views"][1], already)
 

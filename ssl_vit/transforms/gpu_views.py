@@ -1,20 +1,22 @@
 """The device path: workers read bytes and draw the views' choices; a batch of JPEGs is decoded and augmented on the
 device (`torchvision.io.decode_jpeg(..., device="cuda")`: nvJPEG), with the choices of `params.draw_params`.
 
-Per batch, in the main process (`device_views`): decode all JPEGs in one call; resample each box to its view size
-with PIL's filter weights (antialiased bicubic/bilinear, the box's support clipped to the image, as PIL's
-`resize(box=...)` does on the CPU path) as two batched matrix products per chunk of images, the flip folded into the
-column weights; then colour jitter in the drawn order, grayscale, Gaussian blur and solarize (`color.augment`, PIL's
-8-bit arithmetic) on the whole batch of views; then normalisation. The same numbers make the same views as the CPU
-path up to differences between JPEG decoders — tests compare both paths on CPU tensors. Every function runs on any
-torch device, so the CPU tests exercise the code the GPU runs.
+In the worker (`encode_for_device`), per sample: a JPEG that nvJPEG decodes (`jpeg_header.device_decodable`, read
+from the header) travels as its bytes; one above MAX_DEVICE_PIXELS is decoded on the CPU at the largest DCT scale its
+boxes allow and travels as those pixels; anything else — not a JPEG (PNG, ...), truncated (no end-of-image marker),
+CMYK/YCCK, 12-bit, arithmetic-coded — has its views made on the CPU there, as the CPU path makes them (an unreadable
+image is then a BadSample the stream counts and skips). Batches count both kinds (`cpu_decoded`, `cpu_reduced`).
 
-Per-sample fallback to the CPU path, inside the worker: an image that is not a JPEG (PNG, ...), or a JPEG whose data
-does not end with its end-of-image marker (truncated: a full decode then decides between views and a counted skip).
-A JPEG the device decoder refuses in the main process is decoded with PIL there, and augmented with the others.
+Per batch, in the main process (`device_views`): the images are decoded and resampled in chunks (`device_resample`:
+planned from the header sizes, each within a memory budget), the resampled views kept as uint8; then each view spec's
+colour jitter, grayscale, blur and solarize (`color.augment`, PIL's 8-bit arithmetic) run on that spec's views in
+slices. An image neither nvJPEG nor PIL decodes is dropped from the batch and reported (`DeviceViews.unreadable`):
+the loader counts it as a skipped sample, within `data.max_skip_fraction`, as the CPU path does. The same numbers
+make the same views as the CPU path up to differences between JPEG decoders; every function runs on any torch device,
+so tests run the code the GPU runs on CPU tensors.
 """
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,14 +25,19 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ssl_vit.config import DECODE_MODES
+from ssl_vit.errors import SAMPLE_INFO, BadSample, plain
 from ssl_vit.errors import SslVitError
 from ssl_vit.transforms import params as P
 from ssl_vit.transforms.color import augment, needs_augment
-from ssl_vit.transforms.cpu_views import complete_jpeg, quiet_torchvision_io
+from ssl_vit.transforms.cpu_views import complete_jpeg, decode_for_views, quiet_torchvision_io
+from ssl_vit.transforms.device_resample import (AUGMENT_PIXELS, FILTER_SUPPORT, MAX_DEVICE_PIXELS, pad, plan_chunks,
+                                               plan_sizes, resample, view_groups)
+from ssl_vit.transforms.jpeg_header import device_decodable
 from ssl_vit.transforms.normalize import normalize, normalize_views
 
-FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
-CHUNK = 32  # images resampled together, padded to the largest of them
+# Device types `data.decode: gpu` runs on. Tests add "cpu" to run the device path's own code on CPU tensors through
+# the trainer; users get it on CUDA only.
+DEVICE_PATH_TYPES = ("cuda",)
 
 
 def gpu_supported(spec) -> bool:
@@ -39,185 +46,223 @@ def gpu_supported(spec) -> bool:
 
 
 def resolve_decode(mode: str, device: torch.device, specs: list) -> str:
-    """`data.decode` → "cpu" or "gpu": auto is gpu on a CUDA device when every view can be made there."""
+    """`data.decode` → "cpu" or "gpu". `auto` is "cpu" on every device: no GPU measurement in bench/results/ shows
+    the device path faster yet (README, "Views at ImageNet size"); `gpu` must be asked for."""
     if mode not in DECODE_MODES:
         raise SslVitError(f"data.decode: must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
-    supported = all(gpu_supported(s) for s in specs)
     if mode == "gpu":
-        if device.type != "cuda":
+        if device.type not in DEVICE_PATH_TYPES:
             raise SslVitError(f"data.decode: gpu needs a CUDA device, this process runs on {device.type}")
-        if not supported:
+        if not all(gpu_supported(s) for s in specs):
             raise SslVitError("data.decode: gpu makes random-resized crops (bicubic or bilinear) without "
                               "RandAugment; these views need data.decode: cpu")
-    if mode == "auto":
-        return "gpu" if device.type == "cuda" and supported else "cpu"
-    return mode
+        return "gpu"
+    return "cpu"
 
 
 # -- in the worker --------------------------------------------------------------------------------------------------
 @dataclass
 class EncodedViews:
-    """One sample for the device path: its JPEG bytes and the drawn choices of its views [V, NUM_PARAMS]."""
+    """One sample for the device path: its JPEG bytes (`scale` 1), or the uint8 pixels [H·W·3] of the image decoded
+    on the CPU at 1/`scale`; `height` × `width` on the device; its views' choices [V, NUM_PARAMS] in source pixels."""
     data: np.ndarray
     params: np.ndarray
+    height: int
+    width: int
+    scale: int
+    name: str
 
 
-def encode_views(image: Image.Image, rows: list[np.ndarray]) -> EncodedViews | None:
-    """The bytes of a lazily opened, complete JPEG with its views' choices; None where the CPU path must decode."""
-    data = complete_jpeg(image)
-    return None if data is None else EncodedViews(np.frombuffer(data, np.uint8), np.concatenate(rows))
+class WorkerViews(list):
+    """The uint8 views [3, S, S] of a device-path sample made on the CPU in the worker, and why: "unsupported" (no
+    JPEG nvJPEG takes) or "reduced" (above MAX_DEVICE_PIXELS even at the smallest DCT scale its boxes allow)."""
+
+    def __init__(self, views, reason: str):
+        super().__init__(views)
+        self.reason = reason
+
+
+def encode_for_device(image: Image.Image, specs: list, rows: list[np.ndarray], make_views) -> "EncodedViews | list":
+    """What the worker hands on for a lazily opened image with its views' choices `rows` (see the module docstring).
+    `make_views(pixels, scale)` makes its views on the CPU; an unreadable image raises BadSample."""
+    data, params = complete_jpeg(image), np.concatenate(rows)
+    name = image.info.get(SAMPLE_INFO, "an image")
+    if data is None or not device_decodable(data):
+        return WorkerViews(make_views(*decode_for_views(image, specs, rows)), "unsupported")
+    if image.width * image.height <= MAX_DEVICE_PIXELS:
+        return EncodedViews(np.frombuffer(data, np.uint8), params, image.height, image.width, 1, name)
+    pixels, scale = decode_for_views(image, specs, rows)  # [3, H, W] at the largest DCT scale the boxes allow
+    height, width = pixels.shape[1:]
+    if scale == 1 or height * width > MAX_DEVICE_PIXELS:
+        return WorkerViews(make_views(pixels, scale), "reduced")
+    return EncodedViews(pixels.permute(1, 2, 0).numpy().reshape(-1), params, height, width, scale, name)
 
 
 @dataclass
 class EncodedBatch:
-    """A batch on its way to the device: the JPEGs' bytes end to end (one tensor: each tensor that leaves a worker
-    costs a shared-memory handshake), their choices, and the views of the samples the worker made on the CPU."""
+    """A batch on its way to the device: the images' bytes or pixels end to end (one tensor: each tensor that leaves a
+    worker costs a shared-memory handshake), their sizes, scales and choices, and the views the worker made."""
     size: int
     data: torch.Tensor          # uint8 [total bytes]
     offsets: np.ndarray         # [E + 1]
+    sizes: np.ndarray           # [E, 2] height, width on the device
+    scales: np.ndarray          # [E] 1: JPEG bytes; s > 1: pixels decoded at 1/s
     params: np.ndarray          # [E, V, NUM_PARAMS]
     encoded: np.ndarray         # [E] positions in the batch
+    names: list                 # [E] "sample KEY of URL"
     decoded: list               # V tensors [F, 3, S, S] uint8 (empty where F = 0)
     decoded_index: np.ndarray   # [F]
     specs: tuple                # per view
+    counts: dict = field(default_factory=dict)  # {"cpu_decoded": ..., "cpu_reduced": ...} samples
 
 
 def collate_views(items: list, specs: list | None = None):
     """Per-sample transform outputs → what a batch carries: V stacked uint8 tensors [B, 3, S, S], or an
-    EncodedBatch where any sample is an EncodedViews (then `specs` are the transform's specs)."""
+    EncodedBatch where the transform made them for the device path (then `specs` are the transform's specs)."""
+    if not any(isinstance(item, (EncodedViews, WorkerViews)) for item in items):
+        return [default_collate(v) for v in zip(*items)]  # stacks straight into shared memory inside a worker
     encoded = [i for i, item in enumerate(items) if isinstance(item, EncodedViews)]
-    if not encoded:  # default_collate stacks straight into shared memory inside a DataLoader worker
-        return [default_collate(v) for v in zip(*items)]
     decoded = [i for i, item in enumerate(items) if not isinstance(item, EncodedViews)]
+    flat = tuple(s for s in specs for _ in range(s.count))
     data = [items[i].data for i in encoded]
-    offsets = np.concatenate([[0], np.cumsum([len(d) for d in data])])
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in data])]).astype(np.int64)
     views = [default_collate(v) for v in zip(*(items[i] for i in decoded))]
-    return EncodedBatch(len(items), torch.from_numpy(np.concatenate(data)), offsets,
-                        np.stack([items[i].params for i in encoded]), np.asarray(encoded), views,
-                        np.asarray(decoded, dtype=np.int64), tuple(s for s in specs for _ in range(s.count)))
+    reasons = [getattr(items[i], "reason", "") for i in decoded]
+    reduced = sum(items[i].scale > 1 for i in encoded) + reasons.count("reduced")
+    return EncodedBatch(
+        len(items), torch.from_numpy(np.concatenate(data) if data else np.zeros(0, np.uint8)), offsets,
+        np.array([(items[i].height, items[i].width) for i in encoded], dtype=np.int64).reshape(-1, 2),
+        np.array([items[i].scale for i in encoded], dtype=np.int64),
+        np.stack([items[i].params for i in encoded]) if encoded else np.zeros((0, len(flat), P.NUM_PARAMS)),
+        np.asarray(encoded, dtype=np.int64), [items[i].name for i in encoded], views,
+        np.asarray(decoded, dtype=np.int64), flat,
+        {"cpu_decoded": reasons.count("unsupported"), "cpu_reduced": reduced})
 
 
 # -- on the device --------------------------------------------------------------------------------------------------
-def views_to_device(views, device: torch.device) -> list[torch.Tensor]:
+@dataclass
+class DeviceViews:
+    """A batch's views on the device: V tensors [B', 3, S, S] for the B' samples kept, the batch positions dropped
+    with why (images neither nvJPEG nor PIL decodes: counted skips), and how its samples were decoded."""
+    views: list
+    unreadable: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+
+
+def views_to_device(views, device: torch.device) -> DeviceViews:
     """A batch's views on `device`, normalised: stacked uint8 views are moved and normalised, an EncodedBatch is
     decoded and augmented there."""
-    if isinstance(views, EncodedBatch):
-        return [normalize(v) for v in device_views(views, device)]
-    return normalize_views(views, device)
+    if not isinstance(views, EncodedBatch):
+        return DeviceViews(normalize_views(views, device))
+    made = device_views(views, device)
+    made.views = [normalize(v) for v in made.views]
+    return made
 
 
-def decode_jpegs(batch: EncodedBatch, device: torch.device) -> list[torch.Tensor]:
-    """uint8 [3, H, W] images on `device`: one decode call for the batch, one per image if that call fails."""
-    chunks = [batch.data[a:b] for a, b in zip(batch.offsets[:-1], batch.offsets[1:])]
+def device_views(batch: EncodedBatch, device: torch.device) -> DeviceViews:
+    """uint8 views [B', 3, S, S] on `device` of the samples that decode (see the module docstring)."""
+    made, unreadable, by_pil = resampled_views(batch, device)
+    augment_per_spec(made, torch.from_numpy(batch.params).to(device), batch.specs)
+    failed = sorted(int(batch.encoded[e]) for e in unreadable)
+    keep = torch.from_numpy(np.setdiff1d(np.arange(batch.size), failed)).to(device) if failed else None
+    encoded = torch.from_numpy(batch.encoded).to(device)
+    decoded_index = torch.from_numpy(batch.decoded_index).to(device)
+    views = []
+    for v, spec in enumerate(batch.specs):
+        full = torch.empty(batch.size, 3, spec.size, spec.size, dtype=torch.uint8, device=device)
+        full[encoded] = made[v]
+        if len(decoded_index):
+            full[decoded_index] = batch.decoded[v].to(device)
+        views.append(full if keep is None else full[keep])
+    counts = {"cpu_decoded_samples": batch.counts.get("cpu_decoded", 0) + by_pil,
+              "cpu_reduced_samples": batch.counts.get("cpu_reduced", 0)}
+    return DeviceViews(views, {int(batch.encoded[e]): message for e, message in unreadable.items()}, counts)
+
+
+def resampled_views(batch: EncodedBatch, device: torch.device) -> tuple[list, dict, int]:
+    """(V uint8 tensors [E, 3, S, S] of the encoded samples' resampled views, {sample: why} for those that did not
+    decode, how many PIL decoded), a chunk of images at a time (`device_resample.plan_chunks`)."""
+    heights, widths = plan_sizes(batch.sizes)
+    plan = plan_chunks(heights, widths, batch.specs, batch.size)
+    params = torch.tensor(batch.params, device=device)  # [E, V, NUM_PARAMS] float64, a copy
+    scales = torch.from_numpy(batch.scales).to(device, torch.float64).view(-1, 1)
+    params[..., [P.X, P.Y, P.W, P.H]] /= scales.unsqueeze(-1)  # boxes in the pixels the device holds
+    made = [torch.zeros(len(heights), 3, s.size, s.size, dtype=torch.uint8, device=device) for s in batch.specs]
+    unreadable, by_pil = {}, 0
+    for chunk in plan.chunks:
+        images, failed, pil = decode_chunk(batch, chunk, device)
+        unreadable.update(failed)
+        by_pil += pil
+        kept = [e for e in chunk if e in images]
+        if not kept:
+            continue
+        padded, chunk_heights, chunk_widths = pad([images.pop(e) for e in kept], device)
+        rows = params[kept]
+        for index, spec in view_groups(batch.specs):
+            out = resample(padded, chunk_heights, chunk_widths, rows[:, index], spec)  # [n, G, 3, S, S] uint8
+            for k, v in enumerate(index):
+                made[v][kept] = out[:, k]
+        del padded
+    return made, unreadable, by_pil
+
+
+def decode_chunk(batch: EncodedBatch, chunk: list[int], device) -> tuple[dict, dict, int]:
+    """({e: uint8 [3, H, W] on `device`}, {e: why} for images that decode neither on the device nor with PIL, how many
+    PIL decoded): the chunk's JPEGs in one decode call (one per image if that call fails), its pixels uploaded."""
+    images, failed, by_pil = {}, {}, 0
+    jpegs = [e for e in chunk if batch.scales[e] == 1]
+    for e in chunk:
+        if batch.scales[e] > 1:
+            height, width = (int(n) for n in batch.sizes[e])
+            pixels = batch.data[batch.offsets[e]:batch.offsets[e + 1]].view(height, width, 3)
+            images[e] = pixels.to(device).permute(2, 0, 1)
+    data = [batch.data[batch.offsets[e]:batch.offsets[e + 1]] for e in jpegs]
     with quiet_torchvision_io():
         try:
-            return decode_jpeg(chunks, mode=ImageReadMode.RGB, device=device)
+            images.update(zip(jpegs, decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []))
+            return images, failed, by_pil
         except RuntimeError:
-            images = []
-            for chunk in chunks:
+            pass
+        for e, chunk_data in zip(jpegs, data):
+            try:
+                images[e] = decode_jpeg(chunk_data, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:
                 try:
-                    images.append(decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
-                    images.append(decode_with_pil(chunk, device))
-            return images
+                    images[e] = decode_with_pil(chunk_data, device)
+                    by_pil += 1
+                except BadSample as e_bad:
+                    failed[e] = f"corrupt image in {batch.names[e]}: {e_bad}"
+    return images, failed, by_pil
 
 
 def decode_with_pil(chunk: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [3, H, W] on `device` from PIL's decoder; BadSample (the reason) where it fails too."""
     try:
         with Image.open(io.BytesIO(chunk.numpy().tobytes())) as img:
             return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).to(device)  # [3, H, W]
     except Exception as e:  # PIL raises many types for corrupt data
-        raise SslVitError(f"a JPEG in this batch decodes neither on {device} nor with PIL ({e}); "
-                          "set data.decode: cpu to skip such samples") from None
+        raise BadSample(f"neither the device's JPEG decoder nor PIL decodes it ({plain(e)})") from None
 
 
-def device_views(batch: EncodedBatch, device: torch.device) -> list[torch.Tensor]:
-    """V float views [B, 3, S, S] in 0..255 on `device` (normalise them once, after). Images are resampled in chunks
-    of CHUNK of similar size (sorted by area), each chunk padded to its largest image: one pair of batched matrix
-    products per chunk and view size, and padding memory bounded by the chunk."""
-    images = decode_jpegs(batch, device)  # uint8 [3, H, W] each
-    params = torch.from_numpy(batch.params).to(device)  # [E, V, NUM_PARAMS] float64
-    groups = view_groups(batch.specs)
-    made = [torch.empty(len(images), len(index), 3, spec.size, spec.size, device=device) for index, spec in groups]
-    order = sorted(range(len(images)), key=lambda e: images[e].shape[1] * images[e].shape[2])
-    for start in range(0, len(order), CHUNK):
-        chosen = order[start:start + CHUNK]
-        padded, heights, widths = pad([images[e] for e in chosen], device)
-        rows = params[chosen]
-        for (index, spec), out in zip(groups, made):
-            out[chosen] = resample(padded, heights, widths, rows[:, index], spec)
-    views = [None] * len(batch.specs)
-    encoded = torch.from_numpy(batch.encoded).to(device)
-    for (index, spec), out in zip(groups, made):
-        if needs_augment(spec):
-            rows = params[:, index].flatten(0, 1)  # [E·G, NUM_PARAMS]
-            out = augment(out.flatten(0, 1), rows, spec.blur_kernel).unflatten(0, (len(images), len(index)))
-        for k, v in enumerate(index):
-            full = torch.empty(batch.size, 3, spec.size, spec.size, device=device)
-            full[encoded] = out[:, k]
-            if len(batch.decoded_index):
-                full[torch.from_numpy(batch.decoded_index).to(device)] = batch.decoded[v].to(device).float()
-            views[v] = full
-    return views
-
-
-def pad(images: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(float [n, 3, Hmax, Wmax] zero-padded, heights [n], widths [n])."""
-    heights = torch.tensor([img.shape[1] for img in images], device=device)
-    widths = torch.tensor([img.shape[2] for img in images], device=device)
-    padded = torch.zeros(len(images), 3, int(heights.max()), int(widths.max()), device=device)
-    for i, img in enumerate(images):
-        padded[i, :, :img.shape[1], :img.shape[2]] = img
-    return padded, heights, widths
-
-
-def view_groups(specs: tuple) -> list[tuple[list[int], object]]:
-    """Views made together: those of one size and filter (their blur kernel is the same)."""
-    groups = {}
+def spec_views(specs: tuple) -> list[tuple[list[int], object]]:
+    """The flat view indices of each view spec, in order: each spec is augmented with its own switches."""
+    groups = []
     for v, spec in enumerate(specs):
-        groups.setdefault((spec.size, spec.interpolation), []).append(v)
-    return [(index, specs[index[0]]) for index in groups.values()]
+        if v and spec is specs[v - 1]:
+            groups[-1][0].append(v)
+        else:
+            groups.append(([v], spec))
+    return groups
 
 
-def resample(padded: torch.Tensor, heights, widths, rows: torch.Tensor, spec) -> torch.Tensor:
-    """[n, G, 3, S, S]: the boxes `rows` [n, G, NUM_PARAMS] of the images `padded` [n, 3, Hmax, Wmax] (each
-    `heights` × `widths`) resampled as PIL's resize(box=...) does it, flipped where drawn; rounded to 8 bits after
-    each pass, as PIL's passes are. The weights are zero past each image, so the padding never contributes."""
-    x, y, w, h = (rows[..., c] for c in (P.X, P.Y, P.W, P.H))  # [n, G]
-    (n, groups), size, (height, width) = rows.shape[:2], spec.size, padded.shape[2:]
-    weights_y = filter_weights(y, y + h, heights[:, None], height, size, spec.interpolation)  # [n, G, S, Hmax]
-    weights_x = filter_weights(x, x + w, widths[:, None], width, size, spec.interpolation)  # [n, G, S, Wmax]
-    weights_x = torch.where((rows[..., P.FLIP] > 0)[..., None, None], weights_x.flip(-2), weights_x)
-    columns = padded.permute(0, 2, 1, 3).reshape(n, height, 3 * width)  # [n, Hmax, 3·Wmax]
-    tall = round_8bit(torch.bmm(weights_y.reshape(n, groups * size, height), columns))  # [n, G·S, 3·Wmax]
-    tall = tall.view(n * groups, size, 3, width).transpose(1, 2).reshape(n * groups, 3 * size, width)
-    out = round_8bit(torch.bmm(tall, weights_x.reshape(n * groups, size, width).transpose(1, 2)))  # [n·G, 3·S, S]
-    return out.view(n, groups, 3, size, size)
-
-
-def round_8bit(x: torch.Tensor) -> torch.Tensor:
-    """What PIL stores after a resampling pass (rounded, clipped)."""
-    return torch.floor(x + 0.5).clamp_(0, 255)
-
-
-def filter_weights(start, end, in_size, padded: int, out_size: int, interpolation: str) -> torch.Tensor:
-    """[..., out_size, padded] resampling weights of PIL's `precompute_coeffs` (Resample.c) for source intervals
-    [start, end) (any shape [...]) of images `in_size` pixels long: antialiased (the filter widens with the scale),
-    the window clipped to the image, rows normalised; zero past `in_size`."""
-    scale = ((end - start) / out_size).unsqueeze(-1)  # [..., 1]
-    filter_scale = torch.clamp(scale, min=1.0)
-    support = FILTER_SUPPORT[interpolation] * filter_scale
-    out = torch.arange(out_size, dtype=torch.float64, device=scale.device)
-    center = (start.unsqueeze(-1) + (out + 0.5) * scale).unsqueeze(-1)  # [..., S, 1]
-    lo = torch.clamp(torch.trunc(center - support.unsqueeze(-1) + 0.5), min=0)
-    hi = torch.minimum(torch.trunc(center + support.unsqueeze(-1) + 0.5), in_size.unsqueeze(-1).unsqueeze(-1))
-    i = torch.arange(padded, dtype=torch.float64, device=scale.device)
-    t = ((i - center + 0.5) / filter_scale.unsqueeze(-1)).abs()  # [..., S, padded]
-    if interpolation == "bicubic":  # PIL's a = -0.5
-        weights = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1,
-                              torch.where(t < 2, ((-0.5 * t + 2.5) * t - 4) * t + 2, torch.zeros_like(t)))
-    else:
-        weights = torch.clamp(1 - t, min=0)
-    weights = weights * ((i >= lo) & (i < hi))
-    total = weights.sum(dim=-1, keepdim=True)
-    return (weights / torch.where(total == 0, torch.ones_like(total), total)).float()
+def augment_per_spec(made: list[torch.Tensor], params: torch.Tensor, specs: tuple) -> None:
+    """Colour jitter, grayscale, blur and solarize, in place on the uint8 views `made` [E, 3, S, S], with each
+    spec's drawn choices `params` [E, V, NUM_PARAMS], in slices of at most AUGMENT_PIXELS view pixels."""
+    for index, spec in spec_views(specs):
+        if not needs_augment(spec):
+            continue
+        step = max(1, AUGMENT_PIXELS // (spec.size * spec.size))
+        for v in index:
+            for start in range(0, len(made[v]), step):
+                views = made[v][start:start + step]
+                views.copy_(augment(views.float(), params[start:start + step, v], spec.blur_kernel))

@@ -21,7 +21,7 @@ from timm.data.transforms import str_to_pil_interp
 from ssl_vit.config import _coerce as coerce_recipe_value
 from ssl_vit.errors import SslVitError
 from ssl_vit.transforms.cpu_views import RESIZE_MODES, decode_for_views, make_view
-from ssl_vit.transforms.gpu_views import encode_views
+from ssl_vit.transforms.gpu_views import encode_for_device
 from ssl_vit.transforms.normalize import MEAN
 from ssl_vit.transforms.params import draw_params
 
@@ -176,9 +176,10 @@ class MultiViewTransform:
 
     The image may be lazily opened (`ssl_vit.data.samples.open_image`: header read, pixels not decoded): the views'
     choices are drawn first, then the JPEG is decoded at the smallest scale they allow (see cpu_views). With
-    `decode="gpu"` a lazily opened JPEG is not decoded here at all: the result is its bytes and the drawn choices
-    (`gpu_views.EncodedViews`), decoded and augmented a batch at a time on the device. An unreadable image raises
-    BadSample naming the sample.
+    `decode="gpu"` a lazily opened JPEG that nvJPEG decodes is not decoded here at all: the result is its bytes (or,
+    above a pixel limit, its pixels at a reduced scale) with the drawn choices (`gpu_views.EncodedViews`), decoded and
+    augmented a batch at a time on the device; other images get their views here (`gpu_views.encode_for_device`). An
+    unreadable image raises BadSample naming the sample.
     """
 
     def __init__(self, specs: list[ViewSpec], decode: str = "cpu"):
@@ -200,9 +201,9 @@ class MultiViewTransform:
             raise SslVitError(f"view transform: expected a PIL image, got {type(image).__name__}")
         rows = [draw_params(spec, spec.count, *image.size) for spec in self.specs]
         if self.decode == "gpu":
-            encoded = encode_views(image, rows)
-            if encoded is not None:
-                return encoded
-        decoded, scale = decode_for_views(image, self.specs, rows)
-        return [make_view(decoded, scale, spec, row, ra)
+            return encode_for_device(image, self.specs, rows, lambda pixels, scale: self._views(pixels, scale, rows))
+        return self._views(*decode_for_views(image, self.specs, rows), rows)
+
+    def _views(self, pixels: torch.Tensor, scale: int, rows: list[np.ndarray]) -> list[torch.Tensor]:
+        return [make_view(pixels, scale, spec, row, ra)
                 for spec, r, ra in zip(self.specs, rows, self.randaugments) for row in r]
