@@ -236,6 +236,7 @@ class Trainer:
                                           "images_per_s": ips, "data_wait_frac": t_data / dt,
                                           "epoch": self.step / self.spe if self.spe else None,
                                           "skipped_samples": skipped, "threads": self.threads["threads"],
+                                          **self.loader.decode_counts(),
                                           **(self._monitor() if watch else {})})
                 if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
                     last_ckpt = self.save()
