@@ -32,7 +32,7 @@ def test_build_save_load_search(kind, tmp_path):
     scores, ids = index.search(x[:20], 5)
     assert scores.shape == ids.shape == (20, 5) and (np.diff(scores, axis=1) <= 1e-6).all()
     index.save(tmp_path / "ix")
-    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["ids.json", "index.faiss", "meta.json"]
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["index.faiss", "keys.npy", "labels.npy", "meta.json"]
     meta = json.loads((tmp_path / "ix" / "meta.json").read_text())
     assert meta["kind"] == kind and meta["dim"] == 16 and meta["metric"] == "cosine" and meta["num"] == len(x)
     loaded = RetrievalIndex.load(tmp_path / "ix")
@@ -139,11 +139,11 @@ def test_errors(tmp_path):
         evaluate(loaded, x[:3], [0, -1, 2])
     with pytest.raises(SslVitError, match="has no labels"):
         evaluate(RetrievalIndex.build(x, kind="flat"), x[:3], [0, 1, 2])
-    (tmp_path / "ix" / "ids.json").unlink()
-    with pytest.raises(SslVitError, match="missing ids.json"):
+    (tmp_path / "ix" / "keys.npy").unlink()
+    with pytest.raises(SslVitError, match="missing keys.npy"):
         RetrievalIndex.load(tmp_path / "ix")
     (tmp_path / "bad").mkdir()
-    for name in ("index.faiss", "meta.json", "ids.json"):
+    for name in ("index.faiss", "meta.json", "keys.npy", "labels.npy"):
         (tmp_path / "bad" / name).write_text("{}")
     with pytest.raises(SslVitError, match="unreadable"):
         RetrievalIndex.load(tmp_path / "bad")

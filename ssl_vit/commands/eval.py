@@ -23,8 +23,12 @@ def register(subparsers) -> None:
 
     index = subparsers.add_parser("index", help="retrieval indexes over cached features").add_subparsers(
         dest="index_command", metavar="<index command>", required=True)
-    p = index.add_parser("build", help="build and save a FAISS index of a feature cache")
-    p.add_argument("--features", required=True, help="feature cache folder to index")
+    p = index.add_parser("build", help="build and save a FAISS index of a feature cache (or of its parts)",
+                         description="Trains on a sample of the cache (chosen by key hash) and adds the rows a chunk "
+                                     "at a time from the memory-mapped cache: memory is the index plus one chunk. "
+                                     "Several caches (the parts of `features --per-rank`, or jobs over shards of "
+                                     "one pile) are each added to a copy of the trained index and merged.")
+    p.add_argument("--features", required=True, nargs="+", help="feature cache folder(s) to index, as one index")
     p.add_argument("--out", required=True, help="index folder to write")
     add_index_build_options(p)
     p.set_defaults(func=run_index_build)
@@ -87,6 +91,12 @@ def add_index_build_options(p) -> None:
     p.add_argument("--nbits", type=int, default=8, help="ivfpq bits per sub-quantizer code")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
     p.add_argument("--ef-search", type=int, default=64, help="HNSW search breadth")
+    p.add_argument("--refine", choices=("flat", "sq8"),
+                   help="ivfpq: re-rank candidates with the stored vectors (flat, N*D*4 bytes) or 8-bit codes (sq8, "
+                        "N*D bytes), so that an indexed image comes back first")
+    p.add_argument("--k-factor", type=int, default=32, help="refine: candidates re-ranked per result")
+    p.add_argument("--train-size", type=int,
+                   help="vectors sampled to train IVF/PQ (default 64 per centroid of the largest codebook)")
 
 
 def add_index_eval_options(p) -> None:
@@ -174,24 +184,45 @@ def format_probe(result: dict) -> str:
 def run_index_build(args) -> int:
     from ssl_vit.eval.retrieval import RetrievalIndex
 
-    cache = load_cache(args.features)
+    parts, metas = open_parts(args.features)
     params = {"metric": args.metric, "nlist": args.nlist, "nprobe": args.nprobe, "m": args.m, "nbits": args.nbits,
-              "hnsw_m": args.hnsw_m, "ef_search": args.ef_search}
-    index = RetrievalIndex.build(cache.features, cache.keys, cache.labels, args.kind, **params)
-    index.source = source_info(args.features, cache.meta)
+              "hnsw_m": args.hnsw_m, "ef_search": args.ef_search, "refine": args.refine,
+              "k_factor": args.k_factor, "train_size": args.train_size}
+    index = RetrievalIndex.build_from_parts(parts, args.kind, **params)
+    index.source = source_info(args.features, metas)
     index.save(args.out)
-    print(f"{args.kind} index of {len(index)} x {index.dim} ({args.metric}) written to {args.out}; "
-          f"params {json.dumps(index.params)}")
+    print(f"{args.kind} index of {len(index)} x {index.dim} ({args.metric}) from {len(parts)} cache(s) written to "
+          f"{args.out}; params {json.dumps(index.params)}")
     return 0
+
+
+def open_parts(folders):
+    """([Part] read by row from each cache, [meta]); the caches must come from one backbone, view and pooling."""
+    from ssl_vit.eval.feature_cache import open_rows
+    from ssl_vit.eval.index_build import Part
+
+    opened = [open_rows(folder) for folder in folders]
+    first = opened[0][3]
+    for folder, (_, _, _, meta) in zip(folders[1:], opened[1:]):
+        differ = [key for key in ("backbone", *EXTRACTION_KEYS, "classes") if meta.get(key) != first.get(key)]
+        if differ:
+            raise SslVitError(f"feature cache {folder} differs from {folders[0]} in {', '.join(differ)}: "
+                              "one index holds features of one backbone, view and pooling")
+    return [Part(features, keys, labels) for features, keys, labels, _ in opened], [m for *_, m in opened]
 
 
 # What `index query --image` needs to embed an image as the indexed features were, and `--grid` to show results.
 EXTRACTION_KEYS = ("image_size", "resize", "pooling", "last_blocks")
-RECORDED_KEYS = ("backbone", "model_name", *EXTRACTION_KEYS, "source", "shards", "classes")
+RECORDED_KEYS = ("backbone", "model_name", *EXTRACTION_KEYS, "source", "classes")
 
 
-def source_info(folder, meta: dict) -> dict:
-    return {"features": str(Path(folder).resolve()), **{key: meta[key] for key in RECORDED_KEYS if key in meta}}
+def source_info(folders, metas: list) -> dict:
+    """What the index records of its caches: their folders (in id order), how the features were made, and every
+    shard they were extracted from (in first-seen order)."""
+    shards = list(dict.fromkeys(url for meta in metas for url in meta.get("shards") or []))
+    info = {key: metas[0][key] for key in RECORDED_KEYS if key in metas[0]}
+    return {"features": [str(Path(folder).resolve()) for folder in folders], **info,
+            **({"shards": shards} if shards else {})}
 
 
 def run_index_query(args) -> int:
@@ -244,18 +275,23 @@ def embed_query_images(args, index):
 
 
 def cached_queries(args, index):
-    """(features [N, D], shard URLs of the cache) of the --key samples."""
-    folder = args.features or index.source.get("features")
-    if not folder:
+    """(features [N, D], shard URLs of the caches) of the --key samples."""
+    from ssl_vit.eval.feature_cache import vectors_by_key
+
+    folders = [args.features] if args.features else index_caches(index)
+    if not folders:
         raise SslVitError(f"index {args.index} does not record its feature cache: pass --features")
-    cache = load_cache(folder)
-    rows = {key: i for i, key in enumerate(cache.keys)}
-    unknown = [key for key in args.key if key not in rows]
-    if unknown:
-        raise SslVitError(f"{folder}: no sample with key {unknown[0]!r}")
-    if args.grid and not cache.meta.get("shards"):
-        raise SslVitError(f"feature cache {folder} does not record its shards: cannot draw --grid")
-    return cache.features[[rows[key] for key in args.key]], cache.meta.get("shards")
+    features, metas = vectors_by_key(folders, args.key)
+    shards = [url for meta in metas for url in meta.get("shards") or []]
+    if args.grid and not shards:
+        raise SslVitError(f"feature cache {folders[0]} does not record its shards: cannot draw --grid")
+    return features, shards
+
+
+def index_caches(index) -> list:
+    """The feature cache folders an index was built from (one folder in indexes that recorded a string)."""
+    folders = index.source.get("features") or []
+    return [folders] if isinstance(folders, str) else list(folders)
 
 
 def write_query_grid(args, index, names, images, scores, ids) -> None:
@@ -296,7 +332,7 @@ def run_index_eval(args) -> int:
 
     index, cache = RetrievalIndex.load(args.index), load_labelled_cache(args.features, "query", "label recall")
     exclude = args.exclude_self == "yes" or (
-        args.exclude_self == "auto" and index.source.get("features") == str(Path(args.features).resolve()))
+        args.exclude_self == "auto" and str(Path(args.features).resolve()) in index_caches(index))
     result = evaluate(index, cache.features, cache.labels, ks=args.k,
                       exclude_self_keys=cache.keys if exclude else None)
     result["exclude_self"] = exclude

@@ -144,6 +144,44 @@ def load_features(folder, mmap: bool = True) -> FeatureSet:
     return FeatureSet(features, labels.astype(np.int64, copy=False), keys, meta)
 
 
+def open_rows(folder):
+    """(features [N, D] memmap, keys [N] bytes, labels [N] int64 memmap, meta) of a cache, read by row: no list of
+    N keys is built (`load_features` validates and returns them as str); shapes and dtypes are checked."""
+    folder = Path(folder)
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise SslVitError(f"feature cache {folder} is missing {', '.join(missing)}"
+                          f"{'' if folder.is_dir() else ' (the folder does not exist)'}")
+    features = _load_npy(folder / "features.npy", "r")
+    labels = _load_npy(folder / "labels.npy", "r")
+    keys, meta = read_keys(folder), _load_json(folder / "meta.json")
+    if features.ndim != 2 or features.dtype != np.float32 or not features.shape[0]:
+        raise SslVitError(f"{folder / 'features.npy'}: expected a non-empty float32 [N, D] array, got "
+                          f"{features.dtype} {features.shape}")
+    if labels.shape != (len(features),) or keys.shape != (len(features),) or not isinstance(meta, dict):
+        raise SslVitError(f"feature cache {folder}: {len(features)} feature rows but labels {labels.shape}, "
+                          f"keys {keys.shape}: they must agree")
+    return features, keys, labels.astype(np.int64, copy=False), meta
+
+
+def vectors_by_key(folders, keys) -> tuple:
+    """(features [n, D] of `keys`, [meta] of the caches) from one or more caches (each sorted by key: a binary
+    search per key, no key list in memory); an unknown key is a one-line error naming it."""
+    wanted = encode_keys(list(keys))
+    found, rows, metas = [None] * len(wanted), None, []
+    for folder in folders:
+        features, cache_keys, _, meta = open_rows(folder)
+        metas.append(meta)
+        at = np.minimum(np.searchsorted(cache_keys, wanted), len(cache_keys) - 1)
+        for i in np.flatnonzero(cache_keys[at] == wanted):
+            found[i] = features[at[i]] if found[i] is None else found[i]
+    unknown = [key for key, row in zip(keys, found) if row is None]
+    if unknown:
+        raise SslVitError(f"{', '.join(map(str, folders))}: no sample with key {unknown[0]!r}")
+    rows = np.stack(found).astype(np.float32) if found else np.zeros((0, 0), np.float32)
+    return rows, metas
+
+
 def _load_npy(path: Path, mmap_mode):
     try:
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)

@@ -7,7 +7,6 @@ Index families as in Johnson et al., "Billion-scale similarity search with GPUs"
 With metric "cosine" vectors are L2-normalised on the way in (build and query) and scored by inner product.
 """
 import json
-import math
 import time
 from pathlib import Path
 
@@ -18,95 +17,41 @@ from ssl_vit.errors import SslVitError
 from ssl_vit.figure_io import save_png
 from ssl_vit.eval import faiss_utils
 from ssl_vit.eval.faiss_utils import faiss
-from ssl_vit.eval.feature_cache import require_labels
+from ssl_vit.eval.feature_cache import encode_keys, require_labels
+from ssl_vit.eval.index_build import (KINDS, METRICS, Part, build_parts, default_nlist, default_pq_m,  # noqa: F401
+                                      resolve_params)
 
-KINDS = ("flat", "ivf", "hnsw", "ivfpq")
-METRICS = ("cosine", "ip", "l2")
-MIN_POINTS_PER_CENTROID = 39  # FAISS k-means warns below this many training points per centroid
+INDEX_FILES = ("index.faiss", "meta.json", "keys.npy", "labels.npy")
+BUILD_OPTIONS = ("nlist", "m", "nbits", "hnsw_m", "metric", "nprobe", "ef_search", "refine", "k_factor",
+                 "train_size")
 
-
-def default_nlist(n: int) -> int:
-    """About 4·sqrt(N) inverted lists, but no more than N / 39 so k-means has enough points per centroid."""
-    return max(1, min(int(round(4 * math.sqrt(n))), n // MIN_POINTS_PER_CENTROID))
-
-
-def default_pq_m(dim: int) -> int:
-    """The largest divisor of `dim` that is at most min(64, dim / 4): sub-vectors of >= 4 dims, <= 64 bytes."""
-    return max([m for m in range(1, max(1, min(64, dim // 4)) + 1) if dim % m == 0] or [1])
-
-
-def build_index(features, kind: str = "flat", *, nlist=None, m=None, nbits=8, hnsw_m=32, metric="cosine",
-                nprobe=None, ef_search=64):
+def build_index(features, kind: str = "flat", **params):
     """A trained, filled FAISS (CPU) index of `features` [N, D]; ids are row numbers.
 
     Defaults: nlist ~ 4·sqrt(N) (<= N/39), nprobe ~ sqrt(nlist), ivfpq m = largest divisor of D <= min(64, D/4),
-    HNSW efSearch 64 (raised to k at search time)."""
-    index, _ = _build(features, kind, nlist=nlist, m=m, nbits=nbits, hnsw_m=hnsw_m, metric=metric,
-                      nprobe=nprobe, ef_search=ef_search)
-    return index
-
-
-def _build(features, kind, *, nlist, m, nbits, hnsw_m, metric, nprobe, ef_search):
-    if kind not in KINDS:
-        raise SslVitError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if metric not in METRICS:
-        raise SslVitError(f"index metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    x = _prepare(faiss_utils.as_float32_2d(features, "index features"), metric)
-    n, dim = x.shape
-    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    params = {}
-    if kind == "flat":
-        index = faiss.IndexFlat(dim, faiss_metric)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, int(hnsw_m), faiss_metric)
-        index.hnsw.efSearch = int(ef_search)
-        params = {"hnsw_m": int(hnsw_m), "ef_search": int(ef_search)}
-    else:
-        nlist = default_nlist(n) if nlist is None else int(nlist)
-        if not 1 <= nlist <= n:
-            raise SslVitError(f"nlist={nlist} must be between 1 and the number of vectors ({n})")
-        quantizer = faiss.IndexFlat(dim, faiss_metric)
-        if kind == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric)
-        else:
-            m = _check_pq(n, dim, default_pq_m(dim) if m is None else int(m), int(nbits))
-            index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, int(nbits), faiss_metric)
-            params = {"m": m, "nbits": int(nbits)}
-        index.referenced_objects = [quantizer]  # the quantizer must outlive the index
-        index.train(x)
-        index.nprobe = max(1, min(nlist, int(nprobe or round(math.sqrt(nlist)))))
-        params.update(nlist=nlist, nprobe=int(index.nprobe))
-    index.add(x)
-    return index, params
-
-
-def _check_pq(n: int, dim: int, m: int, nbits: int) -> int:
-    if m < 1 or dim % m:
-        raise SslVitError(f"ivfpq: m={m} must divide the feature dim {dim} (divisors: "
-                          f"{[d for d in range(1, dim + 1) if dim % d == 0][:12]}...)")
-    if not 1 <= nbits <= 16:
-        raise SslVitError(f"ivfpq: nbits must be in 1..16, got {nbits}")
-    if n < 2 ** nbits:
-        raise SslVitError(f"ivfpq with nbits={nbits} needs at least {2 ** nbits} vectors to train, got {n} "
-                          "(lower nbits or use kind flat/hnsw)")
-    return m
-
-
-def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
-    return faiss_utils.normalized(x) if metric == "cosine" else np.ascontiguousarray(x, dtype=np.float32)
+    HNSW efSearch 64 (raised to k at search time); trained on a sample, added in chunks (eval/index_build.py)."""
+    return RetrievalIndex.build(features, kind=kind, **params).index
 
 
 class RetrievalIndex:
-    """A FAISS index plus the key and label of each stored id (id = row of the features it was built from);
-    `source` describes the features it was built from (saved with it; `index build` records the backbone, view,
-    pooling, shards and class names, so that image files can be queried and results shown)."""
+    """A FAISS index plus the key and label of each stored id (id = row of the features it was built from, parts
+    in order); `source` describes the features it was built from (saved with it; `index build` records the
+    backbone, view, pooling, shards and class names, so that image files can be queried and results shown).
 
-    def __init__(self, index, keys, labels, kind: str, metric: str, params: dict, source=None):
+    Keys are UTF-8 bytes [N] and labels int64 [N], memory-mapped when loaded: read by row, never N Python strings.
+    `key_runs` are the bounds of the id ranges whose keys are sorted (one per cache part), so a key finds its id by
+    binary search; an index built from unsorted keys stores their order (`key_order`) instead."""
+
+    def __init__(self, index, keys, labels, kind: str, metric: str, params: dict, source=None, key_runs=None,
+                 key_order=None):
+        keys = keys if isinstance(keys, np.ndarray) and keys.dtype.kind == "S" else encode_keys(list(keys))
         if len(keys) != index.ntotal or len(labels) != index.ntotal:
             raise SslVitError(f"index holds {index.ntotal} vectors but {len(keys)} keys and {len(labels)} labels")
         self.index, self.kind, self.metric, self.params = index, kind, metric, dict(params)
-        self.keys, self.labels = list(keys), np.asarray(labels, dtype=np.int64)
+        self.keys, self.labels = keys, np.asarray(labels, dtype=np.int64)
         self.source = dict(source or {})
+        self.key_runs = [0, len(keys)] if key_runs is None else [int(b) for b in key_runs]
+        self.key_order = key_order
 
     @property
     def dim(self) -> int:
@@ -121,19 +66,36 @@ class RetrievalIndex:
         n = len(features)
         if n == 0:
             raise SslVitError("empty evaluation set: no features to index")
-        keys = [str(i) for i in range(n)] if keys is None else list(keys)
+        keys = encode_keys([str(i) for i in range(n)] if keys is None else list(keys))
         labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels)
         if len(keys) != n or len(labels) != n:
             raise SslVitError(f"{n} features but {len(keys)} keys and {len(labels)} labels")
-        unknown = sorted(set(params) - set(_BUILD_DEFAULTS))
-        if unknown:
-            raise SslVitError(f"unknown index option(s) {', '.join(unknown)}; known: {', '.join(_BUILD_DEFAULTS)}")
-        metric = params.get("metric", "cosine")
-        index, built = _build(features, kind, **{**_BUILD_DEFAULTS, **params})
-        return cls(index, keys, labels, kind, metric, built)
+        ordered = bool((keys[1:] >= keys[:-1]).all())
+        return cls.build_from_parts([Part(features, keys, labels, ordered)], kind, **params)
 
-    def search(self, queries, k: int, chunk_size: int = faiss_utils.SEARCH_CHUNK):
-        """(scores [Nq, k], ids [Nq, k]) best first; id -1 where an approximate index found fewer than k."""
+    @classmethod
+    def build_from_parts(cls, parts: list, kind: str = "flat", **params) -> "RetrievalIndex":
+        """Index the parts' rows in order (ids: part 0's rows, then part 1's, ...) in bounded memory."""
+        unknown = sorted(set(params) - set(BUILD_OPTIONS))
+        if unknown:
+            raise SslVitError(f"unknown index option(s) {', '.join(unknown)}; known: {', '.join(BUILD_OPTIONS)}")
+        dims = {int(p.features.shape[1]) for p in parts}
+        if len(dims) != 1:
+            raise SslVitError(f"feature parts have different dims {sorted(dims)}: one backbone and pooling per index")
+        n = sum(len(p) for p in parts)
+        resolved = resolve_params(kind, n, dims.pop(), **{k: v for k, v in params.items() if v is not None})
+        index = build_parts(parts, kind, resolved)
+        keys = np.concatenate([np.asarray(p.keys) for p in parts])
+        labels = np.concatenate([np.asarray(p.labels, dtype=np.int64) for p in parts])
+        runs = np.cumsum([0] + [len(p) for p in parts]).tolist()
+        order = None if all(p.sorted_keys for p in parts) else np.argsort(keys, kind="stable")
+        metric = resolved.pop("metric")
+        return cls(index, keys, labels, kind, metric, resolved, key_runs=runs if order is None else None,
+                   key_order=order)
+
+    def search(self, queries, k: int, chunk_size: int = faiss_utils.SEARCH_CHUNK, nprobe=None, ef_search=None):
+        """(scores [Nq, k], ids [Nq, k]) best first; id -1 where an approximate index found fewer than k.
+        `nprobe` / `ef_search` override the index's own for this call (not thread-safe: one search at a time)."""
         queries = np.asarray(queries)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -143,8 +105,13 @@ class RetrievalIndex:
         if not 1 <= k <= len(self):
             raise SslVitError(f"k={k} must be between 1 and the number of indexed items ({len(self)})")
         if self.kind == "hnsw":
-            self.index.hnsw.efSearch = max(int(self.params["ef_search"]), k)
+            self.index.hnsw.efSearch = max(int(ef_search or self.params["ef_search"]), k)
+        if "nprobe" in self.params:
+            faiss.extract_index_ivf(self.index).nprobe = int(nprobe or self.params["nprobe"])
         return faiss_utils.search_chunked(self.index, queries, k, chunk_size, normalize=self.metric == "cosine")
+
+    def key(self, i: int) -> str:
+        return self.keys[i].decode("utf-8")
 
     def lookup(self, ids) -> list:
         """[(key, label)] for each id (label None when unlabelled; (None, None) for the -1 'no result' id)."""
@@ -154,41 +121,64 @@ class RetrievalIndex:
                 out.append((None, None))
             else:
                 label = int(self.labels[i])
-                out.append((self.keys[i], label if label >= 0 else None))
+                out.append((self.key(i), label if label >= 0 else None))
         return out
 
+    def find(self, keys) -> np.ndarray:
+        """The id of each key [n] (-1 where the index does not hold it): a binary search per sorted run."""
+        wanted = encode_keys(list(keys))
+        ids = np.full(len(wanted), -1, np.int64)
+        if self.key_order is not None:
+            runs, order = [(0, len(self))], np.asarray(self.key_order)
+        else:
+            runs, order = list(zip(self.key_runs[:-1], self.key_runs[1:])), None
+        for lo, hi in runs:
+            run = self.keys[lo:hi] if order is None else self.keys[order]
+            at = np.minimum(np.searchsorted(run, wanted), max(hi - lo - 1, 0))
+            hit = (ids < 0) & (hi > lo) & (run[at] == wanted)
+            ids[hit] = (lo + at[hit]) if order is None else order[at[hit]]
+        return ids
+
     def save(self, folder) -> Path:
-        """index.faiss + meta.json (kind, dim, metric, params) + ids.json ({"keys", "labels"}: id = position)."""
+        """index.faiss + meta.json (kind, dim, metric, params, source, key_runs) + keys.npy and labels.npy (by id),
+        and key_order.npy when the keys are not sorted runs."""
         meta = {"kind": self.kind, "dim": self.dim, "metric": self.metric, "num": len(self), "params": self.params,
-                "source": self.source}
+                "source": self.source, "key_runs": self.key_runs if self.key_order is None else None}
         with atomic_dir(folder) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            (tmp / "ids.json").write_text(json.dumps({"keys": self.keys, "labels": self.labels.tolist()}))
+            np.save(tmp / "keys.npy", self.keys)
+            np.save(tmp / "labels.npy", self.labels)
+            if self.key_order is not None:
+                np.save(tmp / "key_order.npy", np.asarray(self.key_order))
         return Path(folder)
 
     @classmethod
     def load(cls, folder) -> "RetrievalIndex":
         folder = Path(folder)
-        missing = [f for f in ("index.faiss", "meta.json", "ids.json") if not (folder / f).is_file()]
+        missing = [f for f in INDEX_FILES if not (folder / f).is_file()]
         if missing:
             raise SslVitError(f"retrieval index {folder} is missing {', '.join(missing)}"
                               f"{'' if folder.is_dir() else ' (the folder does not exist)'}")
         try:
             meta = json.loads((folder / "meta.json").read_text())
-            ids = json.loads((folder / "ids.json").read_text())
+            keys = np.load(folder / "keys.npy", mmap_mode="r", allow_pickle=False)
+            labels = np.load(folder / "labels.npy", mmap_mode="r", allow_pickle=False)
+            order = np.load(folder / "key_order.npy", mmap_mode="r") if (folder / "key_order.npy").is_file() \
+                else None
             index = faiss.read_index(str(folder / "index.faiss"))
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError, OSError) as e:
             raise SslVitError(f"retrieval index {folder} is unreadable: {str(e).splitlines()[0]}") from None
-        if not isinstance(meta, dict) or not isinstance(ids, dict) or \
-                not {"kind", "metric", "dim"} <= set(meta) or not {"keys", "labels"} <= set(ids):
-            raise SslVitError(f"retrieval index {folder}: meta.json needs kind, metric, dim and ids.json keys, labels")
+        if not isinstance(meta, dict) or not {"kind", "metric", "dim"} <= set(meta) or keys.dtype.kind != "S":
+            raise SslVitError(f"retrieval index {folder}: meta.json needs kind, metric, dim and keys.npy bytes keys")
         if index.d != meta["dim"]:
             raise SslVitError(f"{folder}: meta.json says dim {meta['dim']} but index.faiss holds dim {index.d}")
-        out = cls(index, ids["keys"], ids["labels"], meta["kind"], meta["metric"], meta.get("params", {}),
-                  meta.get("source"))
+        out = cls(index, keys, labels, meta["kind"], meta["metric"], meta.get("params", {}), meta.get("source"),
+                  key_runs=meta.get("key_runs"), key_order=order)
         if "nprobe" in out.params:
             faiss.extract_index_ivf(index).nprobe = int(out.params["nprobe"])
+        if "k_factor" in out.params:
+            index.k_factor = int(out.params["k_factor"])
         return out
 
 
@@ -236,9 +226,8 @@ def _drop_self(index: RetrievalIndex, ids, self_keys, k: int):
     """ids [Nq, K+1] -> ([Nq, K] without each query's own item, [Nq] the id of the query's own item or -1)."""
     if len(self_keys) != len(ids):
         raise SslVitError(f"exclude_self_keys has {len(self_keys)} keys for {len(ids)} queries")
-    position = {key: i for i, key in enumerate(index.keys)}
-    own = np.array([position.get(str(key), -2) for key in self_keys], dtype=np.int64)  # [Nq]
-    is_self = ids == own[:, None]  # [Nq, K+1]
+    own = index.find([str(key) for key in self_keys])  # [Nq], -1 where absent
+    is_self = (ids == own[:, None]) & (own[:, None] >= 0)  # [Nq, K+1]
     keep = np.argsort(is_self, axis=1, kind="stable")[:, :k]  # non-self results first, order kept
     return np.take_along_axis(ids, keep, axis=1), np.where(own >= 0, own, -1)
 
@@ -325,4 +314,3 @@ def write_result_grid(rows: list, png) -> Path:
     return save_png(fig, png)
 
 
-_BUILD_DEFAULTS = dict(nlist=None, m=None, nbits=8, hnsw_m=32, metric="cosine", nprobe=None, ef_search=64)
