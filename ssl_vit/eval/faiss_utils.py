@@ -95,7 +95,7 @@ def flat_ip_index(bank, device: str = "faiss-cpu", normalize: bool = True):
     return index
 
 
-def iter_search(index, queries, k: int, chunk_size: int = SEARCH_CHUNK, normalize: bool = True):
+def iter_search(index, queries, k: int, chunk_size: int = SEARCH_CHUNK, normalize: bool = True, params=None):
     """Yield (start, scores [c, k], ids [c, k]) per chunk of `queries`: memory is O(chunk * k), never [Nq, Nbank]."""
     queries = as_float32_2d(queries, "queries")
     if queries.shape[1] != index.d:
@@ -105,11 +105,11 @@ def iter_search(index, queries, k: int, chunk_size: int = SEARCH_CHUNK, normaliz
     for start in range(0, queries.shape[0], chunk_size):
         rows = queries[start:start + chunk_size]
         rows = normalized(rows) if normalize else np.ascontiguousarray(rows)
-        scores, ids = index.search(rows, k)  # [c, k], [c, k]
+        scores, ids = index.search(rows, k, params=params)  # [c, k], [c, k]; params: per-call nprobe/efSearch
         yield start, scores, ids
 
 
-def search_chunked(index, queries, k: int, chunk_size: int = SEARCH_CHUNK, normalize: bool = True):
+def search_chunked(index, queries, k: int, chunk_size: int = SEARCH_CHUNK, normalize: bool = True, params=None):
     """All of `iter_search` as two [Nq, k] arrays (scores, ids)."""
-    parts = list(iter_search(index, queries, k, chunk_size, normalize))
+    parts = list(iter_search(index, queries, k, chunk_size, normalize, params))
     return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
