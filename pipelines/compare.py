@@ -77,10 +77,12 @@ def run_settings(cfg: CompareConfig, method: str, train_source, out: Path, index
 
 
 def pretrain(cfg: CompareConfig, method: str, train_source, out: Path, indexes: dict) -> None:
+    from ssl_vit.loading import method_from_recipe
     from ssl_vit.train.trainer import Trainer
 
     run = run_settings(cfg, method, train_source, out, indexes, cfg.budget.images)
-    Trainer(with_same_warmup(lambda r: training_recipe(cfg, method, r), run, train_source, indexes["train"])).fit()
+    Trainer(with_same_warmup(lambda r: training_recipe(cfg, method, r), run, train_source, indexes["train"]),
+            build=method_from_recipe).fit()
 
 
 def random_init(cfg: CompareConfig, out: Path) -> None:
@@ -150,13 +152,14 @@ def evaluate(cfg: CompareConfig, feats: Path, keys: list[str], out: Path) -> Non
 
 def finetune(cfg: CompareConfig, model_dir: Path, train_index: str, indexes: dict, out: Path) -> None:
     from ssl_vit.config import load_recipe
+    from ssl_vit.loading import method_from_recipe
     from ssl_vit.train.finetune import finetune as run_finetune
 
     run = {**run_settings(cfg, cfg.methods[0], train_index, out, indexes, cfg.eval.finetune_images),
            "model.init": str(model_dir), "data.eval": indexes["test"]}
     recipe = with_same_warmup(lambda r: load_recipe(cfg.eval.finetune_recipe, [*cfg.overrides, *r.items()]), run,
                               train_index, indexes["train"])
-    run_finetune(recipe, cfg.eval.finetune_recipe)
+    run_finetune(recipe, cfg.eval.finetune_recipe, build=method_from_recipe)
 
 
 def write_source_shards(cfg: CompareConfig, out: Path, stages: StageRunner) -> dict:

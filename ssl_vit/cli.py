@@ -1,23 +1,30 @@
-"""`ssl-vit <verb>`: thin; each verb lives in `ssl_vit/commands/<module>.py` with `register(subparsers)`."""
-DESCRIPTION = ("ssl_vit: self-supervised pretraining of Vision Transformers (MAE, DINO, supervised baseline) on "
-               "WebDataset shards, with k-NN / linear-probe / fine-tuning evaluation and retrieval indexes.")
+"""`ssl-vit <verb>`: thin; each verb lives in `ssl_vit/commands/<module>.py` with `register(subparsers)`.
+
+The command modules are imported here, all of them, to build the parser; each defers its library imports (torch,
+timm, accelerate, FAISS: about 3-7 s) into the function that runs the command, so `ssl-vit --help` and the `shards`
+verbs answer without loading them. That is the one place the package defers imports of its own dependencies."""
 import argparse
-import importlib
 import sys
 
 from ssl_vit import __version__
+from ssl_vit.commands import compare, features, finetune, shards, train
+from ssl_vit.commands import eval as evaluate
 from ssl_vit.errors import SslVitError
 
-# Each module defines register(subparsers) and sets a `func(args) -> int | None` default.
-COMMAND_MODULES = ("shards", "train", "finetune", "features", "eval", "compare")
+DESCRIPTION = ("ssl_vit: self-supervised pretraining of Vision Transformers (MAE, DINO, supervised baseline) on "
+               "WebDataset shards, with k-NN / linear-probe / fine-tuning evaluation and retrieval indexes.")
+
+# The command table, in the order of `--help`: each module defines register(subparsers), which sets a
+# `func(args) -> int | None` default on its parsers.
+COMMANDS = (shards, train, finetune, features, evaluate, compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssl-vit", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"ssl_vit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"ssl_vit.commands.{name}").register(subparsers)
+    for command in COMMANDS:
+        command.register(subparsers)
     return parser
 
 

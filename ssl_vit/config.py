@@ -9,14 +9,14 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from ssl_vit.errors import SslVitError
 
-METHODS = ("mae", "dino", "supervised")
 DINO_CENTERINGS = ("center", "sinkhorn_knopp")
+DISTILL_KINDS = ("hard", "soft")
 DECODE_MODES = ("cpu", "gpu", "auto")
 
 
@@ -37,7 +37,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_small_patch16_224"  # any timm ViT name
+    name: str = "vit_small_patch16_224"  # a timm ViT, hybrid ViT (vit_*_r26_*, ...) or Swin (swin_*) name
     img_size: int = 224
     patch_size: int = 16
     drop_path_rate: float = 0.0
@@ -45,19 +45,83 @@ class ModelConfig:
     embed_dim: int = 0
     num_heads: int = 0
     init: str = ""                   # fine-tuning: start from this backbone (anything ssl_vit.loading takes)
+    kwargs: dict = field(default_factory=dict)  # more timm arguments, e.g. Swin's {depths, num_heads, window_size}
+
+
+class SettingsError(SslVitError, ValueError):
+    """A setting out of range, named by its recipe key: a recipe's one-line error, and the ValueError a method's
+    constructor raises when it is handed the value directly."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise SettingsError(f"{key}: {message}")
+
+
+class MethodSettings:
+    """A method's recipe section (`recipe.<section>`): its fields are the method's settings with their defaults (the
+    only ones: the method's constructor takes this object) and `check` their ranges. The class attributes describe
+    the method to the trainer and the comparison; ssl_vit/methods/registry.py pairs the class with its constructor."""
+    section: ClassVar[str]
+    needs_labels: ClassVar[bool] = False      # trains on labelled samples only
+    views: ClassVar[str] = "mae"              # the view preset when the recipe names none
+    multi_size_views: ClassVar[bool] = False  # views of several sizes: the backbone takes any size it can tile
+    fine_tunes: ClassVar[bool] = False        # may start from model.init, with optim.layer_decay
+    epoch_keys: ClassVar[tuple] = ()          # its settings counted in epochs
+    ranges: ClassVar[tuple] = ()              # (keys, rule, test) for each group of settings
+
+    def check(self, model=None) -> None:
+        """Impossible values, each named by its key (a SettingsError); with `model` (anything with img_size and
+        patch_size: the recipe's model section or a BackboneSpec) also the checks that depend on the backbone."""
+        for keys, rule, ok in self.ranges:
+            for key in keys:
+                value = getattr(self, key)
+                _check(ok(value), f"{self.section}.{key}", f"{rule}, got {value}")
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Patches MAE's encoder sees: `int(L * (1 - mask_ratio))`, as in the reference code."""
+    return int(num_patches * (1 - mask_ratio))
 
 
 @dataclass
-class MAEConfig:  # He et al. 2021, Table 1 / Sec. 4
+class MAEConfig(MethodSettings):  # He et al. 2021, Table 1 / Sec. 4
+    section: ClassVar[str] = "mae"
+    views: ClassVar[str] = "mae"
+    ranges: ClassVar[tuple] = ((("mask_ratio",), "must be in [0, 1)", lambda v: 0.0 <= v < 1.0),
+                               (("decoder_depth", "decoder_dim", "decoder_heads"), "must be ≥ 1", lambda v: v >= 1))
     mask_ratio: float = 0.75
     decoder_depth: int = 8
     decoder_dim: int = 512
     decoder_heads: int = 16
     norm_pix_loss: bool = True
 
+    def check(self, model=None) -> None:
+        super().check()
+        if model is None:
+            return
+        _check(self.decoder_dim % self.decoder_heads == 0, "mae.decoder_dim",
+               f"{self.decoder_dim} is not divisible by mae.decoder_heads={self.decoder_heads}")
+        patches = (model.img_size // model.patch_size) ** 2
+        visible = num_visible(patches, self.mask_ratio)
+        _check(visible < patches, "mae.mask_ratio", f"{self.mask_ratio} masks none "
+               f"of the {patches} patches; the loss would be empty (use a ratio ≥ {1 / max(patches, 1):.4f})")
+        _check(visible > 0, "mae.mask_ratio", f"{self.mask_ratio} masks all of the "
+               f"{patches} patches; the encoder would see nothing (use a ratio ≤ {1 - 1 / max(patches, 1):.4f})")
+
 
 @dataclass
-class DINOConfig:  # Caron et al. 2021, Sec. 3 and App. (main_dino.py defaults)
+class DINOConfig(MethodSettings):  # Caron et al. 2021, Sec. 3 and App. (main_dino.py defaults)
+    section: ClassVar[str] = "dino"
+    views: ClassVar[str] = "dino"
+    multi_size_views: ClassVar[bool] = True
+    epoch_keys: ClassVar[tuple] = ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs")
+    ranges: ClassVar[tuple] = (
+        (("out_dim", "hidden_dim", "bottleneck_dim"), "must be ≥ 1", lambda v: v >= 1),
+        (("student_temp", "teacher_temp", "warmup_teacher_temp"), "must be positive", lambda v: v > 0),
+        (("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"), "must be ≥ 0", lambda v: v >= 0),
+        (("center_momentum", "momentum_teacher"), "must be in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+        (("centering",), f"must be {' or '.join(DINO_CENTERINGS)}", lambda v: v in DINO_CENTERINGS))
     out_dim: int = 65536
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -74,11 +138,37 @@ class DINOConfig:  # Caron et al. 2021, Sec. 3 and App. (main_dino.py defaults)
 
 
 @dataclass
-class SupervisedConfig:
+class DistillConfig:  # DeiT (Touvron et al. 2021, Sec. 4): a distillation token taught by a frozen classifier
+    teacher: str = ""                # "": no distillation; a classifier's run/checkpoint folder or timm:<name>
+    kind: str = "hard"               # hard (Eq. 3: the teacher's argmax as a label) | soft (Eq. 2: KL at tau)
+    tau: float = 1.0                 # soft: temperature (the paper's soft runs: 3.0)
+    alpha: float = 0.5               # weight of the distillation term (Eq. 3: 1/2; the paper's soft λ: 0.1)
+
+    def check(self) -> None:
+        _check(self.kind in DISTILL_KINDS, "supervised.distill.kind",
+               f"must be {' or '.join(DISTILL_KINDS)}, got {self.kind!r}")
+        _check(self.tau > 0, "supervised.distill.tau", f"must be positive, got {self.tau}")
+        _check(0.0 <= self.alpha <= 1.0, "supervised.distill.alpha", f"must be in [0, 1], got {self.alpha}")
+
+
+@dataclass
+class SupervisedConfig(MethodSettings):  # DeiT recipe (Touvron et al. 2021, Sec. 6)
+    section: ClassVar[str] = "supervised"
+    needs_labels: ClassVar[bool] = True
+    views: ClassVar[str] = "supervised"
+    fine_tunes: ClassVar[bool] = True
+    ranges: ClassVar[tuple] = ((("label_smoothing",), "must be in [0, 1)", lambda v: 0.0 <= v < 1.0),
+                               (("mixup", "cutmix"), "must be ≥ 0", lambda v: v >= 0),
+                               (("mixup_prob",), "must be in [0, 1]", lambda v: 0.0 <= v <= 1.0))
     label_smoothing: float = 0.1
     mixup: float = 0.0
     cutmix: float = 0.0
     mixup_prob: float = 1.0          # probability of mixing a batch at all (mixup or cutmix)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def check(self, model=None) -> None:
+        super().check()
+        self.distill.check()
 
 
 @dataclass
@@ -118,7 +208,7 @@ class Recipe:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    views: Any = "mae"               # a preset name, {preset: name, ...options}, or a list of view specs
+    views: Any = ""                  # a preset name, {preset: name, ...options}, a list of view specs; "": the method's
     mae: MAEConfig = field(default_factory=MAEConfig)
     dino: DINOConfig = field(default_factory=DINOConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
@@ -127,6 +217,15 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+METHODS = tuple(f.name for f in dataclasses.fields(Recipe)
+                if isinstance(f.default_factory, type) and issubclass(f.default_factory, MethodSettings))
+
+
+def method_settings(r: Recipe) -> MethodSettings:
+    """The recipe's section for its own method (`recipe.<method>`)."""
+    return getattr(r, r.method)
 
 
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -234,7 +333,9 @@ def load_recipe(path=None, overrides: list | None = None, for_run: bool = True) 
         apply_file(recipe, path)
     for override in overrides or []:
         apply_override(recipe, override)
-    recipe.views = views_following_img_size(recipe.views, recipe.model.img_size, recipe.model.patch_size)
+    if recipe.method in METHODS:
+        recipe.views = views_following_img_size(recipe.views or method_settings(recipe).views,
+                                                recipe.model.img_size, recipe.model.patch_size)
     validate(recipe, for_run)
     return recipe
 
@@ -256,30 +357,11 @@ def views_following_img_size(views, img_size: int, patch_size: int):
     return {**sizes, **preset}
 
 
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise SslVitError(f"{key}: {message}")
-
-
-# Ranges of the methods' settings: (section, keys, rule, test). The methods check them again with plain ValueErrors.
-METHOD_RANGES = [
-    ("mae", ("mask_ratio",), "must be in [0, 1)", lambda v: 0.0 <= v < 1.0),
-    ("dino", ("out_dim", "hidden_dim", "bottleneck_dim"), "must be ≥ 1", lambda v: v >= 1),
-    ("dino", ("student_temp", "teacher_temp", "warmup_teacher_temp"), "must be positive", lambda v: v > 0),
-    ("dino", ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"), "must be ≥ 0", lambda v: v >= 0),
-    ("dino", ("center_momentum", "momentum_teacher"), "must be in [0, 1]", lambda v: 0.0 <= v <= 1.0),
-    ("supervised", ("label_smoothing",), "must be in [0, 1)", lambda v: 0.0 <= v < 1.0),
-    ("supervised", ("mixup", "cutmix"), "must be ≥ 0", lambda v: v >= 0),
-    ("supervised", ("mixup_prob",), "must be in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
-
-
 def validate(r: Recipe, for_run: bool = True) -> None:
     """Impossible values, each named by its key. (Views are validated where they are built, with their index.)"""
     _check(r.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {r.method!r}")
-    for section, keys, rule, ok in METHOD_RANGES:
-        for key in keys:
-            value = getattr(getattr(r, section), key)
-            _check(ok(value), f"{section}.{key}", f"{rule}, got {value}")
+    for section in METHODS:  # every section's ranges; the backbone-dependent checks for the recipe's method only
+        getattr(r, section).check(r.model if section == r.method else None)
     _check(r.data.batch_size > 0, "data.batch_size", f"must be positive, got {r.data.batch_size}")
     _check(r.data.num_workers >= 0, "data.num_workers", "must be ≥ 0")
     _check(r.data.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be ≥ 1 sample, got {r.data.shuffle_buffer}")
@@ -305,32 +387,20 @@ def validate(r: Recipe, for_run: bool = True) -> None:
     _check(r.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "must be stop or skip")
     _check(r.model.img_size % r.model.patch_size == 0, "model.patch_size",
            f"{r.model.patch_size} does not divide model.img_size={r.model.img_size}")
-    _check(r.dino.centering in DINO_CENTERINGS, "dino.centering",
-           f"must be {' or '.join(DINO_CENTERINGS)}, got {r.dino.centering!r}")
-    _check(not r.model.init or r.method == "supervised", "model.init",
-           f"only the supervised method fine-tunes a pretrained backbone (method is {r.method!r})")
-    _check(r.optim.layer_decay == 1.0 or r.method == "supervised", "optim.layer_decay",
-           f"layer-wise lr decay is for fine-tuning (method supervised), not {r.method!r}")
-    _check(r.mae.decoder_depth >= 1, "mae.decoder_depth", "must be ≥ 1")
-    if r.method == "mae":
-        _check(r.mae.decoder_dim % r.mae.decoder_heads == 0, "mae.decoder_dim",
-               f"{r.mae.decoder_dim} is not divisible by mae.decoder_heads")
-        from ssl_vit.models.masking import num_visible  # torch: loaded with the method anyway
-
-        patches = (r.model.img_size // r.model.patch_size) ** 2
-        visible = num_visible(patches, r.mae.mask_ratio)
-        _check(visible < patches, "mae.mask_ratio", f"{r.mae.mask_ratio} masks none "
-               f"of the {patches} patches; the loss would be empty (use a ratio ≥ {1 / max(patches, 1):.4f})")
-        _check(visible > 0, "mae.mask_ratio", f"{r.mae.mask_ratio} masks all of the "
-               f"{patches} patches; the encoder would see nothing (use a ratio ≤ {1 - 1 / max(patches, 1):.4f})")
+    fine_tuners = ", ".join(m for m in METHODS if getattr(r, m).fine_tunes)
+    _check(not r.model.init or method_settings(r).fine_tunes, "model.init",
+           f"only the {fine_tuners} method fine-tunes a pretrained backbone (method is {r.method!r})")
+    _check(r.optim.layer_decay == 1.0 or method_settings(r).fine_tunes, "optim.layer_decay",
+           f"layer-wise lr decay is for fine-tuning (method {fine_tuners}), not {r.method!r}")
+    _check(not r.supervised.distill.teacher or method_settings(r) is r.supervised, "supervised.distill.teacher",
+           f"distillation trains a supervised student (method: supervised), not {r.method!r}")
 
 
 def epoch_settings(r: Recipe) -> dict[str, float]:
     """The recipe keys counted in epochs that are set (> 0) for this recipe's method."""
     keys = {"train.epochs": r.train.epochs, "optim.warmup_epochs": r.optim.warmup_epochs}
-    if r.method == "dino":
-        keys.update({"dino.warmup_teacher_temp_epochs": r.dino.warmup_teacher_temp_epochs,
-                     "dino.freeze_last_layer_epochs": r.dino.freeze_last_layer_epochs})
+    settings = method_settings(r)
+    keys.update({f"{settings.section}.{key}": getattr(settings, key) for key in settings.epoch_keys})
     return {k: v for k, v in keys.items() if v > 0}
 
 

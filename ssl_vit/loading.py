@@ -8,7 +8,9 @@ folder as timm's `save_for_hf` writes it: config.json + model.safetensors; our e
 `hf-hub:<id>` (the same from the Hugging Face Hub). A backbone whose config asks for another mean/std than the one
 our views are normalised with gets it folded into its patch embedding (exact: the patch embedding is linear).
 
-Methods never load weights themselves: `build_method` gives a freshly initialised one, and this module fills it.
+Methods never load weights themselves: `build_method` gives a freshly initialised one, and this module fills it (and
+hands a distillation teacher to the method that names one). The trainer never imports this module: callers that
+train from weights on disk pass it `method_from_recipe`.
 """
 import contextlib
 import json
@@ -20,6 +22,7 @@ import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from huggingface_hub import constants as hub_constants
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
@@ -27,6 +30,7 @@ from ssl_vit.config import Recipe, _apply
 from ssl_vit.errors import SslVitError, load_error_detail
 from ssl_vit.methods import backbone_spec, build_method
 from ssl_vit.methods.base import Method
+from ssl_vit.models.backbone import backbone_family, patch_size_of
 from ssl_vit.models.export import META_KEY, first_mismatch, read_backbone_meta, reference_model
 from ssl_vit.train.checkpoint import find_checkpoint
 from ssl_vit.transforms.normalize import MEAN, STD
@@ -82,7 +86,8 @@ def load_method(path) -> tuple[Method, dict]:
         raise SslVitError(f"{ckpt / 'trainer.json'}: not valid JSON ({e})") from None
     recipe = Recipe()
     _apply(recipe, state.get("recipe", {}), "")
-    method = build_method(recipe, num_classes=recipe.data.num_classes or len(state.get("classes") or []))
+    method = build_method(recipe, num_classes=recipe.data.num_classes or len(state.get("classes") or []),
+                          load_classifier=load_classifier)
     try:
         method.load_state_dict(load_file(str(weights)), strict=True)
     except RuntimeError as e:
@@ -95,11 +100,40 @@ def load_method(path) -> tuple[Method, dict]:
 
 
 def method_from_recipe(recipe: Recipe, num_classes: int = 0, num_global_views: int = 2) -> Method:
-    """`build_method`, then the pretrained backbone `model.init` (if set) copied into the method's backbone."""
-    method = build_method(recipe, num_classes=num_classes, num_global_views=num_global_views)
+    """`build_method` (a distillation teacher loaded by `load_classifier`), then the pretrained backbone `model.init`
+    (if set) copied into the method's backbone."""
+    method = build_method(recipe, num_classes=num_classes, num_global_views=num_global_views,
+                          load_classifier=load_classifier)
     if recipe.model.init:
         init_backbone(method.backbone(), recipe.model.init)
     return method
+
+
+TEACHER_KEY = "supervised.distill.teacher"
+
+
+def load_classifier(source, num_classes: int) -> nn.Module:
+    """A trained classifier (normalised images → logits over `num_classes`), in eval mode: a distillation teacher.
+    `source`: a run or checkpoint folder of a run that trains one (supervised, fine-tuned, distilled), or
+    `timm:<name>` with its own head. An export is headless: it cannot teach."""
+    prefix = timm_source(source)
+    if prefix is not None:
+        model, _ = _from_timm(prefix, str(source)[len(prefix):], num_classes=None)
+    else:
+        path = Path(source)
+        if not (path / "trainer.json").is_file() and not (path / "checkpoints").is_dir():
+            raise SslVitError(f"{TEACHER_KEY}: {source} is no run or checkpoint folder (a teacher needs its "
+                              "classifier head, which an exported backbone does not keep)")
+        method, meta = load_method(path)
+        model = method.classifier()
+        if model is None:
+            raise SslVitError(f"{TEACHER_KEY}: {source} is a {meta['method']} run, which trains no classifier "
+                              "(fine-tune it first: ssl-vit finetune --init RUN)")
+    classes = getattr(model, "num_classes", 0)
+    if classes != num_classes:
+        raise SslVitError(f"{TEACHER_KEY}: {source} classifies {classes} classes, the training data has "
+                          f"{num_classes}")
+    return model.eval()
 
 
 def init_backbone(model: nn.Module, source) -> dict:
@@ -109,10 +143,12 @@ def init_backbone(model: nn.Module, source) -> dict:
     if not timm_source(source) and not Path(source).exists():
         raise SslVitError(f"model.init: no pretrained backbone at {source}")
     pretrained, meta = load_backbone(source)
-    if pretrained.embed_dim != model.embed_dim or len(pretrained.blocks) != len(model.blocks):
-        raise SslVitError(f"model.init: {source} is a {len(pretrained.blocks)}-block, {pretrained.embed_dim}-wide "
-                          f"ViT; the recipe builds {len(model.blocks)} blocks, {model.embed_dim} wide")
-    state = checkpoint_filter_fn(pretrained.state_dict(), model)
+    if type(pretrained) is not type(model) or pretrained.num_features != model.num_features or \
+            len(pretrained.state_dict()) != len(model.state_dict()) - len(list(model.get_classifier().parameters())):
+        raise SslVitError(f"model.init: {source} is a {describe(pretrained)}; the recipe builds a {describe(model)}")
+    state = pretrained.state_dict()
+    if hasattr(model, "pos_embed"):  # a ViT's position embeddings resampled to the recipe's grid
+        state = checkpoint_filter_fn(state, model)
     head = {name for name, _ in model.get_classifier().named_parameters(prefix="head")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -123,6 +159,12 @@ def init_backbone(model: nn.Module, source) -> dict:
         raise SslVitError(f"model.init: {source} does not fit the recipe's model: {stray[0]} "
                           f"({len(stray)} weights missing or unexpected)")
     return meta
+
+
+def describe(model: nn.Module) -> str:
+    """'VisionTransformer, 384-wide, 12 blocks' (the features' width; depth: blocks or Swin stages)."""
+    depth = f"{len(model.blocks)} blocks" if hasattr(model, "blocks") else f"{len(model.layers)} stages"
+    return f"{type(model).__name__}, {model.num_features}-wide, {depth}"
 
 
 def _from_export(path: Path) -> tuple[nn.Module, dict]:
@@ -142,17 +184,21 @@ def _from_export(path: Path) -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
-def _from_timm(prefix: str, name: str) -> tuple[nn.Module, dict]:
-    """A headless timm ViT: `name` from its registry, a local folder or the Hub, with or without its weights."""
+def _from_timm(prefix: str, name: str, num_classes: int | None = 0) -> tuple[nn.Module, dict]:
+    """A timm backbone, headless (`num_classes=0`) or with its own head (None): `name` from its registry, a local
+    folder or the Hub, with or without its weights."""
     timm_prefix, pretrained = TIMM_SOURCES[prefix]
     if timm_prefix == "local-dir:" and not (Path(name) / "config.json").is_file():
         raise SslVitError(f"backbone {prefix}{name}: no config.json in that folder (timm's save_for_hf layout: "
                           "config.json + model.safetensors)")
     if not timm_prefix and not timm.is_model(name.split(".")[0]):
         raise SslVitError(f"backbone {prefix}{name}: timm could not load it: no such model in timm's registry")
+    if not timm_prefix:
+        backbone_family(name)  # a family ssl_vit evaluates, or one line naming the model
+    head = {} if num_classes is None else {"num_classes": num_classes}
     with hub_or_cache(pretrained and timm_prefix != "local-dir:") as online:
         try:
-            model = timm.create_model(timm_prefix + name, pretrained=pretrained, num_classes=0)
+            model = timm.create_model(timm_prefix + name, pretrained=pretrained, **head)
         except Exception as e:  # timm, huggingface_hub and requests raise many types for "not there" and "no network"
             if not online and pretrained and timm_prefix != "local-dir:":
                 raise SslVitError(f"backbone {prefix}{name}: the Hugging Face Hub is unreachable from here and its "
@@ -164,7 +210,7 @@ def _from_timm(prefix: str, name: str) -> tuple[nn.Module, dict]:
         raise SslVitError(f"backbone {prefix}{name}: not a ViT (no patch_embed)")
     cfg = model.pretrained_cfg
     meta = {"model_name": model.default_cfg.get("architecture", name), "img_size": int(model.patch_embed.img_size[0]),
-            "patch_size": int(model.patch_embed.patch_size[0]), "method": "timm", "source": prefix + name,
+            "patch_size": patch_size_of(model), "method": "timm", "source": prefix + name,
             "pretrained": pretrained}
     if timm_prefix == "local-dir:":  # our export: its metadata (method, step, classes, ...) says more
         meta.update(json.loads((Path(name) / "config.json").read_text()).get(META_KEY, {}))
@@ -177,16 +223,14 @@ def _from_timm(prefix: str, name: str) -> tuple[nn.Module, dict]:
 def hub_or_cache(uses_hub: bool):
     """Yields whether the Hub is asked. Where it does not answer, weights come straight from the local cache
     (huggingface_hub's offline mode, for this call only): asking it would retry for about 45 s first."""
-    from huggingface_hub import constants
-
-    if not uses_hub or constants.HF_HUB_OFFLINE or _answers(constants.ENDPOINT):
-        yield uses_hub and not constants.HF_HUB_OFFLINE
+    if not uses_hub or hub_constants.HF_HUB_OFFLINE or _answers(hub_constants.ENDPOINT):
+        yield uses_hub and not hub_constants.HF_HUB_OFFLINE
         return
-    constants.HF_HUB_OFFLINE = True
+    hub_constants.HF_HUB_OFFLINE = True
     try:
         yield False
     finally:
-        constants.HF_HUB_OFFLINE = False
+        hub_constants.HF_HUB_OFFLINE = False
 
 
 def _answers(url: str, timeout: float = 3.0) -> bool:
@@ -208,6 +252,10 @@ def match_normalisation(model: nn.Module, mean, std) -> None:
     ours_mean, ours_std = torch.tensor(MEAN, dtype=torch.float64), torch.tensor(STD, dtype=torch.float64)
     if torch.allclose(mean, ours_mean) and torch.allclose(std, ours_std):
         return
+    if hasattr(model.patch_embed, "backbone"):
+        raise SslVitError(f"backbone {model.default_cfg.get('architecture')}: a hybrid ViT trained on images "
+                          f"normalised with mean {mean.tolist()}, std {std.tolist()}; its ResNet stem (padded, "
+                          "weight-standardised convolutions) cannot be adapted exactly to ours")
     proj = model.patch_embed.proj
     weight = proj.weight.double()  # [D, 3, p, p]
     scale, shift = ours_std / std, (ours_mean - mean) / std  # [3]

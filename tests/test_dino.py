@@ -346,13 +346,16 @@ def test_bad_views(views, match):
         method({"views": views()}, sched_at(method, 0))
 
 
-@pytest.mark.parametrize("kwargs,key", [(dict(num_global=0), "num_global ≥ 1 \\(0\\)"),
-                                        (dict(teacher_temp=0.0), "temperatures > 0 \\(0.0"),
-                                        (dict(momentum_teacher=1.5), "momentum_teacher in \\[0, 1\\] \\(1.5\\)")])
+@pytest.mark.parametrize("kwargs,key", [(dict(num_global=0), "num_global_views: DINO needs ≥ 1 global view"),
+                                        (dict(teacher_temp=0.0), "dino.teacher_temp: must be positive, got 0.0"),
+                                        (dict(momentum_teacher=1.5), r"dino.momentum_teacher: must be in \[0, 1\]")])
 def test_bad_config(kwargs, key):
-    """Inside, a plain ValueError; a recipe's values are named by their keys where it is loaded (test_config.py)."""
-    with pytest.raises(ValueError, match=key):
+    """The constructor checks through the settings class a recipe is checked with (one source of checks): the same
+    message, naming the recipe key; a ValueError too."""
+    with pytest.raises(SslVitError, match=key):
         tiny_dino(**kwargs)
+    with pytest.raises(ValueError):
+        tiny_dino(**kwargs) if "num_global" not in kwargs else DINO(tiny_spec(), teacher_temp=-1.0)
 
 
 # -- learning on real images -------------------------------------------------------------------------------------

@@ -270,10 +270,12 @@ def test_backbone_is_plain_timm_vit_on_full_images():
     assert enc(real_images(2)).shape == (2, 64)
 
 
-@pytest.mark.parametrize("kw,match", [(dict(mask_ratio=1.0), "mask_ratio"), (dict(mask_ratio=0.0), "masks none"),
-                                      (dict(decoder_dim=30), "decoder_dim")])
+@pytest.mark.parametrize("kw,match", [(dict(mask_ratio=1.0), r"mae.mask_ratio: must be in \[0, 1\)"),
+                                      (dict(mask_ratio=0.0), "mae.mask_ratio: 0.0 masks none"),
+                                      (dict(decoder_dim=30), "mae.decoder_dim: 30 is not divisible")])
 def test_bad_config(kw, match):
-    """Inside, a plain ValueError; a recipe's values are named by their keys where it is loaded (test_config.py)."""
+    """The constructor checks through the settings class a recipe is checked with (one source of checks): the
+    recipe key's message, raised as a ValueError too."""
     with pytest.raises(ValueError, match=match):
         make_mae(**kw)
 

@@ -25,12 +25,13 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ssl_vit.config import load_recipe
+    from ssl_vit.loading import method_from_recipe
     from ssl_vit.train.finetune import finetune
 
     overrides = recipe_overrides(args, {"model.init": args.init, "data.eval": args.eval_shards,
                                         "train.out_dir": args.out_dir, "train.resume": args.resume})
     if args.no_progress:
         overrides.append(("train.progress", False))
-    result = finetune(load_recipe(args.recipe, overrides), args.recipe)
+    result = finetune(load_recipe(args.recipe, overrides), args.recipe, build=method_from_recipe)
     print(json.dumps(result, indent=1))
     return 0

@@ -31,11 +31,12 @@ def recipe_overrides(args, options: dict) -> list:
 
 def run(args) -> int:
     from ssl_vit.config import load_recipe
+    from ssl_vit.loading import method_from_recipe
     from ssl_vit.train.trainer import Trainer
 
     recipe = load_recipe(args.recipe, recipe_overrides(args, {"train.out_dir": args.out_dir,
                                                               "train.resume": args.resume}))
-    trainer = Trainer(recipe)
+    trainer = Trainer(recipe, build=method_from_recipe)  # a distillation teacher is read from disk
     summary = trainer.fit()
     if trainer.acc.is_main_process:
         print(json.dumps(summary, indent=1))

@@ -3,25 +3,18 @@
 A corrupt image or a sample without an image is a `BadSample` that the stream counts and skips.
 """
 import io
-import re
 import json
 import logging
 
 from PIL import Image
 
 from ssl_vit.data.tar_reader import iter_samples, read_shard  # noqa: F401  (re-exported)
+from ssl_vit.errors import SAMPLE_INFO, BadSample, plain  # noqa: F401  (re-exported: the readers' names for them)
 
 
 log = logging.getLogger("ssl_vit.data")
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
-
-
-class BadSample(Exception):
-    """A sample that cannot be used (no image, undecodable image); the reader skips and counts it."""
-
-
-SAMPLE_INFO = "ssl_vit.sample"  # the `info` key of an opened image that names its sample (for error messages)
 
 
 def image_key(sample: dict) -> str | None:
@@ -30,14 +23,6 @@ def image_key(sample: dict) -> str | None:
     if key is None:
         key = next((k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in IMAGE_KEYS), None)
     return key
-
-
-_OBJECT_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
-
-
-def plain(error: Exception) -> str:
-    """An error's message without Python object reprs (PIL names the BytesIO it could not read)."""
-    return _OBJECT_REPR.sub("the image bytes", str(error)) or type(error).__name__
 
 
 def open_image(sample: dict) -> Image.Image:

@@ -11,10 +11,21 @@ The trainer never asks which method it runs. Per optimizer step it:
   6. calls `method.on_step_end(step, sched)` (e.g. the EMA teacher update).
 """
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+
+@dataclass
+class BuildContext:
+    """What a method's `from_recipe` needs beyond the recipe: facts of the data and views, and the loader of a
+    classifier a recipe names (a distillation teacher: `ssl_vit.loading.load_classifier`; methods never read weights
+    from disk themselves)."""
+    num_classes: int = 0
+    num_global_views: int = 2
+    load_classifier: Callable | None = None
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -66,3 +77,7 @@ class Method(nn.Module, ABC):
     def backbone(self) -> nn.Module:
         """The network that evaluation and export use (DINO: the teacher)."""
         return self.encoder
+
+    def classifier(self) -> nn.Module | None:
+        """The trained classifier (backbone + head, images → logits) where the method trains one, else None."""
+        return None

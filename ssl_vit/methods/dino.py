@@ -11,10 +11,11 @@ from functools import partial
 import torch
 from torch import nn
 
+from ssl_vit.config import DINOConfig
 from ssl_vit.errors import SslVitError
 from ssl_vit.heads.dino_head import DINOHead
 from ssl_vit.losses.dino_loss import DINOLoss, TeacherTargets
-from ssl_vit.methods.base import Method
+from ssl_vit.methods.base import BuildContext, Method
 from ssl_vit.models.backbone import BackboneSpec, create_backbone
 from ssl_vit.schedules import cosine, linear_warmup_then_constant
 
@@ -59,23 +60,22 @@ class DINO(Method):
     is always built with `dynamic_img_size=True`.
     """
 
-    def __init__(self, backbone: BackboneSpec, out_dim: int = 65536, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, norm_last_layer: bool = True, use_bn_in_head: bool = False,
-                 num_global: int = 2, student_temp: float = 0.1, teacher_temp: float = 0.07,
-                 warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: float = 30,
-                 center_momentum: float = 0.9, centering: str = "center", momentum_teacher: float = 0.996,
-                 freeze_last_layer_epochs: float = 1):
+    def __init__(self, backbone: BackboneSpec, settings: DINOConfig | None = None, num_global: int = 2, **changes):
+        """`settings` (the recipe's `dino` section; its defaults when None), with `changes` to single fields."""
         super().__init__()
-        _validate(num_global, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, momentum_teacher,
-                  freeze_last_layer_epochs)
+        s = replace(settings or DINOConfig(), **changes)
+        s.check(backbone)
+        if num_global < 1:
+            raise SslVitError(f"num_global_views: DINO needs ≥ 1 global view (views marked global_view: true, as "
+                              f"the dino preset marks them), got {num_global}")
         self.num_global = num_global
-        self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
-        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
-        self.momentum_teacher = momentum_teacher
-        self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        self.teacher_temp, self.warmup_teacher_temp = s.teacher_temp, s.warmup_teacher_temp
+        self.warmup_teacher_temp_epochs = s.warmup_teacher_temp_epochs
+        self.momentum_teacher = s.momentum_teacher
+        self.freeze_last_layer_epochs = s.freeze_last_layer_epochs
         spec = replace(backbone, dynamic_img_size=True)
-        make_head = partial(DINOHead, out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
-                            norm_last_layer=norm_last_layer, use_bn=use_bn_in_head)
+        make_head = partial(DINOHead, out_dim=s.out_dim, hidden_dim=s.hidden_dim, bottleneck_dim=s.bottleneck_dim,
+                            norm_last_layer=s.norm_last_layer, use_bn=s.use_bn_in_head)
         student = create_backbone(spec)
         self.student = MultiCropNet(student, make_head(student.num_features))
         # The reference teacher has no stochastic depth; its weights start equal to the student's.
@@ -83,7 +83,12 @@ class DINO(Method):
         self.teacher = MultiCropNet(teacher, make_head(teacher.num_features))
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        self.loss = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum, centering=centering)
+        self.loss = DINOLoss(s.out_dim, student_temp=s.student_temp, center_momentum=s.center_momentum,
+                             centering=s.centering)
+
+    @classmethod
+    def from_recipe(cls, recipe, spec: BackboneSpec, context: BuildContext) -> "DINO":
+        return cls(spec, recipe.dino, num_global=context.num_global_views)
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict:
         """`momentum`: cosine momentum_teacher → 1 over the run; `teacher_temp`: linear warm-up
@@ -155,12 +160,3 @@ class DINO(Method):
 
 def _before(limit: int, step: int) -> float:
     return float(step < limit)
-
-
-def _validate(num_global, teacher_temp, warmup_teacher_temp, warmup_epochs, momentum, freeze_epochs) -> None:
-    """A plain ValueError: a recipe's values are checked, each named by its key, where it is loaded (config.py)."""
-    if num_global < 1 or min(teacher_temp, warmup_teacher_temp) <= 0 or min(warmup_epochs, freeze_epochs) < 0 or \
-            not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"DINO: need num_global ≥ 1 ({num_global}), teacher temperatures > 0 ({teacher_temp}, "
-                         f"{warmup_teacher_temp}), epochs ≥ 0 ({warmup_epochs}, {freeze_epochs}) and "
-                         f"momentum_teacher in [0, 1] ({momentum})")

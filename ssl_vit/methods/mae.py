@@ -1,16 +1,27 @@
 """Masked autoencoder pretraining around a timm ViT (He et al. 2021, "Masked Autoencoders Are Scalable Vision
 Learners"): the encoder is the timm model itself, run on the visible patches only; the decoder is `MAEDecoder`."""
+from dataclasses import replace
+
 import torch
 from torch import nn
 
+from ssl_vit.config import MAEConfig, num_visible
 from ssl_vit.errors import SslVitError
 from ssl_vit.losses.mae_loss import mae_loss, patch_stats, patchify, unpatchify
-from ssl_vit.methods.base import Method
-from ssl_vit.models.backbone import BackboneSpec, create_backbone, patch_size_of
+from ssl_vit.methods.base import BuildContext, Method
+from ssl_vit.models.backbone import BackboneSpec, backbone_family, create_backbone, patch_size_of
 from ssl_vit.models.mae_decoder import MAEDecoder, init_mae_weights
-from ssl_vit.models.masking import num_visible, random_masking
+from ssl_vit.models.masking import random_masking
 from ssl_vit.models.pos_embed import sincos_2d
 from ssl_vit.seeding import step_generator
+
+
+# Why MAE refuses the other families (it would need SimMIM-style mask tokens instead of dropping patches).
+NOT_MAE_ENCODERS = {
+    "swin": "MAE's encoder sees only the visible patches, and a Swin's shifted windows and patch merging need the "
+            "whole patch grid (SimMIM-style masking would be needed); train it with dino or supervised",
+    "hybrid": "MAE's encoder sees only the visible patches, and a hybrid's ResNet stem mixes neighbouring patches "
+              "before any can be dropped (masked pixels would leak); train it with dino or supervised"}
 
 
 def check_mae_encoder(encoder: nn.Module, name: str) -> None:
@@ -33,24 +44,30 @@ class MAE(Method):
     seed, step, rank and micro-batch): the model holds no random state, so a resumed run draws the same masks.
     """
 
-    def __init__(self, backbone: BackboneSpec, mask_ratio: float = 0.75, decoder_depth: int = 8,
-                 decoder_dim: int = 512, decoder_heads: int = 16, norm_pix_loss: bool = True):
+    def __init__(self, backbone: BackboneSpec, settings: MAEConfig | None = None, **changes):
+        """`settings` (the recipe's `mae` section; its defaults when None), with `changes` to single fields."""
         super().__init__()
+        s = replace(settings or MAEConfig(), **changes)
+        s.check(backbone)
+        family = backbone_family(backbone.name)
+        if family in NOT_MAE_ENCODERS:
+            raise SslVitError(f"model.name: {backbone.name!r} is a {family} backbone: {NOT_MAE_ENCODERS[family]}")
         self.encoder = create_backbone(backbone, num_classes=0)
         check_mae_encoder(self.encoder, backbone.name)
         self.grid = tuple(self.encoder.patch_embed.grid_size)
         self.patch_size = patch_size_of(self.encoder)
         self.img_size = (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
         length = self.grid[0] * self.grid[1]
-        kept = num_visible(length, mask_ratio)
-        if not 0 < kept < length:
-            raise ValueError(f"MAE: mask_ratio {mask_ratio} masks none or all of the {length} patches")
-        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
-        self.effective_mask_ratio = 1.0 - kept / length
+        self.mask_ratio, self.norm_pix_loss = s.mask_ratio, s.norm_pix_loss
+        self.effective_mask_ratio = 1.0 - num_visible(length, s.mask_ratio) / length
         self.in_chans = self.encoder.patch_embed.proj.in_channels
-        self.decoder = MAEDecoder(self.grid, self.patch_size, self.encoder.embed_dim, decoder_dim, decoder_depth,
-                                  decoder_heads, in_chans=self.in_chans)
+        self.decoder = MAEDecoder(self.grid, self.patch_size, self.encoder.embed_dim, s.decoder_dim, s.decoder_depth,
+                                  s.decoder_heads, in_chans=self.in_chans)
         self._init_encoder()
+
+    @classmethod
+    def from_recipe(cls, recipe, spec: BackboneSpec, context: BuildContext) -> "MAE":
+        return cls(spec, recipe.mae)
 
     @torch.no_grad()
     def _init_encoder(self) -> None:

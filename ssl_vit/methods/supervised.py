@@ -4,14 +4,17 @@ recipe, Touvron et al. 2021, Sec. 6). With `model.init` it starts from a pretrai
 `ssl_vit.loading.method_from_recipe`) and, with `optim.layer_decay` < 1, trains with layer-wise lr decay: MAE's
 end-to-end fine-tuning (He et al. 2021, App. A.3)."""
 import contextlib
+from dataclasses import replace
 
 import numpy as np
 import torch
 from timm.data import Mixup
+from timm.optim import param_groups_layer_decay
 
+from ssl_vit.config import SettingsError, SupervisedConfig
 from ssl_vit.errors import SslVitError
 from ssl_vit.losses.classification import classification_loss, top1_accuracy
-from ssl_vit.methods.base import Method
+from ssl_vit.methods.base import BuildContext, Method
 from ssl_vit.models.backbone import BackboneSpec, create_backbone
 
 
@@ -33,28 +36,38 @@ class Supervised(Method):
     accuracy on the mixed images against each image's own label.
     """
 
-    def __init__(self, backbone: BackboneSpec, num_classes: int, label_smoothing: float = 0.1, mixup: float = 0.0,
-                 cutmix: float = 0.0, mixup_prob: float = 1.0, layer_decay: float = 1.0):
+    def __init__(self, backbone: BackboneSpec, num_classes: int, settings: SupervisedConfig | None = None,
+                 layer_decay: float = 1.0, **changes):
+        """`settings` (the recipe's `supervised` section; its defaults when None), with `changes` to single fields."""
         super().__init__()
-        if num_classes < 2 or not 0.0 <= label_smoothing < 1.0 or min(mixup, cutmix) < 0 or not 0 <= mixup_prob <= 1:
-            raise ValueError(f"Supervised: need num_classes ≥ 2 ({num_classes}), label_smoothing in [0, 1) "
-                             f"({label_smoothing}), mixup/cutmix ≥ 0 ({mixup}, {cutmix}), mixup_prob in [0, 1] "
-                             f"({mixup_prob})")
-        self.encoder = create_backbone(backbone, num_classes=num_classes)
+        s = replace(settings or SupervisedConfig(), **changes)
+        s.check(backbone)
+        if num_classes < 2:
+            raise SettingsError(f"data.num_classes: supervised training needs ≥ 2 classes, got {num_classes} (set it, "
+                              "or train from shards whose index.json lists the classes)")
+        self.encoder = self._create_encoder(backbone, num_classes)
         self.layer_decay = layer_decay
-        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+        self.num_classes, self.label_smoothing = num_classes, s.label_smoothing
         self.mixup = None
-        if (mixup > 0 or cutmix > 0) and mixup_prob > 0:
-            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
-                               label_smoothing=label_smoothing, num_classes=num_classes)
+        if (s.mixup > 0 or s.cutmix > 0) and s.mixup_prob > 0:
+            self.mixup = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, prob=s.mixup_prob,
+                               label_smoothing=s.label_smoothing, num_classes=num_classes)
+
+    def _create_encoder(self, backbone: BackboneSpec, num_classes: int):
+        return create_backbone(backbone, num_classes=num_classes)
+
+    @classmethod
+    def from_recipe(cls, recipe, spec: BackboneSpec, context: BuildContext) -> "Supervised":
+        return cls(spec, context.num_classes, recipe.supervised, layer_decay=recipe.optim.layer_decay)
+
+    def classifier(self) -> torch.nn.Module:
+        return self.encoder
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """With `layer_decay` < 1 (fine-tuning; BEiT, Bao et al. 2021; MAE App. A.3): timm's layer-wise groups, the
         lr of layer i of L scaled by layer_decay^(L + 1 − i) — the head at full lr, the patch embedding lowest."""
         if self.layer_decay == 1.0:
             return super().param_groups(weight_decay)
-        from timm.optim import param_groups_layer_decay
-
         groups = param_groups_layer_decay(self.encoder, weight_decay=weight_decay, layer_decay=self.layer_decay,
                                           no_weight_decay_list=self.encoder.no_weight_decay())
         for group in groups:

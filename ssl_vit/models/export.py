@@ -22,11 +22,14 @@ import timm
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from ssl_vit.atomic_io import atomic_path, write_text_atomic
 from ssl_vit.errors import SslVitError
 from ssl_vit.models.backbone import BackboneSpec
+from ssl_vit.transforms.normalize import MEAN, STD
+from ssl_vit.transforms.views import EVAL_CROP_RATIO  # what `eval_views` crops by default
 
 META_KEY = "ssl_vit"
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
@@ -82,11 +85,6 @@ def export_backbone(model: nn.Module, spec: BackboneSpec, path, extra_meta: dict
 def write_hf_folder(ref: nn.Module, path: Path, create_kwargs: dict, meta: dict) -> None:
     """`config.json` and `model.safetensors` (a hard link to `path`, a copy where links are impossible) beside the
     export, as `timm.models.save_for_hf` would write them for these weights."""
-    from timm.models._hub import save_config_for_hf
-
-    from ssl_vit.transforms.normalize import MEAN, STD
-    from ssl_vit.transforms.views import EVAL_CROP_RATIO  # what `eval_views` crops by default
-
     folder = path.parent
     data_config = {"mean": MEAN, "std": STD, "crop_pct": EVAL_CROP_RATIO, "interpolation": "bicubic"}
     with atomic_path(folder / HF_CONFIG) as tmp:

@@ -6,10 +6,7 @@ uninterrupted run drew at step k).
 """
 import torch
 
-
-def num_visible(num_patches: int, mask_ratio: float) -> int:
-    """Patches the encoder sees: `int(L * (1 - mask_ratio))`, as in the reference code."""
-    return int(num_patches * (1 - mask_ratio))
+from ssl_vit.config import num_visible  # the recipe's meaning of mask_ratio, checked where recipes load
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator):

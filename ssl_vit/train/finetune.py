@@ -1,6 +1,7 @@
 """Fine-tuning: supervised training from a pretrained backbone (model.init), then top-1/top-5 on `data.eval`. What
 `ssl-vit finetune` and the comparison pipeline both run."""
 from ssl_vit.atomic_io import write_json_atomic
+from ssl_vit.config import method_settings
 from ssl_vit.data.index import index_is_labeled, read_index
 from ssl_vit.data.sources import expand_source
 from ssl_vit.errors import SslVitError
@@ -8,9 +9,10 @@ from ssl_vit.eval.classify import evaluate_classifier
 from ssl_vit.train.trainer import Trainer
 
 
-def finetune(recipe, recipe_path: str = "") -> dict:
-    """Train, then evaluate on `data.eval` (when set); returns the training summary plus the evaluation."""
-    if recipe.method != "supervised":
+def finetune(recipe, recipe_path: str = "", build=None) -> dict:
+    """Train, then evaluate on `data.eval` (when set); returns the training summary plus the evaluation. `build`:
+    the method with `model.init` copied in (`ssl_vit.loading.method_from_recipe`, passed down by the caller)."""
+    if not method_settings(recipe).fine_tunes:
         raise SslVitError(f"method: fine-tuning trains a classifier (method: supervised), got {recipe.method!r}")
     if not recipe.model.init:
         raise SslVitError(f"model.init: fine-tuning needs a pretrained backbone (--init PATH or model.init=PATH)"
@@ -19,7 +21,7 @@ def finetune(recipe, recipe_path: str = "") -> dict:
         require_labelled_shards(key, source)
     if recipe.data.eval:
         expand_source(recipe.data.eval)  # a missing evaluation set is named now, not after training
-    trainer = Trainer(recipe)
+    trainer = Trainer(recipe, build=build)
     result = {**trainer.fit(), "init": recipe.model.init, "layer_decay": recipe.optim.layer_decay}
     if recipe.data.eval:
         result["eval"] = evaluate_classifier(

@@ -16,14 +16,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ssl_vit.atomic_io import write_json_atomic, write_text_atomic
-from ssl_vit.config import Recipe, check_world, epoch_settings
+from ssl_vit.config import Recipe, check_world, epoch_settings, method_settings
 from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.sources import expand_source
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError, load_error_detail
 from ssl_vit.eval.monitor import knn_monitor
-from ssl_vit.loading import method_from_recipe
-from ssl_vit.methods import backbone_spec
+from ssl_vit.methods import backbone_spec, build_method
+from ssl_vit.models.export import export_backbone
 from ssl_vit.schedules import cosine
 from ssl_vit.seeding import step_seed
 from ssl_vit.train.checkpoint import (architecture_differences, code_version, find_checkpoint,
@@ -72,8 +72,14 @@ def epoch_length(r: Recipe, shards) -> int:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
+    def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None, build=build_method):
+        """`build(recipe, num_classes=, num_global_views=)` makes the method: the registry's `build_method` (fresh
+        weights), or `ssl_vit.loading.method_from_recipe` from callers whose recipe reads weights from disk
+        (model.init, supervised.distill.teacher): the trainer itself never reads a model from disk."""
         self.recipe = r = recipe
+        if r.model.init and build is build_method:
+            raise SslVitError("model.init: this caller trains from fresh weights only; fine-tune through "
+                              "`ssl-vit finetune` (or pass build=ssl_vit.loading.method_from_recipe)")
         self.acc = accelerator or Accelerator(mixed_precision=resolve_precision(r.train.mixed_precision),
                                               **tracking_options(r.train.log_with, r.train.out_dir))
         set_seed(r.seed)
@@ -83,13 +89,13 @@ class Trainer:
         specs = views_from_recipe(r.views)
         shards = expand_source(r.data.train)
         self.classes = shards.classes or []
-        if r.method == "supervised" and shards.unlabeled_sources:
+        if method_settings(r).needs_labels and shards.unlabeled_sources:
             raise SslVitError(f"{shards.unlabeled_sources[0]} holds unlabeled samples: supervised training and "
                               "fine-tuning need labeled shards (MAE and DINO pretrain on unlabeled ones)")
         self.spe = epoch_length(r, shards)
         self.total_steps = r.train.steps or math.ceil(r.train.epochs * self.spe)
         num_classes = r.data.num_classes or len(self.classes)
-        method = method_from_recipe(r, num_classes=num_classes, num_global_views=global_view_count(specs))
+        method = build(r, num_classes=num_classes, num_global_views=global_view_count(specs))
         # Every process starts from the same weights, then draws its own drop-path masks and the like.
         set_seed(r.seed + self.acc.process_index)
         if self.acc.num_processes > 1 and self.acc.device.type == "cuda":
@@ -106,7 +112,7 @@ class Trainer:
         self.stream = ShardStream(shards, transform, self.micro_batch, mode="train", seed=r.seed,
                                   shuffle_buffer=r.data.shuffle_buffer, rank=self.acc.process_index,
                                   world_size=self.acc.num_processes, max_skip_fraction=r.data.max_skip_fraction,
-                                  num_workers=r.data.num_workers, require_labels=r.method == "supervised",
+                                  num_workers=r.data.num_workers, require_labels=method_settings(r).needs_labels,
                                   batches_per_epoch=self.spe * r.optim.accum_steps)
         self.step, self.skipped_steps, self.images_seen, self.train_seconds = 0, 0, 0, 0.0
         self._maybe_resume()
@@ -261,8 +267,6 @@ class Trainer:
         return values
 
     def finish(self) -> dict:
-        from ssl_vit.models.export import export_backbone
-
         summary = {"method": self.recipe.method, "steps": self.step, "images_seen": self.images_seen,
                    "train_seconds": round(self.train_seconds, 2),
                    "images_per_s": round(self.images_seen / max(self.train_seconds, 1e-9), 1),

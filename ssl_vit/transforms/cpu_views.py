@@ -32,7 +32,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from ssl_vit.data.samples import SAMPLE_INFO, BadSample
+from ssl_vit.errors import SAMPLE_INFO, BadSample
 from ssl_vit.transforms import params as P
 from ssl_vit.transforms.color import SOLARIZE_THRESHOLD, blur_radius
 
