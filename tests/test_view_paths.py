@@ -272,6 +272,23 @@ def test_device_path_makes_the_cpu_paths_views_on_cpu_tensors(photos, specs):
     assert torch.allclose(normalised[0], normalize(made[0]), atol=1e-6)
 
 
+def test_each_view_spec_gets_its_own_augmentations_on_the_device(photos):
+    """Two specs of one size, only the second with colour jitter: on the device path each view gets its own spec's
+    ops (the first stays plain, the second is jittered as on the CPU path)."""
+    specs = [ViewSpec(224), ViewSpec(224, color_jitter=1.0)]  # 224 px: the CPU path decodes these at full size too
+    cpu, gpu, reference, encoded = MultiViewTransform(specs), MultiViewTransform(specs, decode="gpu"), [], []
+    for i, data in enumerate(photos[:8]):
+        torch.manual_seed(i)
+        reference.append(cpu(open_image(sample(data))))
+        torch.manual_seed(i)
+        encoded.append(gpu(open_image(sample(data))))
+    assert all(e.params[0, P.JITTER] == 0 and e.params[1, P.JITTER] == 1 for e in encoded)
+    made = device_views(collate_views(encoded, specs), torch.device("cpu")).views
+    for k, reference_views in enumerate(collate_views(reference)):
+        gap = (made[k].float() - reference_views.float()).abs()
+        assert gap.mean() < 0.35 and gap.quantile(0.99) <= 5, (k, gap.mean(), gap.quantile(0.99))
+
+
 def test_same_seed_same_views_on_both_paths(photos):
     specs = dino_views(112, 64, 2)
     for decode in ("cpu", "gpu"):

@@ -46,15 +46,10 @@ TRUNCATING_OFFSET = -0.5 + 1 / 1024
 def decode_for_views(image: Image.Image, specs: list, rows: list[np.ndarray]) -> tuple[torch.Tensor, int]:
     """(the decoded image, uint8 [3, H, W], its DCT scale s): pixel (i, j) of it covers source pixels [s·i, s·i + s).
     An image that does not decode raises BadSample naming its sample."""
-    scale = 1
-    # A box is never larger than the image: one shorter than twice the largest view leaves nothing to draft.
-    if all(spec.crop != "center" for spec in specs) and min(image.size) >= 2 * max(spec.size for spec in specs):
-        boxes = np.concatenate(rows)[:, [P.X, P.Y, P.W, P.H]]
-        sizes = np.concatenate([[spec.size] * len(r) for spec, r in zip(specs, rows)])
-        wanted, full_width = P.draft_scale(boxes, sizes), image.width
-        drafted = image.draft("RGB", (image.width // wanted, image.height // wanted)) if wanted > 1 else None
-        if drafted is not None:  # a JPEG not decoded yet
-            scale = round(full_width / drafted[1][2])
+    scale, wanted, full_width = 1, views_draft_scale(image.size, specs, rows), image.width
+    drafted = image.draft("RGB", (image.width // wanted, image.height // wanted)) if wanted > 1 else None
+    if drafted is not None:  # a JPEG not decoded yet
+        scale = round(full_width / drafted[1][2])
     try:
         data = complete_jpeg(image) if scale == 1 else None
         if data is not None:
@@ -64,6 +59,17 @@ def decode_for_views(image: Image.Image, specs: list, rows: list[np.ndarray]) ->
         return torch.from_numpy(rgb).permute(2, 0, 1), scale
     except Exception as e:  # PIL and torchvision raise many types for corrupt data
         raise BadSample(f"corrupt image in {image.info.get(SAMPLE_INFO, 'an image')}: {e}") from None
+
+
+def views_draft_scale(size: tuple[int, int], specs: list, rows: list[np.ndarray]) -> int:
+    """The DCT scale 1/s a JPEG of `size` (width, height) is decoded at for the views `rows` of `specs`: the largest
+    that leaves every box as many pixels as its view (1: a full decode)."""
+    # A box is never larger than the image: one shorter than twice the largest view leaves nothing to draft.
+    if any(spec.crop == "center" for spec in specs) or min(size) < 2 * max(spec.size for spec in specs):
+        return 1
+    boxes = np.concatenate(rows)[:, [P.X, P.Y, P.W, P.H]]
+    sizes = np.concatenate([[spec.size] * len(r) for spec, r in zip(specs, rows)])
+    return P.draft_scale(boxes, sizes)
 
 
 def complete_jpeg(image: Image.Image) -> bytes | None:

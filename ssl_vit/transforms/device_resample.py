@@ -24,7 +24,7 @@ FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
 MAX_DEVICE_PIXELS = 16_000_000  # larger images are reduced in the worker (a 48 MP photo decodes at 1/2 to 1/8)
 CHUNK_BYTES = 1 << 30  # the working set of one chunk of images on the device
 AUGMENT_PIXELS = 1 << 21  # view pixels (S² per view) colour-augmented at once
-AUGMENT_BYTES_PER_PIXEL = 480  # colour.augment's peak per view pixel (hue: ~50 float32 and float64 temporaries)
+AUGMENT_BYTES_PER_PIXEL = 160  # colour.augment's peak per view pixel: 84-89 B measured on CPU with every op drawn
 WEIGHT_BYTES = 36  # per filter weight [S, L]: float64 t and two bicubic pieces, the float32 result, the flip's copy
 
 

@@ -29,7 +29,7 @@ from ssl_vit.errors import SAMPLE_INFO, BadSample, plain
 from ssl_vit.errors import SslVitError
 from ssl_vit.transforms import params as P
 from ssl_vit.transforms.color import augment, needs_augment
-from ssl_vit.transforms.cpu_views import complete_jpeg, decode_for_views, quiet_torchvision_io
+from ssl_vit.transforms.cpu_views import complete_jpeg, decode_for_views, quiet_torchvision_io, views_draft_scale
 from ssl_vit.transforms.device_resample import (AUGMENT_PIXELS, FILTER_SUPPORT, MAX_DEVICE_PIXELS, pad, plan_chunks,
                                                plan_sizes, resample, view_groups)
 from ssl_vit.transforms.jpeg_header import device_decodable
@@ -89,13 +89,25 @@ def encode_for_device(image: Image.Image, specs: list, rows: list[np.ndarray], m
     name = image.info.get(SAMPLE_INFO, "an image")
     if data is None or not device_decodable(data):
         return WorkerViews(make_views(*decode_for_views(image, specs, rows)), "unsupported")
-    if image.width * image.height <= MAX_DEVICE_PIXELS:
-        return EncodedViews(np.frombuffer(data, np.uint8), params, image.height, image.width, 1, name)
+    placed = device_image_size(image.size, specs, rows)
+    if placed is not None and placed[2] == 1:
+        return EncodedViews(np.frombuffer(data, np.uint8), params, *placed, name)
     pixels, scale = decode_for_views(image, specs, rows)  # [3, H, W] at the largest DCT scale the boxes allow
-    height, width = pixels.shape[1:]
-    if scale == 1 or height * width > MAX_DEVICE_PIXELS:
+    if placed is None or (*pixels.shape[1:], scale) != placed:
         return WorkerViews(make_views(pixels, scale), "reduced")
-    return EncodedViews(pixels.permute(1, 2, 0).numpy().reshape(-1), params, height, width, scale, name)
+    return EncodedViews(pixels.permute(1, 2, 0).numpy().reshape(-1), params, *placed, name)
+
+
+def device_image_size(size: tuple[int, int], specs: list, rows: list[np.ndarray]) -> tuple[int, int, int] | None:
+    """(height, width, DCT scale) of a device-decodable JPEG of `size` (width, height) on the device: as it is up to
+    MAX_DEVICE_PIXELS, else decoded in the worker at the scale the CPU path would use for these views (`rows`);
+    None where even that leaves it above MAX_DEVICE_PIXELS (the worker then makes its views)."""
+    width, height = size
+    if width * height <= MAX_DEVICE_PIXELS:
+        return height, width, 1
+    scale = views_draft_scale(size, specs, rows)
+    height, width = -(-height // scale), -(-width // scale)  # libjpeg's scaled sizes round up
+    return (height, width, scale) if scale > 1 and height * width <= MAX_DEVICE_PIXELS else None
 
 
 @dataclass
