@@ -4,14 +4,17 @@ import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
+from ssl_vit.losses.precision import float32_math
+
 _soft_ce = SoftTargetCrossEntropy()
 
 
+@float32_math
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """logits [B, C]; targets either class indices [B] (smoothed CE) or soft targets [B, C] (already smoothed)."""
-    logits = logits.float()
+    """logits [B, C]; targets either class indices [B] (smoothed CE) or soft targets [B, C] (already smoothed).
+    Computed in float32, autocast off."""
     if targets.ndim == 2:
-        return _soft_ce(logits, targets.float())
+        return _soft_ce(logits, targets)
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 

@@ -21,10 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Softmax at temperature 0.04 over bf16/fp16 logits loses too much; compute in float32 (or float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+from ssl_vit.losses.precision import float32_math
 
 
 def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
@@ -127,13 +124,14 @@ class DINOLoss(nn.Module):
         return self.student_loss(student, self.teacher_targets(teacher, teacher_temp))
 
     @torch.no_grad()
+    @float32_math  # softmax at temperature 0.04 over bf16 logits, and the centre's EMA, lose too much in bf16
     def teacher_targets(self, teacher: torch.Tensor, teacher_temp: float) -> TeacherTargets:
         """P_t of the teacher logits `teacher` [G, B, K]: centred and sharpened (Eq. 4), or Sinkhorn-Knopp; then, in
         training mode, the centre moves towards these logits' mean."""
         if teacher_temp <= 0:
             raise ValueError(f"DINOLoss: teacher_temp must be positive, got {teacher_temp}")
         g, b = teacher.shape[:2]
-        teacher = _at_least_fp32(teacher.detach())
+        teacher = teacher.detach()
         if self.centering == "sinkhorn_knopp":
             pt = sinkhorn_knopp(teacher.flatten(0, 1), teacher_temp).unflatten(0, (g, b))  # [G, B, K]
             log_pt = pt.clamp_min(1e-30).log()
@@ -148,11 +146,12 @@ class DINOLoss(nn.Module):
             self.update_center(teacher.flatten(0, 1))
         return TeacherTargets(pt, entropy, kl)
 
+    @float32_math  # under autocast the einsum below would run in bf16 and round the loss to multiples of 1/32
     def student_loss(self, student: torch.Tensor, targets: TeacherTargets) -> dict:
         """The cross-entropy of the student logits `student` [V, B, K] to `targets` (probs [G, B, K])."""
         self._check(student, targets.probs)
         pt, g, v, b = targets.probs, targets.probs.shape[0], student.shape[0], student.shape[1]
-        log_ps = F.log_softmax(_at_least_fp32(student) / self.student_temp, dim=-1)  # [V, B, K]
+        log_ps = F.log_softmax(student / self.student_temp, dim=-1)  # [V, B, K]
         # Cross-entropy of every (teacher view, student view) pair in one contraction.
         ce = -torch.einsum("gbk,vbk->gv", pt, log_ps) / b  # [G, V]
         pairs = ~torch.eye(g, v, dtype=torch.bool, device=ce.device)

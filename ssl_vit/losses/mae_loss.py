@@ -6,6 +6,8 @@ normalised by its own mean and standard deviation (Sec. 3, "Reconstruction targe
 """
 import torch
 
+from ssl_vit.losses.precision import float32_math
+
 NORM_PIX_EPS = 1e-6
 
 
@@ -14,7 +16,7 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     n, c, h, w = imgs.shape
     gh, gw = h // p, w // p
     x = imgs.reshape(n, c, gh, p, gw, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # n c h p w q -> n h w p q c; not einsum: autocast would make it bf16
     return x.reshape(n, gh * gw, p * p * c)  # [N, L, p*p*C]
 
 
@@ -23,7 +25,7 @@ def unpatchify(patches: torch.Tensor, p: int, grid: tuple[int, int], channels: i
     gh, gw = grid
     n = patches.shape[0]
     x = patches.reshape(n, gh, gw, p, p, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # n h w p q c -> n c h p w q
     return x.reshape(n, channels, gh * p, gw * p)
 
 
@@ -38,16 +40,18 @@ def patch_stats(target_patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return mean, std
 
 
+@float32_math
 def mae_loss(pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor,
              norm_pix_loss: bool = True) -> torch.Tensor:
     """Mean over masked patches of the per-patch MSE.
 
-    pred, target_patches: [N, L, p*p*C]; mask: [N, L], 1 = removed (the loss counts only these). Computed in float32.
+    pred, target_patches: [N, L, p*p*C]; mask: [N, L], 1 = removed (the loss counts only these). Computed in float32,
+    autocast off.
     """
-    target = target_patches.float()
+    target = target_patches
     if norm_pix_loss:
         mean, std = patch_stats(target)
         target = (target - mean) / std
-    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
+    per_patch = ((pred - target) ** 2).mean(dim=-1)  # [N, L]
     mask = mask.float()
     return (per_patch * mask).sum() / mask.sum()
