@@ -190,10 +190,25 @@ def run_index_build(args) -> int:
               "k_factor": args.k_factor, "train_size": args.train_size}
     index = RetrievalIndex.build_from_parts(parts, args.kind, **params)
     index.source = source_info(args.features, metas)
-    index.save(args.out)
+    table = image_table(index.source.get("shards") or [])
+    index.source["image_table"] = table if isinstance(table, str) else len(table.keys)
+    index.save(args.out, arrays=None if isinstance(table, str) else table.arrays())
     print(f"{args.kind} index of {len(index)} x {index.dim} ({args.metric}) from {len(parts)} cache(s) written to "
           f"{args.out}; params {json.dumps(index.params)}")
     return 0
+
+
+def image_table(shards: list):
+    """The key -> (shard, offset, size) table of the shards' images (for `ssl-vit serve`'s thumbnails), or a line
+    saying why there is none (no shards recorded, `pipe:` or gzip shards)."""
+    from ssl_vit.data.image_table import ImageTable
+
+    if not shards:
+        return "the feature caches record no shards"
+    try:
+        return ImageTable.build(shards)
+    except SslVitError as e:
+        return str(e)
 
 
 def open_parts(folders):
@@ -249,29 +264,43 @@ def run_index_query(args) -> int:
 
 def embed_query_images(args, index):
     """(features [N, D], PIL images) of the --image files, embedded as the index's features were."""
-    from ssl_vit.eval.features import embed_images, load_image
-    from ssl_vit.loading import load_backbone, timm_source
+    from ssl_vit.eval.features import load_image
 
     images = [load_image(path) for path in args.image]
-    backbone = args.backbone or index.source.get("backbone")
+    return query_embedder(index, args.index, args.backbone)(images), images
+
+
+def query_embedder(index, where, backbone=None):
+    """A function PIL images -> [N, D] features through the backbone, view and pooling the index's features were
+    extracted with (`backbone` overrides the recorded one); one-line errors when the index cannot say how, or
+    the backbone does not fit."""
+    from ssl_vit.eval.features import embed_images
+    from ssl_vit.loading import load_backbone, timm_source
+
+    backbone = backbone or index.source.get("backbone")
+    overridden = backbone != index.source.get("backbone")
     missing = [key for key in EXTRACTION_KEYS if key not in index.source] + ([] if backbone else ["backbone"])
     if missing:
-        raise SslVitError(f"index {args.index} does not record how its features were made (no "
+        raise SslVitError(f"index {where} does not record how its features were made (no "
                           f"{', '.join(missing)}): rebuild it with `ssl-vit index build` from a cache written by "
                           "`ssl-vit features`")
     if not timm_source(backbone) and not Path(backbone).exists():
-        recorded = "" if args.backbone else f" (recorded in index {args.index}; pass --backbone)"
+        recorded = "" if overridden else f" (recorded in index {where}; pass --backbone)"
         raise SslVitError(f"backbone {backbone} does not exist{recorded}")
     model, meta = load_backbone(backbone)
     how = {key: index.source[key] for key in EXTRACTION_KEYS}
     if int(meta["img_size"]) != how["image_size"]:  # `features` embeds at the backbone's own size
-        raise SslVitError(f"backbone {backbone} takes {meta['img_size']}-px images; index {args.index} holds "
+        raise SslVitError(f"backbone {backbone} takes {meta['img_size']}-px images; index {where} holds "
                           f"features of {how['image_size']}-px images (another backbone made them)")
-    features = embed_images(model, images, **how)  # [N, D]
-    if features.shape[1] != index.dim:
-        raise SslVitError(f"index {args.index} holds {index.dim}-d features but backbone {backbone} gives "
-                          f"{features.shape[1]}-d ({how['pooling']} pooling, last_blocks {how['last_blocks']})")
-    return features, images
+
+    def embed(images):
+        features = embed_images(model, images, **how)  # [N, D]
+        if features.shape[1] != index.dim:
+            raise SslVitError(f"index {where} holds {index.dim}-d features but backbone {backbone} gives "
+                              f"{features.shape[1]}-d ({how['pooling']} pooling, last_blocks {how['last_blocks']})")
+        return features
+
+    return embed
 
 
 def cached_queries(args, index):

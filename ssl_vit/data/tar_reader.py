@@ -99,6 +99,28 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None, checksum: Ch
         stream.close(url, check=finished)
 
 
+def member_ranges(url: str) -> Iterator[tuple[str, str, int, int]]:
+    """(key, suffix, offset, size) of each member of a plain (uncompressed) tar shard: the byte range of its body,
+    for a later ranged read of that member alone. Headers only: bodies are skipped (seeked over in local files).
+    A gzip shard has no such ranges: SslVitError."""
+    stream = _open(url)
+    if isinstance(stream.raw, gzip.GzipFile):
+        stream.close(url, check=False)
+        raise SslVitError(f"shard {url} is gzip-compressed: its members have no byte ranges to read one by one")
+    finished = False
+    try:
+        for name, size in _members(stream):
+            match = _KEY_SUFFIX.match(name)
+            if match is not None and not _is_metadata(name):
+                yield match.group(1), match.group(2).lower(), stream.position, size
+            stream.skip(size + -size % BLOCK)
+        finished = True
+    except Damage as e:
+        raise SslVitError(f"shard {url} is truncated or corrupt ({e})") from None
+    finally:
+        stream.close(url, check=finished)
+
+
 def read_shard(url: str) -> list[dict]:
     """All samples of a (small) shard; training and evaluation stream with `iter_samples` instead."""
     return list(iter_samples(url))

@@ -145,9 +145,16 @@ def training_sample(parts: list, size: int, metric: str, chunk: int = faiss_util
     every = np.concatenate(hashes)
     cut = np.partition(every, size - 1)[size - 1] if size < total else np.iinfo(np.uint64).max
     chosen = [np.flatnonzero(h <= cut) for h in hashes]  # rows of each part, ascending
-    keys = np.concatenate([p.keys[rows] for p, rows in zip(parts, chosen)])
-    rows = np.concatenate([p.features[rows] for p, rows in zip(parts, chosen)])  # [S, D]
-    return prepare(rows[np.argsort(keys, kind="stable")], metric)
+    order = np.argsort(np.concatenate([p.keys[rows] for p, rows in zip(parts, chosen)]), kind="stable")
+    part_of = np.concatenate([np.full(len(rows), i) for i, rows in enumerate(chosen)])[order]
+    row_of = np.concatenate(chosen)[order]
+    sample = np.empty((len(order), parts[0].features.shape[1]), np.float32)  # [S, D], in key order
+    for i, part in enumerate(parts):
+        mine = np.flatnonzero(part_of == i)
+        sample[mine] = part.features[row_of[mine]]
+    if metric == "cosine":
+        faiss.normalize_L2(sample)
+    return sample
 
 
 def prepare(x: np.ndarray, metric: str) -> np.ndarray:

@@ -74,8 +74,9 @@ class RetrievalIndex:
         return cls.build_from_parts([Part(features, keys, labels, ordered)], kind, **params)
 
     @classmethod
-    def build_from_parts(cls, parts: list, kind: str = "flat", **params) -> "RetrievalIndex":
-        """Index the parts' rows in order (ids: part 0's rows, then part 1's, ...) in bounded memory."""
+    def build_from_parts(cls, parts: list, kind: str = "flat", chunk: int = faiss_utils.ADD_CHUNK,
+                         **params) -> "RetrievalIndex":
+        """Index the parts' rows in order (ids: part 0's rows, then part 1's, ...), reading `chunk` rows at a time."""
         unknown = sorted(set(params) - set(BUILD_OPTIONS))
         if unknown:
             raise SslVitError(f"unknown index option(s) {', '.join(unknown)}; known: {', '.join(BUILD_OPTIONS)}")
@@ -84,7 +85,7 @@ class RetrievalIndex:
             raise SslVitError(f"feature parts have different dims {sorted(dims)}: one backbone and pooling per index")
         n = sum(len(p) for p in parts)
         resolved = resolve_params(kind, n, dims.pop(), **{k: v for k, v in params.items() if v is not None})
-        index = build_parts(parts, kind, resolved)
+        index = build_parts(parts, kind, resolved, chunk)
         keys = np.concatenate([np.asarray(p.keys) for p in parts])
         labels = np.concatenate([np.asarray(p.labels, dtype=np.int64) for p in parts])
         runs = np.cumsum([0] + [len(p) for p in parts]).tolist()
@@ -95,7 +96,7 @@ class RetrievalIndex:
 
     def search(self, queries, k: int, chunk_size: int = faiss_utils.SEARCH_CHUNK, nprobe=None, ef_search=None):
         """(scores [Nq, k], ids [Nq, k]) best first; id -1 where an approximate index found fewer than k.
-        `nprobe` / `ef_search` override the index's own for this call (not thread-safe: one search at a time)."""
+        `nprobe` / `ef_search` override the index's own for this call (thread-safe)."""
         queries = np.asarray(queries)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -104,11 +105,25 @@ class RetrievalIndex:
                               f"{self.dim}: use features from the same backbone and pooling")
         if not 1 <= k <= len(self):
             raise SslVitError(f"k={k} must be between 1 and the number of indexed items ({len(self)})")
+        return faiss_utils.search_chunked(self.index, queries, k, chunk_size, normalize=self.metric == "cosine",
+                                          params=self.search_params(k, nprobe, ef_search))
+
+    def search_params(self, k: int, nprobe=None, ef_search=None):
+        """FAISS per-call parameters (None for flat): nprobe for IVF, efSearch (at least k) for HNSW, k_factor for
+        a refine layer. Per call, not set on the index, so that concurrent searches with other values are safe."""
+        params = None
         if self.kind == "hnsw":
-            self.index.hnsw.efSearch = max(int(ef_search or self.params["ef_search"]), k)
-        if "nprobe" in self.params:
-            faiss.extract_index_ivf(self.index).nprobe = int(nprobe or self.params["nprobe"])
-        return faiss_utils.search_chunked(self.index, queries, k, chunk_size, normalize=self.metric == "cosine")
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = max(int(ef_search or self.params["ef_search"]), k)
+        elif "nprobe" in self.params:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = int(nprobe or self.params["nprobe"])
+        if "refine" in self.params:
+            refine = faiss.IndexRefineSearchParameters()
+            refine.k_factor, refine.base_index_params = float(self.params["k_factor"]), params
+            refine.referenced = params  # the base parameters must outlive the call's object
+            params = refine
+        return params
 
     def key(self, i: int) -> str:
         return self.keys[i].decode("utf-8")
@@ -139,9 +154,9 @@ class RetrievalIndex:
             ids[hit] = (lo + at[hit]) if order is None else order[at[hit]]
         return ids
 
-    def save(self, folder) -> Path:
+    def save(self, folder, arrays: dict | None = None) -> Path:
         """index.faiss + meta.json (kind, dim, metric, params, source, key_runs) + keys.npy and labels.npy (by id),
-        and key_order.npy when the keys are not sorted runs."""
+        key_order.npy when the keys are not sorted runs, and `arrays` ({name: array} saved as name.npy beside)."""
         meta = {"kind": self.kind, "dim": self.dim, "metric": self.metric, "num": len(self), "params": self.params,
                 "source": self.source, "key_runs": self.key_runs if self.key_order is None else None}
         with atomic_dir(folder) as tmp:
@@ -151,6 +166,8 @@ class RetrievalIndex:
             np.save(tmp / "labels.npy", self.labels)
             if self.key_order is not None:
                 np.save(tmp / "key_order.npy", np.asarray(self.key_order))
+            for name, array in (arrays or {}).items():
+                np.save(tmp / f"{name}.npy", array)
         return Path(folder)
 
     @classmethod
