@@ -229,15 +229,61 @@ def method_settings(r: Recipe) -> MethodSettings:
 
 
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_YAML11_TRUE = ("y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON")
+_YAML11_FALSE = ("n", "N", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF")
+
+
+class YamlWord(str):
+    """A plain (unquoted) scalar that YAML 1.1 reads as a boolean although it is a word: yes/no/on/off in PyYAML's
+    spellings. `train.mixed_precision: no` means the string "no", `train.progress: no` means false: the field's type
+    decides, not the parser (`_coerce`). A string field takes the word as written; a boolean field its truth value;
+    any other field (Any, lists, mappings) the boolean YAML 1.1 gives it, as before."""
+
+    @property
+    def truth(self) -> bool:
+        return self in _YAML11_TRUE
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with booleans narrowed to true/false (YAML 1.2's); the other YAML 1.1 words stay
+    `YamlWord`s. Quoted scalars are strings as always."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_RecipeLoader.add_implicit_resolver("!yaml11-word", re.compile(r"^(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)$"),
+                                    list("yYnNoO"))
+_RecipeLoader.add_constructor("!yaml11-word", lambda loader, node: YamlWord(loader.construct_scalar(node)))
+
+
+def read_yaml(text: str):
+    """YAML text as recipe values (see `YamlWord`)."""
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
+def _yaml11_bools(value):
+    """`value` with every `YamlWord` in it (nested lists and mappings too) the boolean YAML 1.1 makes of it."""
+    if isinstance(value, YamlWord):
+        return value.truth
+    if isinstance(value, dict):  # a key is a name: `no:` is the key "no"
+        return {str(k) if isinstance(k, YamlWord) else k: _yaml11_bools(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_yaml11_bools(v) for v in value)
+    return value
 
 
 def _coerce(value, typ, where: str):
     """Check (and gently convert) a YAML value against a dataclass field type."""
     if typ is Any:
-        return value
+        return _yaml11_bools(value)
     if typ is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value in _YAML11_TRUE + _YAML11_FALSE:
+            return value in _YAML11_TRUE  # YAML 1.1's words, also from a (key, "value") pair
         raise SslVitError(f"{where}: expected true/false, got {value!r}")
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -251,7 +297,7 @@ def _coerce(value, typ, where: str):
         raise SslVitError(f"{where}: expected a number, got {value!r}")
     if typ is str:
         if isinstance(value, str):
-            return value
+            return str(value)  # a YamlWord as the plain word it is
         raise SslVitError(f"{where}: expected a string, got {value!r}")
     if typ is tuple:
         if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
@@ -259,11 +305,11 @@ def _coerce(value, typ, where: str):
         raise SslVitError(f"{where}: expected a list of numbers, got {value!r}")
     if typ is list:
         if isinstance(value, (list, tuple)):
-            return list(value)
+            return list(_yaml11_bools(value))
         raise SslVitError(f"{where}: expected a list, got {value!r}")
     if typ is dict:
         if isinstance(value, dict):
-            return value
+            return _yaml11_bools(value)
         raise SslVitError(f"{where}: expected a mapping, got {value!r}")
     raise SslVitError(f"{where}: unsupported type {typ}")
 
@@ -281,7 +327,7 @@ def _apply(obj, values: dict, where: str) -> None:
         if dataclasses.is_dataclass(current):
             _apply(current, value, path)
         elif isinstance(current, dict) and isinstance(value, dict):  # e.g. `views.num_local=2` on a preset dict
-            setattr(obj, key, {**current, **value})
+            setattr(obj, key, {**current, **_yaml11_bools(value)})
         else:
             setattr(obj, key, _coerce(value, hints[key], path))
 
@@ -292,7 +338,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise SslVitError(f"override {text!r} is not key=value (e.g. optim.base_lr=1e-3)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -313,7 +359,7 @@ def apply_file(obj, path) -> None:
     if not path.is_file():
         raise SslVitError(f"recipe not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

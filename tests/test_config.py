@@ -135,3 +135,44 @@ def test_view_sizes_follow_model_img_size_unless_set():
     assert kept.views["size"] == 48
     listed = [{"size": 24}]
     assert load_recipe(None, ["train.steps=1", f"views={listed}"]).views == listed
+
+
+def test_mixed_precision_no_in_a_recipe_and_on_the_command_line(tmp_path):
+    """YAML 1.1 reads a plain `no` as false; a string setting takes the word as written."""
+    assert load_recipe(write(tmp_path, "method: mae\ntrain: {steps: 1, mixed_precision: no}\n")).train.mixed_precision \
+        == "no"
+    assert load_recipe(None, ["train.steps=1", "train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(SslVitError, match="train.mixed_precision: must be auto, no, bf16 or fp16"):
+        load_recipe(None, ["train.steps=1", "train.mixed_precision=No"])  # the word as written reaches the check
+
+
+def test_yaml11_words_follow_the_type_of_the_setting(tmp_path):
+    """Strings keep yes/no/on/off as written; booleans read them as YAML 1.1 does (y/n too); settings of any type
+    (views, data sources) keep YAML 1.1's booleans, as before; quoted words are strings everywhere."""
+    import yaml
+
+    text = ("method: dino\ntrain: {steps: 1, out_dir: on, resume: 'no', progress: off, audit_keys: yes}\n"
+            "mae: {norm_pix_loss: n}\ndino: {use_bn_in_head: Y, norm_last_layer: NO}\n"
+            "views: {preset: dino, blur: off, solarize: On}\ndata: {train: [a.json, 'yes']}\n")
+    recipe = load_recipe(write(tmp_path, text))
+    assert (recipe.train.out_dir, recipe.train.resume) == ("on", "no")
+    assert (recipe.train.progress, recipe.train.audit_keys, recipe.mae.norm_pix_loss) == (False, True, False)
+    assert (recipe.dino.use_bn_in_head, recipe.dino.norm_last_layer) == (True, False)
+    assert recipe.views["blur"] is False and recipe.views["solarize"] is True
+    assert recipe.data.train == ["a.json", "yes"]
+    yaml.safe_dump(recipe.to_dict())  # plain types only, as run_log writes recipe.yaml
+    recipe = load_recipe(None, ["train.steps=1", "train.progress=no", "train.out_dir=yes", "mae.norm_pix_loss=off"])
+    assert (recipe.train.progress, recipe.train.out_dir, recipe.mae.norm_pix_loss) == (False, "yes", False)
+    for bad in ("train.progress=maybe", "train.steps=yes"):
+        with pytest.raises(SslVitError, match=bad.split("=")[0]):
+            load_recipe(None, ["train.steps=1", bad])
+
+
+def test_pretrain_runs_with_mixed_precision_no_from_the_command_line(train_shards, tmp_path):
+    root = RECIPES[0].parent
+    assert main(["pretrain", "--recipe", str(root / "mae_vit_tiny_cifar10.yaml"), f"data.train={train_shards}",
+                 f"train.out_dir={tmp_path}", "train.epochs=0", "train.steps=1", "data.batch_size=8",
+                 "data.num_workers=0", "model.depth=1", "mae.decoder_depth=1", "train.progress=no",
+                 "train.log_with=[]", "train.mixed_precision=no"]) == 0
+    import json
+    assert json.loads((tmp_path / "recipe.json").read_text())["train"]["mixed_precision"] == "no"
