@@ -281,7 +281,9 @@ for i in range(4):
     items.append(transform(open_image(sample(photo(i, size=(1000, 750) if i % 2 else (750, 1000))))))
 batch = G.collate_views(items, specs)
 G.device_views(G.collate_views(items[:1], specs), torch.device("cpu"))  # libraries' own buffers, once
-for budget in (40_000_000, 10 ** 12):
+heights, widths = R.plan_sizes(batch.sizes)
+alone = max(R.chunk_bytes([h], [w], R.view_groups(batch.specs)) for h, w in zip(heights, widths))
+for budget in (alone, 10 ** 12):  # about one image a chunk, then all in one
     R.CHUNK_BYTES = budget
     plan = R.plan_chunks(*R.plan_sizes(batch.sizes), batch.specs, batch.size)
     with open("/proc/self/clear_refs", "w") as f:
@@ -294,8 +296,8 @@ for budget in (40_000_000, 10 ** 12):
 
 def test_the_plan_bounds_the_memory_the_device_code_takes():
     """The device code run on CPU tensors in a fresh process (MAE views: no colour ops): the growth of its peak
-    resident memory stays within the plan's largest chunk plus the batch's views, with a 40 MB budget (several
-    chunks) and without one (one chunk, which takes more: the measurement sees the chunks). Large allocations come
+    resident memory stays within the plan's largest chunk plus the batch's views, with a budget of about one image
+    per chunk and without one (one chunk, which takes more: the measurement sees the chunks). Large allocations come
     from the OS (mmap) and go back when freed, so the peak resident size follows the peak of live tensors."""
     run = subprocess.run([sys.executable, "-c", MEASURE_PEAK, str(Path(__file__).parent)], capture_output=True,
                          text=True, check=True)

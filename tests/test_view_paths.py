@@ -245,14 +245,20 @@ def test_view_statistics_match_the_reference_pipeline(photos, specs):
 
 
 # -- the device path ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("specs", [mae_views(224), dino_views(224, 96, 4)], ids=["mae", "dino"])
-def test_device_path_makes_the_cpu_paths_views_on_cpu_tensors(photos, specs):
-    cpu, gpu, items, encoded = MultiViewTransform(specs), MultiViewTransform(specs, decode="gpu"), [], []
-    for i, data in enumerate(photos[:12]):
+def both_paths(photos: list[bytes], specs) -> tuple[list, list]:
+    """(the CPU path's views, the device path's worker outputs) of each photo, photo i seeded with i on both."""
+    cpu, gpu, views, encoded = MultiViewTransform(specs), MultiViewTransform(specs, decode="gpu"), [], []
+    for i, data in enumerate(photos):
         torch.manual_seed(i)
-        items.append(cpu(open_image(sample(data))))
+        views.append(cpu(open_image(sample(data))))
         torch.manual_seed(i)
         encoded.append(gpu(open_image(sample(data))))
+    return views, encoded
+
+
+@pytest.mark.parametrize("specs", [mae_views(224), dino_views(224, 96, 4)], ids=["mae", "dino"])
+def test_device_path_makes_the_cpu_paths_views_on_cpu_tensors(photos, specs):
+    items, encoded = both_paths(photos[:12], specs)
     assert all(isinstance(e, EncodedViews) for e in encoded)
     made = device_views(collate_views(encoded, specs), torch.device("cpu")).views
     jitter = torch.from_numpy(np.stack([e.params[:, P.JITTER] for e in encoded]) > 0)  # [B, V]
@@ -276,12 +282,7 @@ def test_each_view_spec_gets_its_own_augmentations_on_the_device(photos):
     """Two specs of one size, only the second with colour jitter: on the device path each view gets its own spec's
     ops (the first stays plain, the second is jittered as on the CPU path)."""
     specs = [ViewSpec(224), ViewSpec(224, color_jitter=1.0)]  # 224 px: the CPU path decodes these at full size too
-    cpu, gpu, reference, encoded = MultiViewTransform(specs), MultiViewTransform(specs, decode="gpu"), [], []
-    for i, data in enumerate(photos[:8]):
-        torch.manual_seed(i)
-        reference.append(cpu(open_image(sample(data))))
-        torch.manual_seed(i)
-        encoded.append(gpu(open_image(sample(data))))
+    reference, encoded = both_paths(photos[:8], specs)
     assert all(e.params[0, P.JITTER] == 0 and e.params[1, P.JITTER] == 1 for e in encoded)
     made = device_views(collate_views(encoded, specs), torch.device("cpu")).views
     for k, reference_views in enumerate(collate_views(reference)):
