@@ -28,7 +28,7 @@ class DataConfig:
     shuffle_buffer: int = 1000       # samples each reader shuffles at a time (its memory: this many raw samples)
     samples_per_epoch: int = 0       # 0: from the shards' index; set it for shards without one (epoch-based keys)
     max_skip_fraction: float = 0.01  # stop once more than this fraction of samples is unreadable
-    decode: str = "auto"             # cpu | gpu | auto: gpu decodes JPEG batches and augments on the CUDA device
+    decode: str = "auto"             # cpu | gpu (nvJPEG) | auto: cpu until a GPU run shows gpu faster (README)
     num_classes: int = 0             # 0: the number of classes in the shards' index.json
     eval: Any = ""                   # fine-tuning: shards the trained classifier is scored on after training
     eval_resize: int = 0             # shorter side before the centre crop at evaluation (0: img_size / 0.875)
