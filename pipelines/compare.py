@@ -19,6 +19,7 @@ from ssl_vit.pipelines.compare_config import CompareConfig, eval_resize, needs_l
 from ssl_vit.pipelines.stages import StageRunner
 from ssl_vit.atomic_io import write_json_atomic
 from ssl_vit.errors import SslVitError
+from ssl_vit.models.backbone import default_pooling
 
 
 def shards_for(source: str, out_prefix: Path, max_count: int, unlabeled: bool = False) -> str:
@@ -112,7 +113,8 @@ def extract(cfg: CompareConfig, backbone: str | None, source: str, out: Path) ->
     else:
         model, meta = load_backbone(backbone)
         image_size = int(meta["img_size"])
-    extract_features(model, source, out, image_size=image_size, resize=eval_resize(cfg, image_size), pooling="cls",
+    extract_features(model, source, out, image_size=image_size, resize=eval_resize(cfg, image_size),
+                     pooling=default_pooling(model),
                      batch_size=e.batch_size, num_workers=e.num_workers,
                      meta={"backbone": str(backbone) if backbone else "raw_pixels"})
 

@@ -3,7 +3,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ssl_vit.config import Recipe, _check, apply_file, apply_override, load_recipe, parse_override
+from ssl_vit.config import Recipe, _check, apply_file, apply_override, load_recipe, method_settings, parse_override
 from ssl_vit.errors import SslVitError
 from ssl_vit.eval.label_subsets import check_fractions
 from ssl_vit.eval.linear_probe import DEFAULT_LRS
@@ -110,7 +110,7 @@ def training_recipe(cfg: CompareConfig, method: str, run: dict | None = None):
 
 def needs_labels(cfg: CompareConfig, method: str) -> bool:
     """Whether `method`'s recipe trains on labels (the supervised baseline): it then sees only a fraction's labels."""
-    return training_recipe(cfg, method).method == "supervised"
+    return method_settings(training_recipe(cfg, method)).needs_labels
 
 
 def eval_resize(cfg: CompareConfig, image_size: int) -> int:

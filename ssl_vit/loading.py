@@ -149,7 +149,8 @@ def init_backbone(model: nn.Module, source) -> dict:
     state = pretrained.state_dict()
     if hasattr(model, "pos_embed"):  # a ViT's position embeddings resampled to the recipe's grid
         state = checkpoint_filter_fn(state, model)
-    head = {name for name, _ in model.get_classifier().named_parameters(prefix="head")}
+    classifier = {id(p) for p in model.get_classifier().parameters()}
+    head = {name for name, param in model.named_parameters() if id(param) in classifier}  # head.*, Swin's head.fc.*
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:

@@ -23,6 +23,7 @@ from ssl_vit.data.samples import BadSample, decode_image
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
 from ssl_vit.eval import POOLINGS
+from ssl_vit.models.backbone import has_class_token
 from ssl_vit.eval.feature_cache import encode_keys, write_keys
 from ssl_vit.threads import use_threads
 from ssl_vit.transforms import MultiViewTransform, eval_views, normalize
@@ -71,6 +72,12 @@ def pooled_features(model: nn.Module, images: torch.Tensor, pooling: str = "cls"
     of the last n blocks are concatenated (DINO's linear protocol for ViT-S), the average pool from the last."""
     if pooling not in POOLINGS:
         raise SslVitError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if not has_class_token(model):  # a Swin: no CLS token, its features are the mean final token
+        if pooling != "avg" or last_blocks > 1:
+            raise SslVitError(f"pooling: {type(model).__name__} has no CLS token, so pooling {pooling!r} (last_blocks "
+                              f"{last_blocks}) does not exist for it: use pooling avg with last_blocks 1")
+        tokens = model.forward_features(images)  # [B, h, w, D] (Swin) or [B, L, D]
+        return tokens.flatten(1, -2).mean(dim=1).float()  # [B, D]
     prefix = getattr(model, "num_prefix_tokens", 1)
     if last_blocks > 1:
         layers = model.forward_intermediates(images, indices=last_blocks, return_prefix_tokens=True, norm=True,

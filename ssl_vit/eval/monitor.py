@@ -16,6 +16,7 @@ from ssl_vit.errors import SslVitError
 from ssl_vit.eval.feature_cache import require_labels
 from ssl_vit.eval.features import eval_transform, pooled_features
 from ssl_vit.eval.knn import knn_classify
+from ssl_vit.models.backbone import default_pooling
 from ssl_vit.transforms import normalize
 
 BATCH = 256
@@ -50,7 +51,8 @@ class KnnMonitor:
         t0 = time.perf_counter()
         was_training = backbone.training
         backbone.eval()
-        feats = torch.cat([pooled_features(backbone, normalize(self.pixels[i:i + BATCH].to(device))).cpu()
+        pooling = default_pooling(backbone)
+        feats = torch.cat([pooled_features(backbone, normalize(self.pixels[i:i + BATCH].to(device)), pooling).cpu()
                            for i in range(0, len(self.pixels), BATCH)]).numpy()  # [N, D]
         backbone.train(was_training)
         result = knn_classify(feats[0::2], self.labels[0::2], feats[1::2], self.labels[1::2], ks=[self.k],

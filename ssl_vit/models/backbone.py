@@ -77,7 +77,14 @@ def token_grid(model: nn.Module) -> tuple[int, int]:
 
 
 def has_class_token(model: nn.Module) -> bool:
-    return getattr(model, "cls_token", None) is not None
+    """Whether the model's first token is a CLS token (timm's ViTs say so in `num_prefix_tokens`; a Swin has none)."""
+    return getattr(model, "num_prefix_tokens", 0) > 0
+
+
+def default_pooling(model: nn.Module) -> str:
+    """The feature a backbone is evaluated with: its CLS token (DINO's protocol), or for a model without one the
+    mean of its final tokens (a Swin's own pooled features, as EsViT evaluates them)."""
+    return "cls" if has_class_token(model) else "avg"
 
 
 def patch_size_of(model: nn.Module) -> int:
