@@ -9,11 +9,13 @@ import torch
 import torchvision.transforms.v2 as T
 import webdataset as wds
 
-from conftest import jpeg_bytes, read_tar_images
+from conftest import ROOT, jpeg_bytes, read_tar_images
+from ssl_vit.cli import main
 from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.sources import expand_source
-from ssl_vit.data.stream import ShardStream
+from ssl_vit.data.stream import ShardStream, rank_share
 from ssl_vit.errors import SslVitError
+from ssl_vit.train.run_log import read_log
 
 _crop = T.Compose([T.PILToTensor(), T.RandomResizedCrop(16, antialias=True), T.ToDtype(torch.float32, scale=True)])
 
@@ -215,6 +217,47 @@ def test_too_many_skips_stop_the_run(tmp_path):
     stream = ShardStream(str(path), two_views, 10, mode="eval", max_skip_fraction=0.05)
     with pytest.raises(SslVitError, match="unreadable.*max_skip_fraction"):
         list(StreamLoader(stream))
+
+
+def test_skip_counts_and_budget_continue_after_a_resume(tmp_path, capsys):
+    """One shard read in tar order (shuffle window 1, batches of 8): samples 0-9 and 60-61 are corrupt. Steps 1-4
+    read 0-41 (10 skipped of 42: over 5 %, but under the 100 samples the budget waits for); resumed to step 12,
+    the run has seen 100 samples by step 11, 12 of them skipped: the 5 % budget over the whole run stops it there,
+    though the resumed part alone (2 of 58) is within it. With a lax budget the log counts all 12."""
+    samples = [good(i) for i in range(200)]
+    for i in [*range(10), 60, 61]:
+        samples[i]["jpg"] = b"\xff\xd8 not a jpeg"
+    shard = write_tar(tmp_path / "bad-000000.tar", samples)
+    out = tmp_path / "run"
+
+    def pretrain(steps: int, budget: float) -> int:
+        return main(["pretrain", "--recipe", str(ROOT / "recipes" / "mae_vit_tiny_cifar10.yaml"),
+                     f"data.train={shard}", "data.samples_per_epoch=200", "data.batch_size=8", "data.num_workers=0",
+                     "data.shuffle_buffer=1", f"data.max_skip_fraction={budget}", f"train.out_dir={out}",
+                     "train.resume=auto", f"train.steps={steps}", "train.epochs=0", "train.log_every=1",
+                     "train.progress=false", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+                     "mae.decoder_depth=1", "mae.decoder_dim=32", "mae.decoder_heads=2"])
+
+    def skipped_at_last_step() -> tuple[int, int]:
+        last = read_log(out / "log.jsonl")[-1]
+        return last["step"], last["skipped_samples"]
+
+    assert pretrain(4, 0.05) == 0
+    assert skipped_at_last_step() == (4, 10)
+    capsys.readouterr()
+    assert pretrain(12, 0.05) == 2  # resumed at step 4
+    err = capsys.readouterr().err
+    assert "12 of 100 samples were unreadable" in err and "max_skip_fraction 5.0%" in err, err
+    assert pretrain(12, 0.5) == 0  # resumed at step 4 again (the stopped run wrote no checkpoint)
+    assert skipped_at_last_step() == (12, 12)
+
+
+def test_skip_counts_of_another_number_of_ranks_are_shared_out():
+    counts = [[105, 7], [98, 4]]  # (seen, skipped) of two ranks
+    assert rank_share(counts, 1, 2) == (98, 4)
+    assert rank_share(counts, 0, 1) == (203, 11)
+    shares = [rank_share(counts, r, 3) for r in range(3)]
+    assert shares == [(68, 4), (68, 4), (67, 3)] and tuple(map(sum, zip(*shares))) == (203, 11)
 
 
 def test_truncated_tar_ends_that_shard_with_a_warning(tmp_path):

@@ -68,6 +68,8 @@ class StreamLoader:
                     self.state.update(meta)
                     self._counts[meta.worker] = (meta.seen, meta.skipped)
                     self._warn(meta.bad)
+                    if meta.skipped:  # the budget over the whole run, the counts a resumed run restored included
+                        self.stream._check_skips(*self.skip_counts())
                     batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
                     batch, made = move_to(batch, self.device)
                     self._count_device_decoding(made, len(batch["key"]) + len(made.unreadable))
@@ -99,10 +101,11 @@ class StreamLoader:
         self.stream._check_skips(*self.skip_counts())
 
     def skip_counts(self) -> tuple[int, int]:
-        """(samples seen, samples skipped) by this rank: the workers' counts plus the samples the device path dropped
-        in this process, so that the pair a checkpoint saves is the whole count (restoring it restores both)."""
-        seen = sum(c[0] for c in self._counts.values())
-        skipped = sum(c[1] for c in self._counts.values()) + self._device_skipped
+        """(samples seen, samples skipped) by this rank since the run began: the counts a resume restored, the
+        workers' counts and the samples the device path dropped in this process (what a checkpoint saves)."""
+        restored_seen, restored_skipped = self.stream.restored_skips  # before a resume
+        seen = restored_seen + sum(c[0] for c in self._counts.values())
+        skipped = restored_skipped + sum(c[1] for c in self._counts.values()) + self._device_skipped
         return seen, skipped
 
     def decode_counts(self) -> dict[str, int]:

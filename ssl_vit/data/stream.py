@@ -129,10 +129,14 @@ class ShardStream(IterableDataset):
                              batches_per_epoch if counts is not None else None)
         self.plan = EpochPlan(len(self.shards.shards), counts, seed, self.layout)
         self.start = StreamState(0, {w: [0, 0] for w in range(workers)}, self.layout.to_dict())
+        self.restored_skips = (0, 0)  # (seen, skipped) by this rank before a resume: counts and budget continue
 
-    def resume_from(self, states: list[dict], first_batch: int) -> None:
-        """Continue from the stream states of every rank of the run that wrote them. The same layout continues
-        exactly; another one (processes, workers, micro-batch, window) re-splits the rest of the epoch."""
+    def resume_from(self, states: list[dict], first_batch: int, skip_counts: list | None = None) -> None:
+        """Continue from the stream states of every rank of the run that wrote them (and their (seen, skipped)
+        counts). The same layout continues exactly; another one (processes, workers, micro-batch, window) re-splits
+        the rest of the epoch, and the counts are shared out over the new ranks (their sum kept)."""
+        if skip_counts:
+            self.restored_skips = rank_share(skip_counts, self.rank, self.world_size)
         old = [StreamState.from_dict(s) for s in states]
         if old[0].layout == self.layout.to_dict() and len(old) == self.world_size:
             self.start = old[self.rank]
@@ -257,6 +261,15 @@ class ShardStream(IterableDataset):
             raise SslVitError(f"{skipped} of {seen} samples were unreadable ({skipped / seen:.1%} > "
                               f"max_skip_fraction {self.max_skip_fraction:.1%}); see the warnings above for "
                               "shards and keys")
+
+
+def rank_share(counts: list, rank: int, world: int) -> tuple[int, ...]:
+    """`rank`'s part of per-rank counters written by another number of ranks: its own on the same number, else an
+    even share of their sums (the remainder to the first ranks)."""
+    if len(counts) == world:
+        return tuple(int(c) for c in counts[rank])
+    return tuple(total // world + (rank < total % world) for total in (sum(int(c[i]) for c in counts)
+                                                                        for i in range(len(counts[0]))))
 
 
 @contextlib.contextmanager

@@ -142,7 +142,8 @@ class Trainer:
         self.skipped_steps = trainer_state.get("skipped_steps", 0)
         self.images_seen = trainer_state.get("images_seen", 0)
         self.train_seconds = trainer_state.get("train_seconds", 0.0)
-        self.stream.resume_from([state["stream"] for state in stream_states], self.step * self.recipe.optim.accum_steps)
+        self.stream.resume_from([state["stream"] for state in stream_states], self.step * self.recipe.optim.accum_steps,
+                                skip_counts=[state.get("skip_counts", [0, 0]) for state in stream_states])
         if self.acc.is_main_process:
             print(f"resumed from {path} at step {self.step}")
 
