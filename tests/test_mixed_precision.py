@@ -127,3 +127,45 @@ def test_dino_head_prototypes_run_in_float32():
         bottleneck = torch.nn.functional.normalize(head.mlp(x).float(), dim=-1)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, head.last_layer(bottleneck), rtol=0, atol=1e-6)
+
+
+# -- the non-finite guard covers the gradients --------------------------------------------------------------------
+def trainer_with_inf_gradient_at(step: int, shards, out, *extra):
+    """A tiny MAE trainer whose first patch-embedding gradient is +inf at optimizer step `step` (a backward hook):
+    the loss stays finite."""
+    from ssl_vit.train.trainer import Trainer
+
+    recipe = load_recipe(ROOT / "recipes" / "mae_vit_tiny_cifar10.yaml", [
+        f"data.train={shards}", f"train.out_dir={out}", "train.steps=4", "train.epochs=0", "data.batch_size=8",
+        "model.depth=1", "mae.decoder_depth=1", "mae.decoder_dim=64", "mae.decoder_heads=2", "train.log_every=1",
+        "train.progress=false", "train.log_with=[]", "data.num_workers=0", *extra])
+    trainer = Trainer(recipe)
+    weight = trainer.method.encoder.patch_embed.proj.weight
+    weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf")) if trainer.step == step else g)
+    return trainer, weight
+
+
+def test_a_finite_loss_with_an_inf_gradient_skips_the_update(train_shards, tmp_path, capsys):
+    from ssl_vit.train.run_log import read_log
+
+    trainer, weight = trainer_with_inf_gradient_at(2, train_shards, tmp_path, "train.on_nonfinite=skip",
+                                                   "optim.clip_grad=0")
+    summary = trainer.fit()
+    assert summary["skipped_steps"] == 1
+    assert trainer.optimizer.state[weight]["step"] == 3  # AdamW updated at 3 of the 4 steps
+    assert torch.isfinite(weight).all()
+    log = read_log(tmp_path / "log.jsonl")
+    assert [e["skipped_steps"] for e in log] == [0, 0, 1, 1]
+    assert all(0 <= e["data_wait_frac"] <= 1 for e in log)
+    assert all(map(lambda e: e["loss"] == e["loss"] and abs(e["loss"]) < 1e3, log))  # finite throughout
+    assert log[2]["grad_norm"] == float("inf") and all(0 < e["grad_norm"] < 1e3 for e in log if e is not log[2])
+    assert "non-finite gradient norm" in capsys.readouterr().out
+
+
+def test_an_inf_gradient_stops_the_run_by_default(train_shards, tmp_path):
+    from ssl_vit.errors import SslVitError
+
+    trainer, weight = trainer_with_inf_gradient_at(1, train_shards, tmp_path, "optim.clip_grad=1.0")
+    with pytest.raises(SslVitError, match=r"non-finite gradient norm \(loss [0-9.]+, gradient norm inf\) at step 1"):
+        trainer.fit()
+    assert trainer.optimizer.state[weight]["step"] == 1

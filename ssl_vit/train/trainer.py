@@ -7,7 +7,6 @@ so `--resume` continues exactly (same per-step losses as an uninterrupted run on
 import contextlib
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from ssl_vit.train.checkpoint import (architecture_differences, code_version, fi
                                      read_checkpoint_meta, save_checkpoint)
 from ssl_vit.train.preemption import PreemptionWatch
 from ssl_vit.train.run_log import RunLog, tracking_options
+from ssl_vit.train.step_timer import StepTimer
 from ssl_vit.threads import use_threads
 from ssl_vit.transforms import MultiViewTransform, resolve_decode, views_from_recipe
 from ssl_vit.transforms.presets import global_view_count
@@ -164,8 +164,10 @@ class Trainer:
             group["weight_decay"] = sched["wd"] * group.get("wd_scale", 1.0)
         return sched
 
-    def _train_step(self, batches, sched: dict) -> tuple[dict, bool]:
-        """One optimizer step over `accum_steps` micro-batches; returns (logs, finite)."""
+    def _train_step(self, batches, sched: dict) -> tuple[dict, str | None]:
+        """One optimizer step over `accum_steps` micro-batches; returns (logs, what was not finite on some process:
+        None, "loss" or "gradient norm"). A step with either not finite leaves the weights, the optimizer and the
+        EMA teacher as they were."""
         accum = self.recipe.optim.accum_steps
         totals: dict[str, float] = {}
         with self.acc.autocast():
@@ -177,26 +179,43 @@ class Trainer:
                 self.acc.backward(out["loss"] / accum)
             for name, value in out.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / accum
-        finite = torch.tensor(float(math.isfinite(totals["loss"])), device=self.acc.device)
-        finite = bool(self.acc.reduce(finite, reduction="sum").item() == self.acc.num_processes)
-        if finite:
-            self.method.before_optimizer_step(self.step, sched)
-            if self.recipe.optim.clip_grad > 0:
-                norm = self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.clip_grad)
-                totals["grad_norm"] = float(norm)
+        self.method.before_optimizer_step(self.step, sched)
+        totals["grad_norm"] = self._grad_norm()
+        problem = self._agreed_problem(totals["loss"], totals["grad_norm"])
+        if problem is None:
             self.optimizer.step()
             self.method.on_step_end(self.step, sched)
         self.optimizer.zero_grad(set_to_none=True)
-        return totals, finite
+        return totals, problem
 
-    def _handle_nonfinite(self, logs: dict, last_ckpt: Path | None) -> None:
+    def _grad_norm(self) -> float:
+        """The gradients' global L2 norm, computed once per step: clipped to `optim.clip_grad` when it is set, else
+        measured only (clipping at infinity scales by 1). accelerate unscales fp16 gradients first."""
+        clip = self.recipe.optim.clip_grad
+        return float(self.acc.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf))
+
+    def _agreed_problem(self, loss: float, grad_norm: float) -> str | None:
+        """What is not finite on any process ("loss", "gradient norm" or None), the same answer on every process (one
+        all-reduce), so that all skip or stop together. Under fp16 an overflowing gradient is the GradScaler's
+        business: it skips that update itself and lowers its scale."""
+        grads_ok = math.isfinite(grad_norm) or self.acc.scaler is not None
+        flags = torch.tensor([float(math.isfinite(loss)), float(grads_ok)], device=self.acc.device)
+        loss_ok, grads_ok = (self.acc.reduce(flags, reduction="sum") == self.acc.num_processes).tolist()
+        return None if loss_ok and grads_ok else "loss" if not loss_ok else "gradient norm"
+
+    def _handle_nonfinite(self, problem: str, logs: dict, last_ckpt: Path | None) -> None:
+        what = f"non-finite {problem} (loss {logs['loss']}, gradient norm {logs['grad_norm']})"
         if self.recipe.train.on_nonfinite == "skip":
             self.skipped_steps += 1
-            self.acc.print(f"warning: non-finite loss ({logs['loss']}) at step {self.step}: update skipped "
-                           f"({self.skipped_steps} so far)")
+            self.acc.print(f"warning: {what} at step {self.step}: update skipped ({self.skipped_steps} so far)")
             return
         where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-        raise SslVitError(f"non-finite loss ({logs['loss']}) at step {self.step}; run stopped ({where})")
+        raise SslVitError(f"{what} at step {self.step}; run stopped ({where})")
+
+    def _logs_at(self, step: int) -> bool:
+        """Whether the log gets a line after `step` steps (every train.log_every, every monitor step, the last)."""
+        every = self.recipe.train.monitor_every
+        return step % self.recipe.train.log_every == 0 or step == self.total_steps or bool(every and step % every == 0)
 
     def _open_audit(self):
         folder = self.out_dir / "audit"
@@ -216,33 +235,35 @@ class Trainer:
                      desc=f"{r.method} pretrain")
         accum, last_ckpt = r.optim.accum_steps, None
         data_iter = iter(self.loader)
+        timer = StepTimer(acc.device)
         audit = self._open_audit() if r.train.audit_keys else None
         try:
             while self.step < self.total_steps:
-                t0 = time.perf_counter()
+                timer.start(exact=self._logs_at(self.step + 1))  # the device drained only at logged steps
                 sched = self._apply_schedules()
                 with preempt.workers_deaf():
                     batches = [next(data_iter) for _ in range(accum)]
-                t_data = time.perf_counter() - t0
+                timer.data_ready()
                 if audit is not None:
                     audit.write(json.dumps({"step": self.step, "keys": [k for b in batches for k in b["key"]]}) + "\n")
-                logs, finite = self._train_step(batches, sched)
-                if not finite:
-                    self._handle_nonfinite(logs, last_ckpt)
-                dt = time.perf_counter() - t0
+                logs, problem = self._train_step(batches, sched)
+                if problem is not None:
+                    self._handle_nonfinite(problem, logs, last_ckpt)
+                dt, t_data = timer.stop()
                 self.step += 1
                 self.images_seen += r.data.batch_size
                 self.train_seconds += dt
                 ips = r.data.batch_size / dt
                 log.step(logs["loss"], ips)
                 watch = bool(r.train.monitor_every) and self.step % r.train.monitor_every == 0
-                if watch or self.step % r.train.log_every == 0 or self.step == self.total_steps:
+                if self._logs_at(self.step):
                     loss = acc.reduce(torch.tensor(logs["loss"], device=acc.device), reduction="mean").item()
                     seen, skipped = self.loader.skip_counts()
                     log.write(self.step, {**logs, "loss": loss, **{k: v for k, v in sched.items()},
                                           "images_per_s": ips, "data_wait_frac": t_data / dt,
                                           "epoch": self.step / self.spe if self.spe else None,
-                                          "skipped_samples": skipped, "threads": self.threads["threads"],
+                                          "skipped_samples": skipped, "skipped_steps": self.skipped_steps,
+                                          "threads": self.threads["threads"],
                                           **self.loader.decode_counts(),
                                           **(self._monitor() if watch else {})})
                 if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
