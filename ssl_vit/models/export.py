@@ -33,6 +33,7 @@ from ssl_vit.transforms.views import EVAL_CROP_RATIO  # what `eval_views` crops 
 
 META_KEY = "ssl_vit"
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
+CLASSIFIER_KEYS = ("head.", "head_dist.")  # classifier weights an export leaves out (DeiT's distillation head too)
 
 
 def reference_model(model_name: str, create_kwargs: dict) -> nn.Module:
@@ -65,7 +66,7 @@ def export_backbone(model: nn.Module, spec: BackboneSpec, path, extra_meta: dict
     create_kwargs = spec.create_kwargs()
     ref = reference_model(spec.name, create_kwargs)
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    state = {k: v for k, v in model.state_dict().items() if k in expected or not k.startswith("head.")}
+    state = {k: v for k, v in model.state_dict().items() if k in expected or not k.startswith(CLASSIFIER_KEYS)}
     problem = first_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
     if problem:
         raise SslVitError(f"export {path}: the model does not match backbone {spec.name!r} {create_kwargs}: {problem}")

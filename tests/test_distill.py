@@ -1,0 +1,144 @@
+"""DeiT distillation (Touvron et al. 2021, Sec. 4): the losses against references written here from Eq. 2 and 3, a
+student with a distillation token trained from a frozen teacher run (no gradients, eval mode, weights unchanged),
+evaluation on the two heads' average, bad teachers named in one line, and a two-process run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ssl_vit.cli import main
+from ssl_vit.config import load_recipe
+from ssl_vit.loading import load_backbone, load_method, method_from_recipe
+from ssl_vit.losses.distill import hard_distillation_loss, soft_distillation_loss
+from ssl_vit.methods.distill import DistilledSupervised
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "recipes" / "supervised_vit_tiny_cifar10.yaml")
+TINY = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "train.progress=false", "train.log_every=1",
+        "data.num_workers=1", "train.epochs=0", "data.batch_size=16"]
+STUDENT = ["model.name=deit_tiny_distilled_patch16_224"]
+
+
+def test_hard_distillation_loss_is_eq_3():
+    """L = ½ L_CE(ψ(Z_s), y) + ½ L_CE(ψ(Z_s'), y_t), y_t = argmax_c Z_t(c), Z_s' the distillation token's logits."""
+    gen = torch.Generator().manual_seed(0)
+    z_cls, z_dist, z_t = (torch.randn(6, 5, generator=gen) for _ in range(3))
+    y = torch.randint(0, 5, (6,), generator=gen)
+    y_t = [max(range(5), key=lambda c, row=row: z_t[row, c].item()) for row in range(6)]
+    log_psi = lambda z: z - z.exp().sum(-1, keepdim=True).log()  # noqa: E731  (log-softmax, by hand)
+    expected = sum(0.5 * -log_psi(z_cls)[i, y[i]] + 0.5 * -log_psi(z_dist)[i, y_t[i]] for i in range(6)) / 6
+    got = hard_distillation_loss(z_cls, z_dist, y, z_t, alpha=0.5)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_soft_distillation_loss_is_eq_2():
+    """L = (1 − λ) L_CE(ψ(Z_s), y) + λ τ² KL(ψ(Z_t/τ), ψ(Z_s'/τ)), KL summed over classes, averaged over images."""
+    gen = torch.Generator().manual_seed(1)
+    z_cls, z_dist, z_t = (torch.randn(4, 7, generator=gen) for _ in range(3))
+    y = torch.randint(0, 7, (4,), generator=gen)
+    lam, tau = 0.1, 3.0
+    p_t = (z_t / tau).softmax(-1)
+    kl = (p_t * (p_t.log() - (z_dist / tau).log_softmax(-1))).sum(-1).mean()
+    expected = (1 - lam) * F.cross_entropy(z_cls, y) + lam * tau * tau * kl
+    got = soft_distillation_loss(z_cls, z_dist, y, z_t, alpha=lam, tau=tau)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(train_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["pretrain", "--recipe", RECIPE, f"data.train={train_shards}", f"train.out_dir={out}",
+                 "train.steps=3", *TINY]) == 0
+    return out
+
+
+def test_student_learns_from_a_frozen_teacher(teacher_run, train_shards):
+    recipe = load_recipe(RECIPE, [*TINY, *STUDENT, "train.steps=1", f"supervised.distill.teacher={teacher_run}"])
+    method = method_from_recipe(recipe, num_classes=10)
+    assert isinstance(method, DistilledSupervised)
+    before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    trained = {id(p) for g in method.param_groups(0.05) for p in g["params"]}
+    assert not any(p.requires_grad or id(p) in trained for p in method.teacher.parameters())
+    opt = torch.optim.AdamW([p for g in method.param_groups(0.05) for p in g["params"]], lr=1e-2)
+    method.train()
+    assert not method.teacher.training and method.encoder.training
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        out = method({"views": [images], "label": labels}, {}, 0)
+        out["loss"].backward()
+        assert all(p.grad is None for p in method.teacher.parameters())
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(before[k], v) for k, v in method.teacher.state_dict().items())
+    assert 0.0 <= out["teacher_agreement"] <= 1.0
+    method.eval()  # evaluation: the mean of the class and distillation heads, as DeiT evaluates
+    enc = method.encoder
+    with torch.no_grad():
+        tokens = enc.forward_features(images)
+        expected = (enc.head(tokens[:, 0]) + enc.head_dist(tokens[:, 1])) / 2
+        torch.testing.assert_close(enc(images), expected)
+
+
+def test_distilled_run_exports_a_student_and_keeps_the_teacher(teacher_run, train_shards, tmp_path):
+    out = tmp_path / "student"
+    assert main(["pretrain", "--recipe", RECIPE, f"data.train={train_shards}", f"train.out_dir={out}",
+                 "train.steps=2", *TINY, *STUDENT, f"supervised.distill.teacher={teacher_run}",
+                 "supervised.distill.kind=soft", "supervised.distill.tau=3.0"]) == 0
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all("teacher_agreement" in entry for entry in logs)
+    student, meta = load_backbone(out)
+    assert type(student).__name__ == "VisionTransformerDistilled" and meta["model_name"].startswith("deit_tiny_dist")
+    method, _ = load_method(out)  # the teacher is rebuilt from its run, its weights as trained there
+    teacher_weights = load_file(str(teacher_run / "backbone.safetensors"))
+    state = method.teacher.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in teacher_weights.items())
+
+
+@pytest.mark.parametrize("change,message", [
+    (["supervised.distill.kind=medium"], "supervised.distill.kind: must be hard or soft, got 'medium'"),
+    (["supervised.distill.alpha=1.5"], "supervised.distill.alpha: must be in [0, 1], got 1.5"),
+    (["supervised.distill.temperature=3"], "unknown recipe key 'supervised.distill.temperature'"),
+    (["supervised.distill.tau=0"], "supervised.distill.tau: must be positive, got 0.0"),
+    (["supervised.distill.teacher=TEACHER", "model.name=vit_tiny_patch16_224"],
+     "model.name: distillation trains a student with a distillation token; 'vit_tiny_patch16_224' has none"),
+    (["supervised.distill.teacher=TEACHER/backbone.safetensors"], "supervised.distill.teacher: "),
+    (["supervised.distill.teacher=TEACHER", "data.num_classes=12"], "classifies 10 classes, the training data has 12")])
+def test_bad_distillation_settings_are_one_line(change, message, teacher_run, train_shards, tmp_path, capsys):
+    change = [c.replace("TEACHER", str(teacher_run)) for c in change]
+    code = main(["pretrain", "--recipe", RECIPE, f"data.train={train_shards}", f"train.out_dir={tmp_path}",
+                 "train.steps=1", *TINY, *STUDENT, *change])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err, err
+
+
+def test_an_mae_run_cannot_teach(train_shards, tmp_path, capsys):
+    mae = tmp_path / "mae"
+    assert main(["pretrain", "--recipe", str(ROOT / "recipes" / "mae_vit_tiny_cifar10.yaml"),
+                 f"data.train={train_shards}", f"train.out_dir={mae}", "train.steps=1", *TINY,
+                 "mae.decoder_depth=1", "mae.decoder_dim=64", "mae.decoder_heads=2"]) == 0
+    assert main(["pretrain", "--recipe", RECIPE, f"data.train={train_shards}", f"train.out_dir={tmp_path / 's'}",
+                 "train.steps=1", *TINY, *STUDENT, f"supervised.distill.teacher={mae}"]) == 2
+    assert "is a mae run, which trains no classifier" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_distillation(teacher_run, train_shards, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ssl_vit.train",
+           "--recipe", RECIPE, f"data.train={train_shards}", f"train.out_dir={out}", "train.steps=3", *TINY,
+           *STUDENT, f"supervised.distill.teacher={teacher_run}"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    method, _ = load_method(out)
+    teacher_weights = load_file(str(teacher_run / "backbone.safetensors"))
+    assert all(torch.equal(method.teacher.state_dict()[k], v) for k, v in teacher_weights.items())
