@@ -10,6 +10,8 @@ Sections, all measured in the same run:
   images/s from its log. Target: data wait < 5 % with the GPU path.
 - `mfu`: the same two training steps on batches already on the device: FLOPs counted by torch's FlopCounterMode for
   one step (forward + backward), divided by the step time and the measured bf16 matmul rate. Target: MAE ≥ 40 %.
+- `memory`: the device path on one batch of large photographs (DINO multi-crop, 12 MP: long side 4000 px): its
+  chunk plan's peak bytes (`device_resample.plan_chunks`) against torch's measured peak of allocated device memory.
 - `knn`: exact k-NN (k = 200) of 50k queries against a 1.28M × 768 bank with torch on the GPU (float32 products,
   TF32 off), against FAISS's exact CPU index on a slice of the queries, extrapolated linearly.
 
@@ -41,13 +43,15 @@ from ssl_vit.config import load_recipe  # noqa: E402
 from ssl_vit.data.samples import open_image, read_shard  # noqa: E402
 from ssl_vit.data.sources import expand_source  # noqa: E402
 from ssl_vit.transforms import MultiViewTransform, dino_views, mae_views, views_from_recipe  # noqa: E402
+from ssl_vit.transforms.device_resample import plan_chunks, plan_sizes  # noqa: E402
 from ssl_vit.transforms.gpu_views import collate_views, views_to_device  # noqa: E402
 
-from make_photo_shards import make_photo_shards  # noqa: E402
+from make_photo_shards import make_photo_shards, photo_jpegs  # noqa: E402
 
 SIZES = {  # full run | --smoke
     "matmul": (8192, 256), "photos": (2700, 48), "view_batches": (20, 2), "view_batch": (128, 8),
     "train_steps": (60, 3), "mae_batch": (256, 4), "dino_batch": (128, 4), "mfu_steps": (10, 2),
+    "memory_batch": (32, 4), "memory_side": (4000, 600),
     "knn": ((50_000, 1_280_000, 768, 200, 500), (64, 2000, 32, 20, 16)),
 }
 TINY = {"mae": ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "mae.decoder_depth=1",
@@ -126,6 +130,31 @@ def views_section(args, samples, device) -> dict:
     return out
 
 
+def memory_section(args, device) -> dict:
+    """One batch of large photographs (mixed orientation) through the device path: the chunk plan's peak bytes, and
+    on CUDA the measured peak of allocated memory while the views are made (the plan is an upper bound of it)."""
+    count, side, specs = size(args, "memory_batch"), size(args, "memory_side"), dino_views(224, 96, 10)
+    transform, items = MultiViewTransform(specs, "gpu"), []
+    for i, (_, data) in enumerate(photo_jpegs(count, seed=1, long_side=side)):
+        torch.default_generator.manual_seed(i)
+        items.append(transform(open_image({"jpg": data, "__key__": str(i), "__url__": "memory"})))
+    batch = collate_views(items, specs)
+    plan = plan_chunks(*plan_sizes(batch.sizes), batch.specs, batch.size)
+    out = {"photos": count, "long_side": side, "chunks": len(plan.chunks), "planned_peak_bytes": plan.peak_bytes}
+    if device.type != "cuda":
+        return {**out, "measured_peak_bytes": "skipped: no CUDA device"}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    made = views_to_device(batch, device)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    out.update(measured_peak_bytes=torch.cuda.max_memory_allocated() - before, seconds=round(seconds, 3),
+               decode_counts=made.counts)
+    return out
+
+
 # -- training -------------------------------------------------------------------------------------------------------
 def recipe_for(args, method: str, overrides: list):
     extra = TINY[method] if args.smoke else []
@@ -158,7 +187,9 @@ def train_section(args, index: str, device, tmp: Path) -> dict:
             rows = read_log(run / "log.jsonl")[min(5, size(args, "train_steps") - 1):]  # after warm-up
             out[key] = {"data_wait_frac": round(float(np.mean([r["data_wait_frac"] for r in rows])), 4),
                         "images_per_s": round(float(np.median([r["images_per_s"] for r in rows])), 1),
-                        "threads": rows[-1].get("threads"), "steps_averaged": len(rows)}
+                        "threads": rows[-1].get("threads"), "steps_averaged": len(rows),
+                        **{k: rows[-1][k] for k in ("skipped_samples", "cpu_decoded_samples", "cpu_reduced_samples")
+                           if k in rows[-1]}}
     return out
 
 
@@ -245,8 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="toy sizes, any device: checks the script runs")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--workers", type=int, default=min(12, max(0, (os.cpu_count() or 1) - 2)))
-    p.add_argument("--sections", nargs="+", default=["matmul", "views", "train", "mfu", "knn"],
-                   choices=["matmul", "views", "train", "mfu", "knn"])
+    p.add_argument("--sections", nargs="+", default=["matmul", "views", "memory", "train", "mfu", "knn"],
+                   choices=["matmul", "views", "memory", "train", "mfu", "knn"])
     args = p.parse_args(argv)
     if args.smoke:
         args.workers = 0
@@ -261,6 +292,8 @@ def main(argv=None) -> int:
         if "views" in args.sections:
             samples = [s for url in expand_source(index).urls for s in read_shard(url)]
             result["views"] = views_section(args, samples, device)
+        if "memory" in args.sections:
+            result["memory"] = memory_section(args, device)
         if "train" in args.sections:
             result["train"] = train_section(args, index, device, Path(tmp))
     if "mfu" in args.sections:
