@@ -32,7 +32,8 @@ WEIGHT_BYTES = 36  # per filter weight [S, L]: float64 t and two bicubic pieces,
 class ChunkPlan:
     """Chunks of a batch's images (indices into it) decoded and resampled together, and what each holds at its peak.
 
-    `views_bytes`: the batch's views as uint8 (resampled) and float32 (normalised, the model's input), held throughout.
+    `views_bytes`: the batch's views as uint8 (resampled, then placed in batch order) and float32 (normalised, the
+    model's input), held throughout.
     `augment_bytes`: the colour ops' peak on one slice of views."""
     chunks: list
     chunk_bytes: list
@@ -91,7 +92,7 @@ def plan_chunks(heights, widths, specs, batch_size: int | None = None) -> ChunkP
     largest_view = max(s.size * s.size for s in specs)
     augment = AUGMENT_BYTES_PER_PIXEL * max(AUGMENT_PIXELS, largest_view)
     batch = len(heights) if batch_size is None else batch_size
-    return ChunkPlan(chunks, sizes, batch * view_pixels * (1 + 4), augment)
+    return ChunkPlan(chunks, sizes, batch * view_pixels * (1 + 1 + 4), augment)
 
 
 def pad(images: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
