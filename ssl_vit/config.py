@@ -200,6 +200,7 @@ class TrainConfig:
     log_with: list = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers: wandb, mlflow, ...
     threads: int = 0                 # intra-op threads per process; 0: cores left after data.num_workers
     monitor_every: int = 0           # steps between k-NN scores of the backbone on data.monitor; 0: never
+    monitor_samples: int = 10000     # at most this many data.monitor images, class-balanced (eval/monitor.py)
 
 
 @dataclass
@@ -417,6 +418,7 @@ def validate(r: Recipe, for_run: bool = True) -> None:
            f"got {r.data.decode!r}")
     _check(r.train.threads >= 0, "train.threads", "must be ≥ 0 (0: the cores left after the loader's workers)")
     _check(r.train.monitor_every >= 0, "train.monitor_every", "must be ≥ 0 (0: no monitoring)")
+    _check(r.train.monitor_samples >= 4, "train.monitor_samples", f"must be ≥ 4, got {r.train.monitor_samples}")
     _check(not (for_run and r.train.monitor_every) or bool(r.data.monitor), "data.monitor",
            "train.monitor_every needs a small labelled shard set to score (data.monitor=INDEX.json)")
     _check(r.optim.accum_steps >= 1, "optim.accum_steps", "must be ≥ 1")

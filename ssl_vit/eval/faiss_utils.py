@@ -1,5 +1,7 @@
 """FAISS plumbing shared by k-NN and retrieval: thread counts, GPU detection, normalisation, chunked search."""
 import contextlib
+import functools
+import os
 
 import numpy as np
 
@@ -50,6 +52,30 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def per_process(factory):
+    """`factory()` made once per process and then reused; a forked child (a DataLoader worker) makes its own, since
+    CUDA state does not survive a fork."""
+    made = {}
+
+    @functools.wraps(factory)
+    def get():
+        pid = os.getpid()
+        if pid not in made:
+            made.clear()
+            made[pid] = factory()
+        return made[pid]
+
+    return get
+
+
+@per_process
+def gpu_resources():
+    """This process's FAISS GPU resources, shared by every GPU index it builds: streams, a cuBLAS handle, a
+    temporary-memory pool (FAISS reserves up to 1.5 GiB of device memory) and 256 MiB of pinned host memory. Made
+    per index, all of that would be allocated and freed again at every k-NN call (every monitor step)."""
+    return faiss.StandardGpuResources()
+
+
 def resolve_device(use_gpu=None) -> str:
     """'faiss-gpu' or 'faiss-cpu'; `use_gpu=None` picks the GPU when there is one, True insists on it."""
     if use_gpu is None:
@@ -79,8 +105,12 @@ def flat_ip_index(bank, device: str = "faiss-cpu", normalize: bool = True):
     bank = as_float32_2d(bank, "bank")
     dim = bank.shape[1]
     if device == "faiss-gpu":
-        res = faiss.StandardGpuResources()
-        index = faiss.GpuIndexFlatIP(res, dim)
+        import torch
+
+        config = faiss.GpuIndexFlatConfig()
+        config.device = torch.cuda.current_device() if torch.cuda.is_available() else 0  # this process's GPU
+        res = gpu_resources()
+        index = faiss.GpuIndexFlatIP(res, dim, config)
         index.referenced_objects = [res]  # the resources must outlive the index
         for start in range(0, bank.shape[0], ADD_CHUNK):
             rows = bank[start:start + ADD_CHUNK]
