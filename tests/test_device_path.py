@@ -119,6 +119,10 @@ def test_device_skips_are_counted_named_and_within_the_skip_budget(tmp_path, cap
     bad = write_shards(tmp_path / "bad", dataset(200, corrupt=range(0, 200, 10)), per_shard=200)
     with pytest.raises(SslVitError, match="unreadable.*max_skip_fraction"):
         list(loader_over(bad, 20, 0.05))
+    whole = write_shards(tmp_path / "whole", dataset(8, corrupt=[4, 5]), per_shard=8)
+    whole_batch = "all 2 samples of a batch are unreadable .first: corrupt image in sample k00004 "
+    with pytest.raises(SslVitError, match=whole_batch):
+        list(loader_over(whole, 2, 1.0))
 
 
 # -- what the worker hands on -------------------------------------------------------------------------------------
