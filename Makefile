@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,12 +15,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The distribution's Chromium and its driver for the serve page's browser test (Selenium drives them; no tool may
+# download a browser build of its own). Skipped when both are there; as root apt installs them (CI), otherwise a
+# warning says how and the browser test skips.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "warning: no /usr/bin/chromium: run 'sudo apt-get install chromium chromium-driver' for the browser test"; fi
+
+install: $(STAMP) browser
 
 demo: $(STAMP)
 	$(VENV)/bin/ssl-vit compare --recipe recipes/compare_cifar10_subset.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 clean:

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ssl_vit import __version__
-from ssl_vit.commands import compare, features, finetune, shards, train
+from ssl_vit.commands import compare, features, finetune, inspect_model, serve, shards, train
 from ssl_vit.commands import eval as evaluate
 from ssl_vit.errors import SslVitError
 
@@ -16,7 +16,7 @@ DESCRIPTION = ("ssl_vit: self-supervised pretraining of Vision Transformers (MAE
 
 # The command table, in the order of `--help`: each module defines register(subparsers), which sets a
 # `func(args) -> int | None` default on its parsers.
-COMMANDS = (shards, train, finetune, features, evaluate, compare)
+COMMANDS = (shards, train, finetune, features, evaluate, compare, inspect_model, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,193 @@
+"""What the server does per request, independent of HTTP: embed uploaded images (batched across concurrent
+requests), look up cached vectors by key, search the index, read and re-encode thumbnails, keep statistics."""
+import asyncio
+import collections
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ssl_vit.data.image_table import ImageTable
+from ssl_vit.errors import SslVitError
+from ssl_vit.eval.feature_cache import vectors_by_key
+from ssl_vit.eval.retrieval import RetrievalIndex
+
+THUMB_PX = 256
+LATENCY_WINDOW = 10_000  # the latencies the percentiles are taken over
+
+
+class BadImage(SslVitError):
+    """An upload that is not an image PIL can decode (or is cut short)."""
+
+
+class ImageTooLarge(SslVitError):
+    """An upload with more pixels than the server decodes."""
+
+
+class UnknownKey(SslVitError):
+    """A key the index (or its image table) does not hold."""
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """RGB image of uploaded bytes; the pixel count is checked from the header before any decoding."""
+    if not data:
+        raise BadImage("empty upload: send an image file in the 'image' field, or a key")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+    except Exception:  # PIL raises many types for data that is not an image
+        raise BadImage("the upload is not an image (PIL cannot read its header)") from None
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"the image has {width}x{height} = {width * height / 1e6:.1f} megapixels; this server "
+                            f"decodes at most {max_pixels / 1e6:.1f}")
+    try:
+        image.load()
+        return image.convert("RGB")
+    except Exception as e:
+        raise BadImage(f"the image cannot be decoded ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
+def thumbnail_jpeg(data: bytes, key: str, size: int = THUMB_PX) -> bytes:
+    """A JPEG re-encoded from the member's image (never the member's own bytes), at most `size` px per side."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (size, size))  # JPEG: decode at a reduced DCT scale
+        image = image.convert("RGB")
+    except Exception:
+        raise BadImage(f"the image of key {key!r} in the shards is unreadable") from None
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+class MicroBatcher:
+    """Calls `fn(items) -> results` once for the items submitted within `window_s` of the first (or as soon as
+    `max_batch` are waiting), in `executor`: concurrent requests share one forward pass."""
+
+    def __init__(self, fn, window_s: float, max_batch: int, executor):
+        self.fn, self.window_s, self.max_batch, self.executor = fn, window_s, max_batch, executor
+        self.pending, self.timer, self.batches, self.items = [], None, 0, 0
+
+    async def submit(self, item):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((item, future))
+        if len(self.pending) >= self.max_batch:
+            self._flush()
+        elif self.timer is None:
+            self.timer = loop.call_later(self.window_s, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        batch, self.pending = self.pending, []
+        if batch:
+            self.batches, self.items = self.batches + 1, self.items + len(batch)
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch) -> None:
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.fn,
+                                                                       [item for item, _ in batch])
+        except Exception as e:  # every request of the batch gets the error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
+
+
+class SearchEngine:
+    """An index folder loaded once: its FAISS index, the backbone recorded with it (for image queries), its feature
+    caches (for key queries) and its image table (for thumbnails)."""
+
+    def __init__(self, index_dir, backbone=None, *, window_ms: float = 5.0, max_batch: int = 32,
+                 threads: int = 4, max_pixels: int = 40_000_000):
+        from ssl_vit.commands.eval import index_caches, query_embedder
+
+        self.index_dir = Path(index_dir)
+        self.index = RetrievalIndex.load(self.index_dir)
+        self.caches = index_caches(self.index)
+        self.embed = query_embedder(self.index, self.index_dir, backbone) if (
+            backbone or self.index.source.get("backbone")) else None
+        try:
+            self.table = ImageTable.load(self.index_dir, self.index.source.get("shards") or [])
+        except SslVitError:
+            self.table = None
+        self.max_pixels, self.classes = max_pixels, self.index.source.get("classes")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="search")
+        self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="embed")  # torch uses its own threads inside
+        self.batcher = MicroBatcher(self._embed_batch, window_ms / 1000, max_batch, self.embed_pool)
+        self.latencies = collections.deque(maxlen=LATENCY_WINDOW)
+        self.served, self.started = 0, time.time()
+
+    def _embed_batch(self, images: list) -> list:
+        return list(self.embed(images))  # [B] rows of [D]
+
+    async def vector_of_upload(self, data: bytes) -> np.ndarray:
+        if self.embed is None:
+            raise SslVitError(f"index {self.index_dir} records no backbone: only key queries are possible")
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(self.pool, decode_upload, data, self.max_pixels)
+        return await self.batcher.submit(image)
+
+    async def vector_of_key(self, key: str) -> np.ndarray:
+        if not self.caches:
+            raise SslVitError(f"index {self.index_dir} does not record its feature caches: no key queries")
+        if self.index.find([key])[0] < 0:
+            raise UnknownKey(f"no image with key {key!r} in this index")
+        loop = asyncio.get_running_loop()
+        rows, _ = await loop.run_in_executor(self.pool, vectors_by_key, self.caches, [key])
+        return rows[0]
+
+    async def search(self, vector: np.ndarray, k: int, nprobe=None, ef_search=None) -> list:
+        """[{"key", "score", "label", "class", "image"}] best first."""
+        if k > len(self.index):
+            raise SslVitError(f"k={k} is more than the {len(self.index)} indexed images")
+        loop = asyncio.get_running_loop()
+        scores, ids = await loop.run_in_executor(self.pool, lambda: self.index.search(vector[None], k, nprobe=nprobe,
+                                                                                     ef_search=ef_search))
+        results = []
+        for score, (key, label) in zip(scores[0].tolist(), self.index.lookup(ids[0])):
+            if key is not None:
+                name = self.classes[label] if self.classes and label is not None and label < len(self.classes) \
+                    else None
+                results.append({"key": key, "score": score, "label": label, "class": name,
+                                "image": f"/images/{key}" if self.table is not None else None})
+        return results
+
+    async def thumbnail(self, key: str) -> bytes:
+        if self.table is None:
+            raise UnknownKey(f"index {self.index_dir} has no image table: "
+                             f"{self.index.source.get('image_table', 'built before tables existed')}")
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(self.pool, self.table.read, key)
+        if data is None:
+            raise UnknownKey(f"no image with key {key!r} in this index's shards")
+        return await loop.run_in_executor(self.pool, thumbnail_jpeg, data, key)
+
+    def record(self, seconds: float) -> None:
+        self.served += 1
+        self.latencies.append(seconds)
+
+    def stats(self) -> dict:
+        ms = np.asarray(self.latencies) * 1000
+        pct = {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)} if len(ms) else {}
+        return {"index": {"kind": self.index.kind, "size": len(self.index), "dim": self.index.dim,
+                          "metric": self.index.metric, "params": self.index.params},
+                "queries_served": self.served, "latency_ms": pct, "uptime_s": time.time() - self.started,
+                "embed_batches": self.batcher.batches,
+                "mean_embed_batch": self.batcher.items / max(self.batcher.batches, 1)}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.embed_pool.shutdown(wait=False, cancel_futures=True)
