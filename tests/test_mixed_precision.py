@@ -169,3 +169,50 @@ def test_an_inf_gradient_stops_the_run_by_default(train_shards, tmp_path):
     with pytest.raises(SslVitError, match=r"non-finite gradient norm \(loss [0-9.]+, gradient norm inf\) at step 1"):
         trainer.fit()
     assert trainer.optimizer.state[weight]["step"] == 1
+
+
+RANK_SCRIPT = '''
+import json, sys
+import torch
+from ssl_vit.config import load_recipe
+from ssl_vit.train.trainer import Trainer
+
+out = sys.argv[1]
+trainer = Trainer(load_recipe(sys.argv[2], sys.argv[3:]))
+weight = trainer.method.encoder.patch_embed.proj.weight
+if trainer.acc.process_index == 1:  # an inf in rank 1's gradient after the gradients were averaged: rank 0's is finite
+    before = trainer.method.before_optimizer_step
+    def inject(step, sched):
+        before(step, sched)
+        if step == 1:
+            weight.grad[0] = float("inf")
+    trainer.method.before_optimizer_step = inject
+summary = trainer.fit()
+json.dump({"world": trainer.acc.num_processes, "skipped": summary["skipped_steps"],
+           "updates": int(trainer.optimizer.state[weight]["step"]), "weight": weight.detach().double().sum().item()},
+          open(f"{out}/rank{trainer.acc.process_index}.json", "w"))
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_agree_to_skip_when_one_has_an_inf_gradient(train_shards, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "inf_on_rank1.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path),
+           str(ROOT / "recipes" / "mae_vit_tiny_cifar10.yaml"), f"data.train={train_shards}",
+           f"train.out_dir={tmp_path / 'run'}", "train.steps=3", "train.epochs=0", "data.batch_size=8",
+           "model.depth=1", "mae.decoder_depth=1", "mae.decoder_dim=64", "mae.decoder_heads=2",
+           "train.on_nonfinite=skip", "train.progress=false", "train.log_with=[]", "data.num_workers=0"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [(r["skipped"], r["updates"]) for r in ranks] == [(1, 2), (1, 2)]  # both skipped step 1, together
+    assert ranks[0]["weight"] == ranks[1]["weight"]  # and stayed in step
