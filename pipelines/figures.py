@@ -222,6 +222,16 @@ def load_images(test_index: str, keys) -> dict:
     return images_by_key(_shards(test_index).urls, keys)
 
 
+def evaluation_images(test_index: str, n: int) -> tuple[list, list[int], list]:
+    """`n` test images, one class each while classes last (`pick_queries` order) → (PIL images, labels, classes)."""
+    if n < 1:
+        raise SslVitError(f"figure: n_images must be >= 1, got {n}")
+    keys, labels = _labelled_keys(test_index, n)
+    rows = pick_queries(keys, labels, n)
+    found = load_images(test_index, [keys[i] for i in rows])
+    return [found[keys[i]] for i in rows], [labels[i] for i in rows], _shards(test_index).classes or []
+
+
 def _class_name(classes: list, label) -> str:
     label = int(label)
     return str(classes[label]) if 0 <= label < len(classes) else ("?" if label < 0 else str(label))
@@ -340,13 +350,7 @@ def attention_png(models: dict, test_index: str, path: Path, n_images: int = 4) 
     over heads) overlaid, and the MAE input with its masked patches and the reconstruction."""
     from ssl_vit.pipelines.attention import dino_panels, mae_panels
 
-    if n_images < 1:
-        raise SslVitError(f"attention figure: n_images must be >= 1, got {n_images}")
-    keys, labels = _labelled_keys(test_index, n_images)
-    rows = pick_queries(keys, labels, n_images)
-    found = load_images(test_index, [keys[i] for i in rows])
-    images = [found[keys[i]] for i in rows]
-    classes = _shards(test_index).classes or []
+    images, labels, classes = evaluation_images(test_index, n_images)
     dino = _panel(find_run(models, "dino"), "DINO", lambda d: dino_panels(d, images))
     mae = _panel(find_run(models, "mae"), "MAE", lambda d: mae_panels(d, images))
     mae_ratio = f" ({mae[2]:.0%} masked)" if not isinstance(mae, str) else ""
@@ -356,7 +360,7 @@ def attention_png(models: dict, test_index: str, path: Path, n_images: int = 4) 
     axes = np.asarray(fig.subplots(len(images), len(titles), squeeze=False))
     for r, img in enumerate(images):
         axes[r, 0].imshow(np.asarray(img), interpolation="nearest")
-        axes[r, 0].set_ylabel(_class_name(classes, labels[rows[r]]), fontsize=9)
+        axes[r, 0].set_ylabel(_class_name(classes, labels[r]), fontsize=9)
         _frame(axes[r, 0], "0.5", 1.0)
         if isinstance(dino, str):
             _note(axes[r, 1], dino)

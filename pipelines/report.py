@@ -85,7 +85,7 @@ def backbone_name(cfg: CompareConfig) -> str:
 
 
 def write_report(cfg: CompareConfig, out: Path, rows_by_fraction: dict, indexes: dict) -> dict:
-    from ssl_vit.pipelines import figures
+    from ssl_vit.pipelines import figures, vit_figures
 
     backbone = backbone_name(cfg)
     rows = [model_row(row, f, out) for f, f_rows in rows_by_fraction.items() for row in f_rows]
@@ -116,6 +116,8 @@ def write_report(cfg: CompareConfig, out: Path, rows_by_fraction: dict, indexes:
           "ImageNet benchmarks): read the k-NN and linear-probe columns together.", "",
           "![label efficiency](label_efficiency.png)", "", "![comparison](comparison.png)", "",
           "![retrieval](retrieval.png)", "", "![attention](attention.png)"]
+    images = figures.evaluation_images(indexes["test"], 4)[0]  # the ViT paper's pictures of every trained row
+    md += vit_figures.report_lines(vit_figures.row_figures(trained, images, out / "vit_figures"), out)
     (out / "report.md").write_text("\n".join(md) + "\n")
     figures.label_efficiency_png(rows, out / "label_efficiency.png")
     figures.comparison_png(top, trained, out / "comparison.png")
