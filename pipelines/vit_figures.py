@@ -15,6 +15,7 @@ from ssl_vit.eval.features import eval_pixels
 from ssl_vit.figure_io import save_png
 from ssl_vit.loading import load_backbone
 from ssl_vit.models.backbone import token_grid
+from ssl_vit.models.pos_embed import sincos_2d
 from ssl_vit.pipelines.attention import attention_rollout, last_block_cls_attention, mean_attention_distance
 from ssl_vit.transforms import denormalize
 
@@ -38,6 +39,15 @@ def position_similarity(model: nn.Module) -> torch.Tensor:
         raise SslVitError(f"position embeddings: {patches.shape[0]} rows for a {gh}x{gw} patch grid")
     unit = torch.nn.functional.normalize(patches, dim=-1)
     return (unit @ unit.T).reshape(gh, gw, gh, gw)
+
+
+def is_sincos(model: nn.Module) -> bool:
+    """Whether the patch position embeddings are MAE's fixed 2-D sin-cos ones (read from the weights themselves)."""
+    pos = getattr(model, "pos_embed", None)
+    if pos is None or pos.shape[-1] % 4:
+        return False
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    return torch.allclose(pos[0, prefix:].float(), sincos_2d(pos.shape[-1], token_grid(model)), atol=1e-5)
 
 
 def position_similarity_png(sim: torch.Tensor, path: Path, title: str) -> None:
@@ -96,7 +106,7 @@ def inspect_backbone(model: nn.Module, meta: dict, images: list, out_dir: Path, 
     `images` (PIL, may be empty) are the evaluation images the attention figures use."""
     out_dir = Path(out_dir)
     written, size = {}, int(meta["img_size"])
-    kind = f"\n({SINCOS_NOTE})" if meta.get("method") == "mae" else \
+    kind = f"\n({SINCOS_NOTE})" if is_sincos(model) else \
         " (random init)" if meta.get("pretrained") is False else " (learnt)"
     title = f"{name}: position embedding similarity{kind}"
     written["position_embedding"] = _figure(out_dir / "position_embedding.png", lambda p: position_similarity_png(

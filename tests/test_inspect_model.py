@@ -10,7 +10,7 @@ from ssl_vit.methods.mae import MAE
 from ssl_vit.models.backbone import BackboneSpec, create_backbone
 from ssl_vit.models.export import export_backbone
 from ssl_vit.pipelines.attention import attention_rollout, attention_weights, mean_attention_distance
-from ssl_vit.pipelines.vit_figures import position_similarity, report_lines, row_figures
+from ssl_vit.pipelines.vit_figures import is_sincos, position_similarity, report_lines, row_figures
 
 SPEC = BackboneSpec(img_size=32, patch_size=4, kwargs=dict(depth=2, embed_dim=64, num_heads=2))
 
@@ -66,6 +66,7 @@ def test_inspect_model_writes_the_three_figures(test_shards, tmp_path, capsys):
     written = json.loads(capsys.readouterr().out)
     assert set(written) == {"position_embedding", "attention_distance", "attention_rollout"}
     assert all(Path(p).is_file() and Path(p).stat().st_size > 1000 for p in written.values())
+    assert is_sincos(encoder) and not is_sincos(tiny_vit())  # the title says which the embedding is
 
 
 def test_a_swin_has_no_position_embedding_or_global_attention_to_draw(tmp_path, capsys):
