@@ -83,7 +83,13 @@ def add_probe_options(p) -> None:
 
 
 def add_index_build_options(p) -> None:
-    p.add_argument("--kind", choices=("flat", "ivf", "hnsw", "ivfpq"), default="flat")
+    p.add_argument("--kind", choices=("flat", "ivf", "hnsw", "ivfpq", "auto"), default="flat",
+                   help="auto: the family and parameters that fit --max-memory and reach --target-recall, measured "
+                        "on a held-out sample (recorded in meta.json under source.auto)")
+    p.add_argument("--max-memory", default="2GB", help="auto: RAM budget of the index (e.g. 2GB, 512MiB)")
+    p.add_argument("--target-recall", type=float, default=0.9, help="auto: recall@10 against exact search")
+    p.add_argument("--max-latency-ms", type=float, default=10.0,
+                   help="auto: flat is chosen when it fits and searches within this many ms per query")
     p.add_argument("--metric", choices=("cosine", "ip", "l2"), default="cosine")
     p.add_argument("--nlist", type=int, help="IVF lists (default ~4*sqrt(N), at most N/39)")
     p.add_argument("--nprobe", type=int, help="IVF lists visited per query (default ~sqrt(nlist))")
@@ -188,14 +194,40 @@ def run_index_build(args) -> int:
     params = {"metric": args.metric, "nlist": args.nlist, "nprobe": args.nprobe, "m": args.m, "nbits": args.nbits,
               "hnsw_m": args.hnsw_m, "ef_search": args.ef_search, "refine": args.refine,
               "k_factor": args.k_factor, "train_size": args.train_size}
-    index = RetrievalIndex.build_from_parts(parts, args.kind, **params)
+    kind, report = args.kind, None
+    if kind == "auto":
+        kind, params, report, queries = choose_kind(args, parts)
+    index = RetrievalIndex.build_from_parts(parts, kind, **params)
     index.source = source_info(args.features, metas)
+    if report is not None:
+        from ssl_vit.eval.index_auto import final_check
+
+        report["final"] = final_check(index, parts, queries)
+        print(f"auto: the built index: {json.dumps(report['final'])}")
+        index.source["auto"] = report
     table = image_table(index.source.get("shards") or [])
     index.source["image_table"] = table if isinstance(table, str) else len(table.keys)
     index.save(args.out, arrays=None if isinstance(table, str) else table.arrays())
-    print(f"{args.kind} index of {len(index)} x {index.dim} ({args.metric}) from {len(parts)} cache(s) written to "
+    print(f"{kind} index of {len(index)} x {index.dim} ({args.metric}) from {len(parts)} cache(s) written to "
           f"{args.out}; params {json.dumps(index.params)}")
     return 0
+
+
+def choose_kind(args, parts):
+    """(kind, params, report, held-out queries) of `--kind auto`, one line per measured candidate printed."""
+    from ssl_vit.eval.index_auto import choose, parse_size
+
+    if not 0 < args.target_recall <= 1:
+        raise SslVitError(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    kind, params, report, queries = choose(parts, parse_size(args.max_memory), target_recall=args.target_recall,
+                                           metric=args.metric, max_latency_ms=args.max_latency_ms)
+    for row in report["candidates"]:
+        print(f"auto: {row['kind']:>6} {row['bytes'] / 1e9:8.3f} GB  recall@10 {row['recall']:.3f}  "
+              f"{row['ms_per_query']:.3f} ms/query  {json.dumps(row['params'])}")
+    chosen = report["chosen"]
+    print(f"auto: chose {kind} (recall@10 {chosen['recall']:.3f} on {report['measured_on']['queries']} held-out "
+          f"queries, {chosen['ms_per_query']:.3f} ms/query, {chosen['bytes'] / 1e9:.3f} GB)")
+    return kind, params, report, queries
 
 
 def image_table(shards: list):
