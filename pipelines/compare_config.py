@@ -17,9 +17,13 @@ class SourceConfig:
     train: str = "data/cifar10_subset/train.tar.gz"   # image source (ImageFolder tree/tar, CSV/JSONL) or index.json
     test: str = "data/cifar10_subset/test.tar.gz"
     unlabeled: str = ""                               # extra images without labels for MAE/DINO only ("": none)
+    val: str = ""                                     # labelled images every choice is made on ("": carved
+                                                      # from train, see val_fraction); never the test set
+    val_fraction: float = 0.1                         # share of each class of train held out as the validation
+                                                      # split when no `val` is given (0: no validation split)
     monitor: str = ""                                 # labelled images scored by k-NN during pretraining when the
-                                                      # recipes set train.monitor_every ("": the test set; curves
-                                                      # only, nothing is chosen by them)
+                                                      # recipes set train.monitor_every ("": the validation split,
+                                                      # else the test set; curves only, nothing is chosen by them)
     shard_max_count: int = 500                        # samples per shard when shards are written
 
 
@@ -27,12 +31,21 @@ class SourceConfig:
 class BudgetConfig:
     images: int = 60000                               # images seen by every pretraining run (the fair budget)
     batch_size: int = 128
+    mode: str = "images"                              # images: every method sees `images`; flops: every method
+                                                      # trains until it has spent the same training compute
+    gflops: float = 0.0                               # flops mode: that compute per run in GFLOPs (0: `images` at
+                                                      # the cost per image of `reference`)
+    reference: str = ""                               # flops mode: the method whose cost per image prices `images`
+                                                      # ("": the labelled baseline, else the first method)
 
 
 @dataclass
 class EvalConfig:
     label_fractions: list = field(default_factory=lambda: [0.01, 0.1, 1.0])  # labelled share of the train set
     label_seed: int = 0                               # which samples are labelled (the same for every model)
+    label_draws: int = 3                              # independent labelled draws at each fraction < 1 (draw d
+                                                      # uses seed label_seed + d; each nested across fractions)
+    seeds: int = 1                                    # pretraining seeds per method (`--thorough`: 3)
     knn_k: list = field(default_factory=lambda: [10, 20, 100, 200])  # those larger than a fraction's bank are dropped
     knn_temperature: float = 0.07
     linear_probe: bool = True
@@ -60,6 +73,7 @@ class CompareConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     backbones: dict = field(default_factory=dict)      # extra rows: name → timm:NAME, local-dir:PATH, an export...
+    budgets: dict = field(default_factory=dict)        # named budgets for `--budget NAME`: name → [key=value]
 
 
 def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConfig:
@@ -84,6 +98,7 @@ def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConf
         _check(method in cfg.recipes, "recipes", f"no training recipe for method {method!r}")
         _check(Path(cfg.recipes[method]).is_file(), f"recipes.{method}", f"file not found: {cfg.recipes[method]}")
     _check(cfg.budget.images >= cfg.budget.batch_size, "budget.images", "must be at least one batch")
+    check_budget_and_draws(cfg)
     _check(all(isinstance(k, int) and k > 0 for k in cfg.eval.knn_k), "eval.knn_k", "must be positive integers")
     cfg.eval.label_fractions = check_fractions(cfg.eval.label_fractions)
     _check(0 < cfg.eval.crop_pct <= 1, "eval.crop_pct", f"must be in (0, 1], got {cfg.eval.crop_pct}")
@@ -116,3 +131,32 @@ def needs_labels(cfg: CompareConfig, method: str) -> bool:
 def eval_resize(cfg: CompareConfig, image_size: int) -> int:
     """The shorter side images are resized to before the centre crop of `image_size` (every row, fine-tuning too)."""
     return round(image_size / cfg.eval.crop_pct)
+
+
+def check_budget_and_draws(cfg: CompareConfig) -> None:
+    """The keys of the comparison's error bars, validation split and compute budget."""
+    b, e, src = cfg.budget, cfg.eval, cfg.source
+    _check(b.mode in ("images", "flops"), "budget.mode", f"must be 'images' or 'flops', got {b.mode!r}")
+    _check(isinstance(b.gflops, (int, float)) and b.gflops >= 0, "budget.gflops", "must be a number >= 0")
+    _check(not b.reference or b.reference in cfg.methods, "budget.reference",
+           f"{b.reference!r} is not one of the methods {cfg.methods}")
+    for key, value in (("eval.label_draws", e.label_draws), ("eval.seeds", e.seeds)):
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key,
+               f"must be an integer >= 1, got {value!r}")
+    _check(isinstance(src.val_fraction, (int, float)) and 0 <= src.val_fraction < 1, "source.val_fraction",
+           f"must be in [0, 1), got {src.val_fraction!r}")
+
+
+def apply_budget(path, overrides: list[str], name: str) -> list[str]:
+    """`--budget NAME`: the key=value list the recipe's `budgets.NAME` holds, before the command line's own."""
+    cfg = load_compare_recipe(path, overrides)
+    _check(name in cfg.budgets, "budgets", f"no budget named {name!r} in {path} (it has {sorted(cfg.budgets)})")
+    extra = cfg.budgets[name]
+    _check(isinstance(extra, list) and all(isinstance(x, str) for x in extra), f"budgets.{name}",
+           "expected a list of key=value")
+    return [*extra, *overrides]
+
+
+def reference_method(cfg: CompareConfig) -> str:
+    """The method whose cost per image prices `budget.images` in flops mode."""
+    return cfg.budget.reference or next((m for m in cfg.methods if needs_labels(cfg, m)), cfg.methods[0])

@@ -31,7 +31,8 @@ FLOORS = ("random_init", "raw_pixels")  # drawn dashed: what any pretrained back
 
 def label_efficiency_png(rows: list[dict], path: Path) -> None:
     """Test top-1 against the fraction of training labels (log x), one line per model, one panel per metric that
-    has values (k-NN, linear probe, fine-tuning); the floors (random init, raw pixels) dashed."""
+    has values (k-NN, linear probe, fine-tuning); the floors (random init, raw pixels) dashed. A row's
+    `<metric>_band` [low, high] (mean ± std over runs, or one run's 95 % interval) is drawn as error bars and a band."""
     present = [(key, title) for key, title in (("knn_top1", "k-NN top-1"), ("linear_top1", "linear-probe top-1"),
                                                ("finetune_top1", "fine-tune top-1"))
                if any(row.get(key) is not None for row in rows)]
@@ -44,12 +45,15 @@ def label_efficiency_png(rows: list[dict], path: Path) -> None:
     labels = {row["fraction"]: row.get("num_labels") for row in rows if row.get("num_labels")}
     for ax, (key, title) in zip(axes, present):
         for i, name in enumerate(names):
-            points = sorted((row["fraction"], row[key]) for row in rows
-                            if row["model"] == name and row.get(key) is not None)
+            points = sorted((row["fraction"], row[key], *(row.get(f"{key}_band") or (row[key], row[key])))
+                            for row in rows if row["model"] == name and row.get(key) is not None)
             if points:
                 floor = name in FLOORS
-                ax.plot(*zip(*points), marker="o", ms=4, lw=1.2 if floor else 2.0, ls="--" if floor else "-",
-                        color=f"C{i}", label=name.replace("_", " "))
+                xs, ys, lows, highs = (np.asarray(v, dtype=float) for v in zip(*points))
+                # the band: mean ± std over draws × seeds, or one run's 95 % interval over test images
+                ax.errorbar(xs, ys, yerr=[ys - lows, highs - ys], marker="o", ms=4, lw=1.2 if floor else 2.0,
+                            ls="--" if floor else "-", color=f"C{i}", capsize=3, label=name.replace("_", " "))
+                ax.fill_between(xs, lows, highs, color=f"C{i}", alpha=0.12, lw=0)
         ax.set_xscale("log")
         ax.set_xticks(fractions, [f"{f:.0%}" + (f"\n{labels[f]:,} labels" if f in labels else "") for f in fractions])
         ax.minorticks_off()

@@ -12,6 +12,11 @@ def register(subparsers) -> None:
                     "`accelerate launch` pretraining and features use every process; the other stages run on the "
                     "main process while the rest wait.")
     p.add_argument("--recipe", required=True, help="comparison recipe, e.g. recipes/compare_cifar10_subset.yaml")
+    p.add_argument("--thorough", action="store_true",
+                   help="3 pretraining seeds per method (eval.seeds=3) on top of the labelled draws: error bars that "
+                        "include the training seed (about 3x the pretraining time)")
+    p.add_argument("--budget", metavar="NAME", help="a named budget of the recipe's `budgets` (e.g. long): its "
+                                                    "key=value settings, before the command line's own")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. budget.images=20000 out_dir=runs/x")
     p.set_defaults(func=run)
 
@@ -20,10 +25,13 @@ def run(args) -> int:
     from accelerate import PartialState
 
     from ssl_vit.pipelines.compare import run_compare
-    from ssl_vit.pipelines.compare_config import load_compare_recipe
+    from ssl_vit.pipelines.compare_config import apply_budget, load_compare_recipe
     from ssl_vit.pipelines.report import markdown_tables
 
-    cfg = load_compare_recipe(args.recipe, args.overrides)
+    overrides = [*(["eval.seeds=3"] if args.thorough else []), *args.overrides]
+    if args.budget:
+        overrides = apply_budget(args.recipe, overrides, args.budget)
+    cfg = load_compare_recipe(args.recipe, overrides)
     report = run_compare(cfg)
     if not PartialState().is_main_process:  # under `accelerate launch`: one copy of the tables
         return 0

@@ -86,6 +86,40 @@ def nested_subsets(keys: list[str], labels, fractions, seed: int = 0) -> dict[fl
             for f in check_fractions(fractions)}
 
 
+def draw_seeds(fraction: float, draws: int, label_seed: int) -> list[int]:
+    """The labelled draws at `fraction`: `draws` independent seeds below 100 %, one (every label) at 100 %."""
+    return [label_seed] if fraction >= 1 else [label_seed + d for d in range(draws)]
+
+
+def validation_split(keys: list[str], labels, fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(fit keys, validation keys), both sorted: round(fraction · n_c) samples of each class c held out (at least
+    one when fraction > 0, and at least one kept), in the seeded per-class order of `nested_subsets` (seed offset so
+    that it is not the order the labelled draws take)."""
+    labels = np.asarray(labels)
+    val = []
+    for c in np.unique(labels):
+        members = sorted(keys[i] for i in np.flatnonzero(labels == c))
+        take = min(len(members) - 1, max(1, round(fraction * len(members))))
+        perm = np.random.default_rng([seed, int(c), 1 << 20]).permutation(len(members))
+        val += [members[i] for i in perm[:take]]
+    held = set(val)
+    return sorted(k for k in keys if k not in held), sorted(val)
+
+
+def carve_validation(train_index: str, fraction: float, seed: int, out_dir, max_count: int) -> tuple[str, str]:
+    """(fit index, validation index): the training shards split by `validation_split` into two sets of shards of
+    their own under out_dir/fit and out_dir/val (images copied byte for byte, keys renumbered)."""
+    out_dir = Path(out_dir)
+    keys, labels = label_table(train_index)
+    fit, val = validation_split(keys, labels, fraction, seed)
+    indexes = []
+    for name, part in (("val", val), ("fit", fit)):
+        if not (out_dir / name / "shards-index.json").is_file():
+            subset_shards(train_index, part, out_dir / name, 1, max_count)
+        indexes.append(str(out_dir / name / "shards-index.json"))
+    return indexes[1], indexes[0]
+
+
 def write_subsets(path, keys: list[str], labels, fractions, seed: int) -> dict:
     """`nested_subsets` written to `path` as {"seed", "num_samples", "fractions": {"0.01": {"keys", "per_class"}}}."""
     labels = np.asarray(labels)

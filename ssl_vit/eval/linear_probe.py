@@ -33,13 +33,15 @@ FIXED_LR = 1e-2  # no selection possible (one labelled image in some class): the
 
 
 def linear_probe(train: FeatureSet, test: FeatureSet, lrs=DEFAULT_LRS, epochs=100, batch_size=256,
-                 val_fraction=0.1, seed=0, weight_decay=0.0, num_threads=None, device=None) -> dict:
+                 val_fraction=0.1, seed=0, weight_decay=0.0, num_threads=None, device=None,
+                 return_predictions=False) -> dict:
     """Train the grid on `train`, choose by validation top-1, report the chosen head's test top-1/top-5 (%).
 
     With meta pooling "cls+avg" (features = [cls ‖ avg]) the grid also spans the cls, avg and cls+avg slices.
     Returns {"best_lr", "best_pooling", "val_top1", "test_top1", "test_top5", "grid": {lr: val_top1} (full
     features), "pooling_grid": {pooling: {lr: val_top1}}, "epochs", "optimizer", "num_train", "num_val", ...}.
     The grid trains on `device` (default: the accelerator when there is one), the training features held there.
+    With `return_predictions`, also "test_predictions": the chosen head's top-1 class per test image (int64 [N]).
     """
     t_start = time.perf_counter()
     lrs = _check_args(train, test, lrs, epochs, batch_size, val_fraction)
@@ -50,9 +52,10 @@ def linear_probe(train: FeatureSet, test: FeatureSet, lrs=DEFAULT_LRS, epochs=10
     with faiss_utils.thread_limit(num_threads):
         folds = selection_folds(train.labels, val_fraction, seed)
         choice = _select(train, folds, lrs, slices, num_classes, opts, device)
-        test_top1, test_top5 = _evaluate(choice["head"], test, num_classes, device)
+        test_top1, test_top5, predictions = _evaluate(choice["head"], test, num_classes, device)
     full = next(reversed(slices))
-    return {"best_lr": choice["lr"], "best_pooling": choice["pooling"], "val_top1": choice["val_top1"],
+    extra = {"test_predictions": predictions} if return_predictions else {}
+    return {**extra, "best_lr": choice["lr"], "best_pooling": choice["pooling"], "val_top1": choice["val_top1"],
             "test_top1": test_top1, "test_top5": test_top5, "grid": choice["grid"].get(full),
             "pooling_grid": choice["grid"], "selection": choice["selection"], "epochs": epochs,
             "batch_size": batch_size, "weight_decay": weight_decay, "optimizer": "sgd(momentum=0.9), cosine lr",
@@ -238,15 +241,17 @@ def _evaluate(head, test: FeatureSet, num_classes: int, device):
                           f"{num_classes} classes")
     module.eval()
     top1 = top5 = 0
+    predictions = np.empty(len(test), dtype=np.int64)
     with torch.no_grad():
         for start in range(0, len(test), 4096):
             x = torch.from_numpy(np.array(test.features[start:start + 4096], dtype=np.float32)).to(device)
             y = torch.from_numpy(labels[start:start + 4096]).to(device)
             logits = module(x[:, columns])  # [b, C]
             top = logits.topk(min(5, num_classes), dim=1).indices  # [b, 5]
+            predictions[start:start + len(y)] = top[:, 0].cpu().numpy()
             top1 += int((top[:, 0] == y).sum())
             top5 += int((top == y[:, None]).any(1).sum())
-    return 100.0 * top1 / len(test), 100.0 * top5 / len(test)
+    return 100.0 * top1 / len(test), 100.0 * top5 / len(test), predictions
 
 
 def _check_args(train: FeatureSet, test: FeatureSet, lrs, epochs, batch_size, val_fraction) -> tuple:

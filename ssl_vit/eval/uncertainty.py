@@ -83,3 +83,15 @@ def mean_std(values) -> tuple[float, float]:
     if v.size == 0:
         raise SslVitError("mean_std: no values")
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def encode_hits(correct) -> str:
+    """Per-image hits as a '0'/'1' string (report.json keeps them: one character per test image)."""
+    return "".join("1" if hit else "0" for hit in np.asarray(correct, dtype=bool).tolist())
+
+
+def decode_hits(text: str) -> np.ndarray:
+    """The bool array `encode_hits` wrote."""
+    if not isinstance(text, str) or set(text) - {"0", "1"}:
+        raise SslVitError(f"per-image hits: expected a string of 0/1, got {str(text)[:40]!r}")
+    return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
