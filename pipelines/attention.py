@@ -9,7 +9,10 @@ from PIL import Image
 from torch import nn
 
 from ssl_vit.errors import SslVitError
+from ssl_vit.eval.features import eval_pixels
+from ssl_vit.loading import load_backbone, load_method
 from ssl_vit.models.backbone import patch_size_of
+from ssl_vit.transforms import denormalize
 
 
 @torch.no_grad()
@@ -121,8 +124,6 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def load_mae_method(run_dir: Path) -> nn.Module:
     """The whole MAE method of `run_dir`'s latest checkpoint, in eval mode: the reconstructions need the decoder,
     which the exported backbone leaves out."""
-    from ssl_vit.loading import load_method
-
     method, meta = load_method(run_dir)
     if not hasattr(method, "reconstruct"):
         raise SslVitError(f"{run_dir}: expected a run whose method reconstructs images (MAE), its recipe says "
@@ -134,10 +135,6 @@ def load_mae_method(run_dir: Path) -> nn.Module:
 def dino_panels(run_dir: Path, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
     """(images in [0, 1] as [B, S, S, 3], head-mean CLS attention [B, S, S]) for the backbone exported in `run_dir`
     (for DINO that is the teacher, the network the paper visualises)."""
-    from ssl_vit.eval.features import eval_pixels
-    from ssl_vit.loading import load_backbone
-    from ssl_vit.transforms import denormalize
-
     model, meta = load_backbone(run_dir)
     batch = eval_pixels(images, int(meta["img_size"]), int(meta["img_size"]))
     return denormalize(batch).permute(0, 2, 3, 1), attention_maps(model, batch)
@@ -147,9 +144,6 @@ def dino_panels(run_dir: Path, images: list[Image.Image]) -> tuple[torch.Tensor,
 def mae_panels(run_dir: Path, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(masked input, reconstruction, fraction masked); images [B, S, S, 3] in [0, 1]: removed patches grey in the
     input; the reconstruction shows the visible pixels plus the predicted masked patches, as in the MAE paper."""
-    from ssl_vit.eval.features import eval_pixels
-    from ssl_vit.transforms import denormalize
-
     method = load_mae_method(run_dir)
     batch = eval_pixels(images, method.img_size[0], method.img_size[0])
     pred, mask = method.reconstruct(batch)  # [B, 3, S, S] each; mask 1 on removed patches
