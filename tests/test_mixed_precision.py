@@ -1,6 +1,7 @@
 """Mixed precision: every loss is computed in float32 with autocast off, so that a bf16 run trains on the same numbers
 as a float32 one up to the backbone's own bf16 rounding. CPU bf16 autocast stands in for the GPU's."""
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,7 @@ def test_a_finite_loss_with_an_inf_gradient_skips_the_update(train_shards, tmp_p
     log = read_log(tmp_path / "log.jsonl")
     assert [e["skipped_steps"] for e in log] == [0, 0, 1, 1]
     assert all(0 <= e["data_wait_frac"] <= 1 for e in log)
-    assert all(map(lambda e: e["loss"] == e["loss"] and abs(e["loss"]) < 1e3, log))  # finite throughout
+    assert all(math.isfinite(e["loss"]) for e in log)  # the loss stayed finite: only the gradient was not
     assert log[2]["grad_norm"] == float("inf") and all(0 < e["grad_norm"] < 1e3 for e in log if e is not log[2])
     assert "non-finite gradient norm" in capsys.readouterr().out
 
