@@ -217,3 +217,25 @@ def test_two_processes_agree_to_skip_when_one_has_an_inf_gradient(train_shards, 
     assert [r["world"] for r in ranks] == [2, 2]
     assert [(r["skipped"], r["updates"]) for r in ranks] == [(1, 2), (1, 2)]  # both skipped step 1, together
     assert ranks[0]["weight"] == ranks[1]["weight"]  # and stayed in step
+
+
+# -- data wait and step time with the device drained ----------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows the drain by its failure where there is no CUDA device")
+def test_step_timer_drains_the_device_at_timed_steps_only():
+    import time
+
+    from ssl_vit.train.step_timer import StepTimer
+
+    timer = StepTimer(torch.device("cuda"))
+    timer.start(exact=False)  # an untimed step never touches the device
+    time.sleep(0.02)
+    timer.data_ready()
+    time.sleep(0.02)
+    step, wait = timer.stop()
+    assert step >= wait + 0.02 and wait >= 0.02
+    with pytest.raises((RuntimeError, AssertionError)):  # a timed step synchronises: here, no CUDA to synchronise
+        timer.start(exact=True)
+    cpu = StepTimer(torch.device("cpu"))
+    cpu.start(exact=True)  # on the CPU a timed step is a plain clock read
+    cpu.data_ready()
+    assert cpu.stop()[0] >= 0
