@@ -9,6 +9,7 @@ import pytest
 
 from ssl_vit import cli
 from ssl_vit.config import METHODS, Recipe, SettingsError, load_recipe, method_settings
+from ssl_vit.errors import SslVitError
 from ssl_vit.methods import REGISTRY, backbone_spec, build_method
 from ssl_vit.methods.distill import DistilledSupervised
 from ssl_vit.methods.dino import DINO
@@ -88,3 +89,17 @@ def test_the_cli_has_an_explicit_command_table():
     assert "importlib" not in imported_modules(Path(cli.__file__))
     names = set(cli.build_parser()._subparsers._group_actions[0].choices)
     assert {"pretrain", "finetune", "features", "compare", "inspect-model"} <= names
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (PACKAGE.parent / "recipes").glob("compare_*.yaml")))
+def test_shipped_comparisons_load_every_row(name, monkeypatch):
+    """Rows are names (`swin_dino`, `deit_distilled`), each with its recipe: every row's training recipe is checked
+    when the comparison loads, a bad key of one row named in one line."""
+    from ssl_vit.pipelines.compare_config import load_compare_recipe, training_recipe
+
+    monkeypatch.chdir(PACKAGE.parent)
+    cfg = load_compare_recipe(f"recipes/{name}")
+    assert all(training_recipe(cfg, row).method in METHODS for row in cfg.methods)
+    if "swin_dino" in cfg.methods:
+        with pytest.raises(SslVitError, match="unknown recipe key .dino.temperature."):
+            load_compare_recipe(f"recipes/{name}", ["method_overrides={swin_dino: [dino.temperature=1]}"])
