@@ -9,7 +9,7 @@ import torch
 
 from ssl_vit.config import load_recipe
 from ssl_vit.losses.classification import classification_loss
-from ssl_vit.losses.dino_loss import DINOLoss
+from ssl_vit.losses.dino_loss import DINOLoss, sinkhorn_knopp
 from ssl_vit.losses.mae_loss import mae_loss
 from ssl_vit.methods import build_method
 
@@ -107,6 +107,9 @@ def test_losses_are_float32_and_equal_inside_and_outside_autocast():
             got = loss(as_bf16[0], as_bf16[1], teacher_temp=0.04)["loss"]
         assert got.dtype == torch.float32
         assert got == DINOLoss(256, centering=centering)(rounded[0], rounded[1], teacher_temp=0.04)["loss"]
+    with torch.autocast(**BF16):
+        targets = sinkhorn_knopp(as_bf16[1].flatten(0, 1), 0.04)
+    assert targets.dtype == torch.float32 and torch.equal(targets, sinkhorn_knopp(rounded[1].flatten(0, 1), 0.04))
     with torch.autocast(**BF16):
         got = [mae_loss(as_bf16[2], as_bf16[3], mask), classification_loss(as_bf16[4], as_bf16[5]),
                classification_loss(as_bf16[4], torch.arange(8) % 10, label_smoothing=0.1)]

@@ -35,6 +35,7 @@ def _world_size() -> int:
 
 
 @torch.no_grad()
+@float32_math
 def sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
     """Teacher targets [N, K] from logits [N, K] (the rows of every process form one batch): exp(logits / temp)
     rescaled so that each prototype (column) holds 1/K of the batch's mass and each row sums to 1 (exactly after the
