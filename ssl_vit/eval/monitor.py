@@ -10,8 +10,9 @@ the number of classes: the first ones in shard order; reading stops once every c
 the evaluation view at the first monitor step — not in the trainer's constructor — and kept as uint8 pixels; their
 features are computed a batch at a time. The other processes wait for it in a barrier. At ImageNet scale (10,000
 images of ImageNet's 50,000 validation images, ViT-B/16 at 224 px) rank 0 spends, computed:
-- once, at the first monitor step: decoding 10,000 JPEGs (~110 KB, ~500×375) to 224-px views at ~200 images/s on one
-  core: ~50 s; 1.5 GB of uint8 pixels held from then on (the whole validation set would be 7.5 GB and ~250 s);
+- once, at the first monitor step: decoding 10,000 JPEGs (~500×375) to 224-px views at 125-200 images/s on one core
+  (125 measured on this project's busy 2-core machine): 50-80 s; 1.5 GB of uint8 pixels held from then on (all
+  50,000 would be 7.5 GB and 4-7 min, close to the timeout below);
 - every monitor step: 10,000 forwards of ViT-B/16 (17.6 GMACs = 35 GFLOP each: 350 TFLOP) at 40-50 % of an H100's
   989 bf16 TFLOP/s: ~0.8 s, plus 1.5 GB host-to-device (~0.1-0.3 s) and an exact 5,000 × 5,000 k-NN (~ms): 1-2 s.
 Both stay far below NCCL's default collective timeout (10 min) that the waiting processes are under.
