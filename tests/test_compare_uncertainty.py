@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from ssl_vit.cli import main
+from ssl_vit.eval.feature_cache import load_features
+from ssl_vit.eval.knn import knn_classify
 from ssl_vit.eval.uncertainty import decode_hits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,12 @@ def test_draws_error_bars_differences_and_validation_choices(train_shards, bundl
             assert len(r[hits]) == 1000 and decode_hits(r[hits]).mean() * 100 == pytest.approx(r[score])
         assert r["knn_k_by"].startswith("validation") and set(r["knn_val_top1"]) == {"1", "10", "20"}
         assert r["knn_k"] == max(r["knn_val_top1"], key=lambda k: (r["knn_val_top1"][k], -int(k)))
+    # The k was chosen on the validation images: recomputed here from the cached features, bank = draw 0's labels.
+    train, val_feats = (load_features(out / "features" / "mae" / s) for s in ("train", "val"))
+    rows_of = np.isin(np.asarray(train.keys), draws[0]["keys"])
+    recomputed = knn_classify(np.asarray(train.features)[rows_of], train.labels[rows_of], val_feats.features,
+                              val_feats.labels, ks=[1, 10, 20])["k"]
+    assert {k: v["top1"] for k, v in recomputed.items()} == pytest.approx(runs[0]["knn_val_top1"])
     mean, std = np.mean([r["knn_top1"] for r in runs]), np.std([r["knn_top1"] for r in runs], ddof=1)
     assert rows[(0.01, "mae")]["knn_top1"] == pytest.approx(mean)
     assert rows[(0.01, "mae")]["knn_top1_std"] == pytest.approx(std)
@@ -134,3 +142,20 @@ def test_named_budget_and_thorough_are_one_flag_away():
     cfg = load_compare_recipe(RECIPE, apply_budget(RECIPE, [], "long"))
     assert cfg.budget.images > load_compare_recipe(RECIPE).budget.images
     assert load_compare_recipe(RECIPE, apply_budget(RECIPE, ["budget.images=640"], "long")).budget.images == 640
+
+
+@pytest.mark.slow
+def test_flops_budget_runs_each_method_to_the_same_compute(train_shards, bundled_test, tmp_path, capsys):
+    out = tmp_path / "flops"
+    args = tiny_args(out, train_shards, bundled_test, "methods=[mae, supervised]", "eval.label_fractions=[1.0]",
+                     "eval.linear_probe=false", "eval.raw_pixels=false", "budget.mode=flops", "budget.images=640")
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    gf = {m: report["gflops_per_image"][m]["total"] for m in ("mae", "supervised")}
+    seen = {row["model"]: row["images_seen"] for row in report["rows"]}
+    budget = 640 * gf["supervised"]  # the reference: budget.images at the labelled baseline's cost
+    for m in ("mae", "supervised"):
+        steps = max(1, int(budget / gf[m]) // 64)  # whole batches of 64
+        assert seen[m] == steps * 64, (m, seen, gf)
+    assert report["budget_mode"] == "flops" and "equal compute" in report["budget"]
+    assert "budget.mode: flops" in (out / "report.md").read_text()
