@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ssl_vit import cli
-from ssl_vit.config import METHODS, Recipe, SettingsError, load_recipe, method_settings
+from ssl_vit.config import METHODS, Recipe, load_recipe, method_settings
+from ssl_vit.method_settings import SettingsError
 from ssl_vit.errors import SslVitError
 from ssl_vit.methods import REGISTRY, backbone_spec, build_method
 from ssl_vit.methods.distill import DistilledSupervised

@@ -11,7 +11,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ssl_vit.config import DINOConfig
+from ssl_vit.method_settings import DINOConfig
 from ssl_vit.errors import SslVitError
 from ssl_vit.heads.dino_head import DINOHead
 from ssl_vit.losses.dino_loss import DINOLoss, TeacherTargets

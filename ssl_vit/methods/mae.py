@@ -5,7 +5,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ssl_vit.config import MAEConfig, num_visible
+from ssl_vit.method_settings import MAEConfig, num_visible
 from ssl_vit.errors import SslVitError
 from ssl_vit.losses.mae_loss import mae_loss, patch_stats, patchify, unpatchify
 from ssl_vit.methods.base import BuildContext, Method

@@ -4,8 +4,9 @@ its settings class and one line here; nothing else asks for a method by name."""
 from dataclasses import dataclass
 from typing import Callable
 
-from ssl_vit.config import METHODS, DINOConfig, MAEConfig, MethodSettings, Recipe, SupervisedConfig, method_settings
+from ssl_vit.config import METHODS, Recipe, method_settings
 from ssl_vit.errors import SslVitError
+from ssl_vit.method_settings import DINOConfig, MAEConfig, MethodSettings, SupervisedConfig
 from ssl_vit.methods.base import BuildContext, Method
 from ssl_vit.methods.dino import DINO
 from ssl_vit.methods.distill import build_supervised

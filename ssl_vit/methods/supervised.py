@@ -11,7 +11,7 @@ import torch
 from timm.data import Mixup
 from timm.optim import param_groups_layer_decay
 
-from ssl_vit.config import SettingsError, SupervisedConfig
+from ssl_vit.method_settings import SettingsError, SupervisedConfig
 from ssl_vit.errors import SslVitError
 from ssl_vit.losses.classification import classification_loss, top1_accuracy
 from ssl_vit.methods.base import BuildContext, Method

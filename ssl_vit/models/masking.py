@@ -6,7 +6,7 @@ uninterrupted run drew at step k).
 """
 import torch
 
-from ssl_vit.config import num_visible  # the recipe's meaning of mask_ratio, checked where recipes load
+from ssl_vit.method_settings import num_visible  # the recipe's meaning of mask_ratio
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator):
