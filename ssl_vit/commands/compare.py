@@ -5,9 +5,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "compare", help="pretrain MAE, DINO and a supervised baseline on the same data and budget, then report "
                         "at several fractions of labels",
-        description="Runs shards → labelled subsets (eval.label_fractions) → pretrain (MAE/DINO on every image "
-                    "without labels; supervised on each fraction's labelled images; same images seen) → features → "
-                    "k-NN / linear probe per fraction → report.md, report.json, label_efficiency.png, comparison.png, "
+        description="Runs shards (a validation split carved from train: source.val_fraction) → labelled subsets "
+                    "(eval.label_fractions × eval.label_draws) → pretrain (MAE/DINO on every image without labels; "
+                    "supervised on each draw's labelled images; same images seen, or same compute with "
+                    "budget.mode=flops) → features → k-NN (k chosen on validation) / linear probe per fraction and "
+                    "draw → mean ± std, paired differences → report.md, report.json, label_efficiency.png, "
+                    "comparison.png, "
                     "retrieval.png, attention.png in the run folder. Re-running skips finished stages. Under "
                     "`accelerate launch` pretraining and features use every process; the other stages run on the "
                     "main process while the rest wait.")
