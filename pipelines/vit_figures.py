@@ -75,6 +75,7 @@ def attention_distance_png(distances: dict[str, torch.Tensor], path: Path, image
             ax.scatter(np.arange(1, depth + 1), dist[:, h].numpy(), s=12, color=f"C{h % 10}")
         ax.set(xlabel="network depth (block)", ylabel="mean attention distance (px)", title=name,
                ylim=(0, image_size * 0.75), xticks=range(1, depth + 1))
+    fig.tight_layout()
     save_png(fig, path, dpi=DPI)
 
 
@@ -98,6 +99,7 @@ def rollout_png(pixels: torch.Tensor, cls_attention: torch.Tensor, rollout: torc
     for ax, name in zip(axes[0], ("image", "CLS attention\n(last block, head mean)", "attention rollout\n(all blocks)")):
         ax.set_title(name, fontsize=9)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     save_png(fig, path, dpi=DPI)
 
 
