@@ -167,19 +167,22 @@ def open_rows(folder):
 def vectors_by_key(folders, keys) -> tuple:
     """(features [n, D] of `keys`, [meta] of the caches) from one or more caches (each sorted by key: a binary
     search per key, no key list in memory); an unknown key is a one-line error naming it."""
+    opened = [open_rows(folder) for folder in folders]
+    return lookup_vectors(opened, keys, folders), [meta for *_, meta in opened]
+
+
+def lookup_vectors(opened: list, keys, folders) -> np.ndarray:
+    """features [n, D] of `keys` in caches already opened with `open_rows` (a server opens them once)."""
     wanted = encode_keys(list(keys))
-    found, rows, metas = [None] * len(wanted), None, []
-    for folder in folders:
-        features, cache_keys, _, meta = open_rows(folder)
-        metas.append(meta)
+    found = [None] * len(wanted)
+    for features, cache_keys, _, _ in opened:
         at = np.minimum(np.searchsorted(cache_keys, wanted), len(cache_keys) - 1)
         for i in np.flatnonzero(cache_keys[at] == wanted):
             found[i] = features[at[i]] if found[i] is None else found[i]
     unknown = [key for key, row in zip(keys, found) if row is None]
     if unknown:
         raise SslVitError(f"{', '.join(map(str, folders))}: no sample with key {unknown[0]!r}")
-    rows = np.stack(found).astype(np.float32) if found else np.zeros((0, 0), np.float32)
-    return rows, metas
+    return np.stack(found).astype(np.float32) if found else np.zeros((0, 0), np.float32)
 
 
 def _load_npy(path: Path, mmap_mode):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ssl_vit.data.image_table import ImageTable
 from ssl_vit.errors import SslVitError
-from ssl_vit.eval.feature_cache import vectors_by_key
+from ssl_vit.eval.feature_cache import lookup_vectors, open_rows
 from ssl_vit.eval.retrieval import RetrievalIndex
 
 THUMB_PX = 256
@@ -117,6 +117,7 @@ class SearchEngine:
         self.index_dir = Path(index_dir)
         self.index = RetrievalIndex.load(self.index_dir)
         self.caches = index_caches(self.index)
+        self.opened = [open_rows(folder) for folder in self.caches]  # memory-mapped once, read by row per query
         self.embed = query_embedder(self.index, self.index_dir, backbone) if (
             backbone or self.index.source.get("backbone")) else None
         try:
@@ -146,7 +147,7 @@ class SearchEngine:
         if self.index.find([key])[0] < 0:
             raise UnknownKey(f"no image with key {key!r} in this index")
         loop = asyncio.get_running_loop()
-        rows, _ = await loop.run_in_executor(self.pool, vectors_by_key, self.caches, [key])
+        rows = await loop.run_in_executor(self.pool, lookup_vectors, self.opened, [key], self.caches)
         return rows[0]
 
     async def search(self, vector: np.ndarray, k: int, nprobe=None, ef_search=None) -> list:
