@@ -1,5 +1,10 @@
 """Preemption with real signals sent to real runs: every rank stops after the same step, the checkpoint holds that
-step, the trainer exits with EXIT_PREEMPTED, and resuming gives the per-step losses of an uninterrupted run."""
+step, the trainer exits with 75 (the README's EX_TEMPFAIL), and resuming gives the per-step losses of an
+uninterrupted run.
+
+No test races the run's speed: the shards are `pipe:` commands behind a gate (GATE below). Each preempted run gets a
+few tickets (shards it may read); the next shard it opens waits for the test, so the signal is sent while the run
+cannot have finished, and only then is the gate opened."""
 import json
 import os
 import re
@@ -12,19 +17,61 @@ from pathlib import Path
 import pytest
 
 from ssl_vit.cli import main
-from ssl_vit.train.preemption import EXIT_PREEMPTED
+from ssl_vit.data.writer import write_shards
 from ssl_vit.train.run_log import read_log
 from test_train import METHOD_ARGS, TINY, recipe_for
 
-STEPS = 24
+STEPS = 48
+EX_TEMPFAIL = 75  # the README's documented status, not the implementation's constant
+# Shards of 40 samples a preempted run may read (per rank): 280 samples give the main process one transfer of 8
+# batches of 16 (a window of 32 first, data/transfers.py) but not two, so each preempted run trains 8 steps or so.
+TICKETS = 7
+GATE = """#!/bin/sh
+# pipe: source of one shard ($2): passes on a ticket of this rank, else says where it waits and waits for `go`.
+# No trap: like `aws s3 cp`, it dies of the signal it gets, unless the DataLoader worker that started it is deaf.
+gate=$1
+for ticket in "$gate"/ticket-"${RANK:-0}"-*; do
+  if mv "$ticket" "$gate/used/" 2>/dev/null; then exec cat "$2"; fi
+done
+touch "$gate/reached-${RANK:-0}"
+while [ ! -e "$gate/go" ]; do sleep 0.05; done
+exec cat "$2"
+"""
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ssl_vit.train"]
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory, bundled_train) -> tuple[Path, Path]:
+    """(index of the bundled train split in shards of 40 whose names are gated `pipe:` commands, the gate folder)."""
+    root = tmp_path_factory.mktemp("gated")
+    index = write_shards(str(bundled_train), str(root / "t"), max_count=40, seed=0, workers=2, progress=False)
+    gate = root / "gate"
+    (gate / "used").mkdir(parents=True)
+    (root / "gate.sh").write_text(GATE)
+    shards = [{**e, "name": f"pipe:exec sh {root / 'gate.sh'} {gate} {root / e['name']}"} for e in index["shards"]]
+    (root / "gated-index.json").write_text(json.dumps({**index, "shards": shards}))
+    return root / "gated-index.json", gate
+
+
+def close_gate(gate: Path, ranks: int) -> None:
+    """Shut the gate and hand out TICKETS per rank."""
+    for path in [*gate.glob("ticket-*"), *gate.glob("reached-*"), *gate.glob("used/*"), gate / "go"]:
+        path.unlink(missing_ok=True)
+    for rank in range(ranks):
+        for i in range(TICKETS):
+            (gate / f"ticket-{rank}-{i}").touch()
+
+
+def open_gate(gate: Path) -> None:
+    (gate / "go").touch()
+
+
 def overrides(shards, out, batch: int, *extra) -> list[str]:
     return ["--recipe", recipe_for("mae"), f"data.train={shards}", f"train.out_dir={out}", f"train.steps={STEPS}",
-            "train.epochs=0", f"data.batch_size={batch}", *TINY, *METHOD_ARGS["mae"], *extra]
+            "train.epochs=0", f"data.batch_size={batch}", "data.shuffle_buffer=32", *TINY, *METHOD_ARGS["mae"],
+            *extra]
 
 
 def last_step(out: Path) -> int:
@@ -33,25 +80,39 @@ def last_step(out: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
-def preempt(cmd, out: Path, after: int, send, env=None) -> tuple[int, int, str]:
-    """Start `cmd`, wait until it has logged step `after`, call send(pid); returns (status, step reported, output)."""
-    with open(out.parent / f"{out.name}-{after}.log", "w+") as output:
+def checkpoint_step(out: Path) -> int:
+    latest = out / "checkpoints" / "latest"
+    return int(latest.read_text().strip().split("-")[1]) if latest.is_file() else 0
+
+
+def preempt(cmd, out: Path, gate: Path, ranks: int, send, env=None) -> tuple[int, int, str]:
+    """Start `cmd` with the gate shut, wait until a rank waits at it, call send(pid), open the gate; returns
+    (status, step reported, output)."""
+    start = checkpoint_step(out)
+    close_gate(gate, ranks)
+    with open(out.parent / f"{out.name}-{start}.log", "w+") as output:
         proc = subprocess.Popen(cmd, env=env or ENV, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 300
-            while proc.poll() is None and last_step(out) < after and time.monotonic() < deadline:
+            deadline = time.monotonic() + 300  # only against a hang: the run gets to the gate at any speed
+            # A rank waits at the gate and the run has trained past its start (the tickets' samples are several
+            # steps): whether the run stops at once or after its current step, it stops in (start, STEPS).
+            while proc.poll() is None and time.monotonic() < deadline and not (
+                    list(gate.glob("reached-*")) and last_step(out) > start):
                 time.sleep(0.02)
-            assert proc.poll() is None, f"the run ended before step {after}"
+            assert proc.poll() is None, "the run ended before the gate"
+            assert list(gate.glob("reached-*")) and last_step(out) > start, "no step trained on the tickets' shards"
             send(proc.pid)
+            open_gate(gate)
             status = proc.wait(timeout=300)
         finally:
+            open_gate(gate)
             stop(proc)
         output.seek(0)
         text = output.read()
     reported = re.findall(r"preempted at step (\d+): checkpoint (\S+);", text)
     assert len(reported) == 1, text[-3000:]
     step, checkpoint = int(reported[0][0]), Path(reported[0][1])
-    assert after <= step < STEPS and checkpoint == out / "checkpoints" / f"ckpt-{step:08d}", text[-3000:]
+    assert start < step < STEPS and checkpoint == out / "checkpoints" / f"ckpt-{step:08d}", text[-3000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == checkpoint.name
     return status, step, text
 
@@ -84,42 +145,48 @@ def rank_pid(launcher: int, rank: int) -> int:
     raise AssertionError(f"no child of {launcher} runs rank {rank}")
 
 
-def test_single_process_preempted_twice_resumes_exactly(train_shards, tmp_path):
+def test_single_process_preempted_twice_resumes_exactly(gated, tmp_path):
+    shards, gate = gated
     straight, out = tmp_path / "straight", tmp_path / "preempted"
-    assert main(["pretrain", *overrides(train_shards, straight, 16)]) == 0
+    open_gate(gate)
+    assert main(["pretrain", *overrides(shards, straight, 16)]) == 0
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
-    cmd = [sys.executable, "-m", "ssl_vit.cli", "pretrain", *overrides(train_shards, out, 16), "train.resume=auto"]
-    # As SLURM does: the whole process group, DataLoader workers included.
-    status, first, _ = preempt(cmd, out, 3, lambda pid: os.killpg(pid, signal.SIGTERM))
-    assert status == EXIT_PREEMPTED
-    status, second, _ = preempt(cmd, out, first + 3, lambda pid: os.kill(pid, signal.SIGUSR1))
-    assert status == EXIT_PREEMPTED and second > first
+    cmd = [sys.executable, "-m", "ssl_vit.cli", "pretrain", *overrides(shards, out, 16), "train.resume=auto"]
+    # As SLURM does: the whole process group, DataLoader workers and the shards' `pipe:` commands included.
+    status, first, _ = preempt(cmd, out, gate, 1, lambda pid: os.killpg(pid, signal.SIGTERM))
+    assert status == EX_TEMPFAIL
+    status, second, _ = preempt(cmd, out, gate, 1, lambda pid: os.kill(pid, signal.SIGUSR1))
+    assert status == EX_TEMPFAIL and second > first
+    open_gate(gate)
     assert subprocess.run(cmd, env=ENV, capture_output=True, timeout=300).returncode == 0
     assert len(losses(straight)) == STEPS and losses(out) == losses(straight)
 
 
 @pytest.mark.slow
-def test_two_processes_stop_together_on_a_signal_to_the_launcher_or_one_rank(train_shards, tmp_path):
+def test_two_processes_stop_together_on_a_signal_to_the_launcher_or_one_rank(gated, tmp_path):
+    shards, gate = gated
     straight, out = tmp_path / "straight", tmp_path / "preempted"
-    assert subprocess.run([*ACCELERATE, *overrides(train_shards, straight, 32)], env=ENV, capture_output=True,
+    open_gate(gate)
+    assert subprocess.run([*ACCELERATE, *overrides(shards, straight, 32)], env=ENV, capture_output=True,
                           timeout=300).returncode == 0
-    cmd = [*ACCELERATE, *overrides(train_shards, out, 32, "train.resume=auto")]
+    cmd = [*ACCELERATE, *overrides(shards, out, 32, "train.resume=auto")]
 
     # torch elastic forwards SIGTERM to every rank's process group; it exits 1 itself, whatever the ranks' status.
-    status, first, _ = preempt(cmd, out, 3, lambda pid: os.kill(pid, signal.SIGTERM))
+    status, first, _ = preempt(cmd, out, gate, 2, lambda pid: os.kill(pid, signal.SIGTERM))
     assert status == 1
     # SIGUSR1 only when PET_SIGNALS_TO_HANDLE lists it (otherwise it kills the launcher and orphans the ranks).
     usr1 = {**ENV, "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
-    status, second, _ = preempt(cmd, out, first + 3, lambda pid: os.kill(pid, signal.SIGUSR1), env=usr1)
+    status, second, _ = preempt(cmd, out, gate, 2, lambda pid: os.kill(pid, signal.SIGUSR1), env=usr1)
     assert status == 1 and second > first
     # One rank, not the main one, is signalled: the all-reduced flag stops both after the same step.
-    status, third, text = preempt(cmd, out, second + 3, lambda pid: os.kill(rank_pid(pid, 1), signal.SIGUSR1))
-    assert status == 1 and third > second and f"exitcode: {EXIT_PREEMPTED}" in text
+    status, third, text = preempt(cmd, out, gate, 2, lambda pid: os.kill(rank_pid(pid, 1), signal.SIGUSR1))
+    assert status == 1 and third > second and f"exitcode: {EX_TEMPFAIL}" in text
     checkpoint = out / "checkpoints" / f"ckpt-{third:08d}"
     assert json.loads((checkpoint / "trainer.json").read_text())["world_size"] == 2
     assert (checkpoint / "stream-rank0.json").is_file() and (checkpoint / "stream-rank1.json").is_file()
 
+    open_gate(gate)
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for run in (straight, out):

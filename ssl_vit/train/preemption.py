@@ -1,20 +1,23 @@
 """Preemption: a scheduler's SIGTERM or SIGUSR1 becomes a checkpoint after the same step on every rank.
 
 SLURM and Kubernetes send SIGTERM (SLURM's `--signal` usually SIGUSR1) a while before they kill a job. The handler
-only records the signal; at each step boundary every rank calls `stop_agreed()`, one all-reduced scalar, so all
-ranks stop after the same step whichever of them was signalled. The trainer then writes its usual checkpoint and
-raises `Preempted`, a SystemExit with status 75 (EX_TEMPFAIL, "try again later") for the batch script to requeue on.
+only records the signal. At each step boundary, once it has its next batches, every rank calls `stop_agreed()`, one
+all-reduced scalar, so all ranks stop after the same step whichever of them was signalled; the trainer then writes
+its usual checkpoint and raises `Preempted`, a SystemExit with status 75 (EX_TEMPFAIL, "try again later") for the
+batch script to requeue on. A rank still waiting for its batches when it is signalled (a stalled `pipe:` reader)
+waits a few seconds more, then gives up on them (train/fetcher.py) and agrees: the checkpoint holds the steps
+finished and the stream position before the batches it gave up on, which a resumed run reads again. A rank stalled
+in its read hears only its own signal, as schedulers send it to every rank.
 
 Who gets the signal: `accelerate launch --multi_gpu` (torch elastic) forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT —
 and SIGUSR1 when PET_SIGNALS_TO_HANDLE lists it — to each rank's process group, then sends SIGKILL after
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by default); SLURM signals every process of a job step. Either way a
-rank's DataLoader workers get it too, and torch's worker handler lets SIGTERM kill them: the rank then fails on its
-next batch before it can save. So the rank blocks these signals while it waits for data — workers start there and
-inherit the mask, and stay deaf to them for life; the rank ends them through the DataLoader when it is done.
+rank's DataLoader workers get it too, and torch's worker handler lets SIGTERM kill them: the rank would then fail on
+its next batch before it can save. So the workers are started by a thread that blocks these signals for life
+(train/fetcher.py): they inherit the mask and stay deaf to them; the rank ends them when it is done.
 """
 import signal
 import threading
-from contextlib import contextmanager
 
 import torch
 
@@ -58,15 +61,9 @@ class PreemptionWatch:
     def _note(self, signum, frame) -> None:
         self.received = signal.Signals(signum)
 
-    @contextmanager
-    def workers_deaf(self):
-        """Block the signals in this thread around a data fetch, so that DataLoader workers started here never
-        see them. A signal sent meanwhile still reaches the handler: through another thread, or when unblocked."""
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    def signalled(self) -> bool:
+        """Whether this process has received one of the signals (no collective)."""
+        return self.received is not None
 
     def stop_agreed(self) -> bool:
         """Collective (every rank calls it after the same step): True on all ranks once any of them was signalled."""

@@ -27,6 +27,7 @@ from ssl_vit.schedules import cosine
 from ssl_vit.seeding import step_seed
 from ssl_vit.train.checkpoint import (architecture_differences, code_version, find_checkpoint,
                                      read_checkpoint_meta, save_checkpoint)
+from ssl_vit.train.fetcher import StepFetcher
 from ssl_vit.train.preemption import PreemptionWatch
 from ssl_vit.train.run_log import RunLog, tracking_options
 from ssl_vit.train.step_timer import StepTimer
@@ -147,12 +148,17 @@ class Trainer:
         if self.acc.is_main_process:
             print(f"resumed from {path} at step {self.step}")
 
-    def save(self) -> Path:
+    def stream_state(self) -> dict:
+        """The stream position and skip counts after the batches consumed so far: what a checkpoint stores."""
+        return {"stream": self.loader.state.to_dict(), "skip_counts": list(self.loader.skip_counts())}
+
+    def save(self, stream_state: dict | None = None) -> Path:
+        """A checkpoint of the steps done; `stream_state` (default: the current one) is where the data continues."""
         trainer_state = {"step": self.step, "seed": self.recipe.seed, "recipe": self.recipe.to_dict(),
                          "code_version": code_version(), "world_size": self.acc.num_processes,
                          "skipped_steps": self.skipped_steps, "images_seen": self.images_seen,
                          "train_seconds": self.train_seconds, "classes": self.classes}
-        stream_state = {"stream": self.loader.state.to_dict(), "skip_counts": list(self.loader.skip_counts())}
+        stream_state = stream_state or self.stream_state()
         return save_checkpoint(self.acc, self.out_dir / "checkpoints", self.step, trainer_state, stream_state,
                                keep=self.recipe.train.keep_checkpoints)
 
@@ -233,17 +239,20 @@ class Trainer:
             truncate_log(self.out_dir / "log.jsonl", self.step)
         log = RunLog(acc, self.out_dir, r.to_dict(), self.total_steps, self.step, r.train.progress,
                      desc=f"{r.method} pretrain")
-        accum, last_ckpt = r.optim.accum_steps, None
-        data_iter = iter(self.loader)
+        accum, last_ckpt, stopped_at = r.optim.accum_steps, None, None
+        fetch = StepFetcher(self.loader, preempt.signals, acc.device)
         timer = StepTimer(acc.device)
         audit = self._open_audit() if r.train.audit_keys else None
         try:
             while self.step < self.total_steps:
                 timer.start(exact=self._logs_at(self.step + 1))  # the device drained only at logged steps
                 sched = self._apply_schedules()
-                with preempt.workers_deaf():
-                    batches = [next(data_iter) for _ in range(accum)]
+                before = self.stream_state()  # where the data continues if this step does not happen
+                batches = fetch.batches(accum, preempt.signalled)  # None: signalled before or while waiting
                 timer.data_ready()
+                if preempt.stop_agreed():  # every rank has its batches, or gave up on them
+                    stopped_at = before
+                    break
                 if audit is not None:
                     audit.write(json.dumps({"step": self.step, "keys": [k for b in batches for k in b["key"]]}) + "\n")
                 logs, problem = self._train_step(batches, sched)
@@ -268,15 +277,13 @@ class Trainer:
                                           **(self._monitor() if watch else {})})
                 if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
                     last_ckpt = self.save()
-                if self.step < self.total_steps and preempt.stop_agreed():
-                    break
         finally:
-            data_iter.close()  # ends the DataLoader workers now, not whenever the garbage collector gets to them
+            fetch.close()  # ends the DataLoader workers now, not whenever the garbage collector gets to them
             log.close()
             if audit is not None:
                 audit.close()
         if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:08d}"):
-            last_ckpt = self.save()
+            last_ckpt = self.save(stopped_at)
         if self.step < self.total_steps:
             raise preempt.stopped(self.step, last_ckpt)
         return self.finish()
