@@ -251,3 +251,40 @@ def test_finetune_refuses_unlabeled_shards(flat_shards, backbone, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: {key}: {flat_shards} indexes unlabeled shards; fine-tuning needs a class label on "
                        "every sample (pretrain on unlabeled shards with MAE or DINO instead)"]
+
+
+@pytest.mark.slow
+def test_a_list_of_sources_is_one_stream_and_every_source_is_trained_on(photos, test_shards, tmp_path):
+    """`data.train=[labelled index, unlabeled index]`: one epoch of MAE's audit keys holds every sample of both
+    sources exactly once (the unlabeled shards, written by webdataset with keys of their own, are told apart)."""
+    import webdataset as wds
+
+    from test_train import METHOD_ARGS, recipe_for
+
+    folder = tmp_path / "bucket"
+    folder.mkdir()
+    refs = sorted(photos[1])[:160]
+    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=40, verbose=0) as sink:
+        for i, ref in enumerate(refs):
+            sink.write({"__key__": f"photo{i:05d}", "jpg": (photos[0] / ref).read_bytes()})
+    unlabeled = folder / "index.json"
+    assert main(["shards", "index", str(folder / "*.tar"), "--out", str(unlabeled), "--no-progress"]) == 0
+    assert json.loads(unlabeled.read_text())["labeled"] is False
+    labelled = read_index(test_shards)["num_samples"]
+    batch = 40
+    steps = (labelled + 160) // batch  # one epoch, every sample: 1,160 = 29 x 40
+    assert steps * batch == labelled + 160
+    out = tmp_path / "mae"
+    assert main(["pretrain", "--recipe", recipe_for("mae"), f"data.train=[{test_shards}, {unlabeled}]",
+                 f"train.out_dir={out}", f"train.steps={steps}", "train.epochs=0", f"data.batch_size={batch}",
+                 "train.audit_keys=true", "data.shuffle_buffer=100", "model.depth=1", "model.embed_dim=32",
+                 "model.num_heads=2", "train.progress=false", "data.num_workers=1", "train.log_with=[]",
+                 *METHOD_ARGS["mae"]]) == 0
+    rows = [json.loads(line) for line in (out / "audit" / "rank0.jsonl").read_text().splitlines()]
+    keys = [key for row in rows for key in row["keys"]]
+    assert len(keys) == len(set(keys)) == labelled + 160
+    assert {k for k in keys if k.startswith("photo")} == {f"photo{i:05d}" for i in range(160)}
+    assert sum(k.startswith("s") for k in keys) == labelled
+    # the two sources are mixed through the epoch, not one after the other
+    first_half = [k for row in rows[:steps // 2] for k in row["keys"]]
+    assert 0 < sum(k.startswith("photo") for k in first_half) < 160
