@@ -104,6 +104,39 @@ def test_failing_stage_is_named_and_finished_stages_are_kept(train_shards, tmp_p
     assert code == 2 and "stage 'shards:test' failed" in err and "missing.tar.gz" in err and "\n" not in err, err
 
 
+def stage_files(out: Path) -> dict[str, int]:
+    """mtime (ns) of every file the finished stages wrote: shards, the model, its features, the evaluation."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns
+            for folder in ("shards", "models", "features", "eval") for p in sorted((out / folder).rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_failed_run_keeps_its_finished_stages_and_the_rerun_does_not_redo_them(train_shards, bundled_test,
+                                                                                 tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rows = ["methods=[mae]", "random_init=false", "eval.raw_pixels=false", "eval.finetune=false",
+            "eval.label_fractions=[1.0]"]
+    broken = f"backbones={{broken: 'local-dir:{tmp_path / 'no-such-backbone'}'}}"
+    assert main(compare_args(out, train_shards, bundled_test, *rows, broken)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the stages' progress bars
+    assert err.startswith("error: stage 'features:broken:train' failed") and "no-such-backbone" in err, err
+    finished = stage_files(out)
+    for done in ("shards/test-index.json", "models/mae/summary.json", "models/mae/backbone.safetensors",
+                 "features/mae/train/meta.json", "features/mae/test/meta.json"):
+        assert done in finished, sorted(finished)
+
+    assert main(compare_args(out, train_shards, bundled_test, *rows)) == 0
+    printed = capsys.readouterr().out
+    for stage in ("shards:test", "pretrain:mae", "features:mae:train", "features:mae:test"):
+        assert f"[skip] {stage}:" in printed and f"[run ] {stage}\n" not in printed, stage
+    assert "[run ] evaluate:" in printed
+    again = stage_files(out)
+    assert {name: again[name] for name in finished} == finished  # not one finished file rewritten
+    report = json.loads((out / "report.json").read_text())
+    assert [(row["fraction"], row["model"]) for row in report["rows"]] == [(1.0, "mae")]
+
+
 def test_bad_comparison_recipe_names_the_key(tmp_path, capsys):
     assert main(["compare", "--recipe", RECIPE, "budget.imagez=5"]) == 2
     assert "budget.imagez" in capsys.readouterr().err
