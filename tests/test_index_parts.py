@@ -14,7 +14,7 @@ import torch
 
 from ssl_vit.cli import main
 from ssl_vit.eval.feature_cache import load_features, open_rows, save_features
-from ssl_vit.eval.index_build import Part
+from ssl_vit.eval.index_build import ConcatRows, Part
 from ssl_vit.eval.retrieval import RetrievalIndex
 from ssl_vit.models.backbone import BackboneSpec, create_backbone
 from ssl_vit.models.export import export_backbone
@@ -111,3 +111,20 @@ def test_build_reads_the_cache_a_chunk_at_a_time(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 0.25 * features.nbytes, peak
+
+
+def test_keys_and_labels_stay_the_caches_memmaps_until_saved(tmp_path):
+    parts = []
+    for i, keys in enumerate([["a", "c", "e"], ["b", "dd"]]):
+        save_features(tmp_path / f"p{i}", np.eye(3, 4, i, dtype=np.float32)[:len(keys)], np.arange(len(keys)) + i,
+                      keys, {"pooling": "cls"})
+        features, rows, labels, _ = open_rows(tmp_path / f"p{i}")
+        parts.append(Part(features, rows, labels))
+    index = RetrievalIndex.build_from_parts(parts, "flat")
+    assert isinstance(index.keys, ConcatRows) and all(isinstance(a, np.memmap) for a in index.keys.arrays)
+    assert index.keys[3] == b"b" and list(index.keys[1:3]) == [b"c", b"e"] and list(index.keys[[4, 0]]) == [b"dd", b"a"]
+    assert index.find(["dd", "a", "c", "zz"]).tolist() == [4, 0, 1, -1]
+    index.save(tmp_path / "ix")
+    loaded = RetrievalIndex.load(tmp_path / "ix")
+    assert loaded.keys.tolist() == [b"a", b"c", b"e", b"b", b"dd"] and loaded.labels.tolist() == [0, 1, 2, 1, 2]
+    assert loaded.lookup([4, -1]) == [("dd", 2), (None, None)]

@@ -41,6 +41,53 @@ class Part:
         return int(self.features.shape[0])
 
 
+class ConcatRows:
+    """The rows of several 1-D arrays (memmaps) as one, without concatenating them: an int or a slice inside one
+    array reads that array only; an index array gathers; `np.asarray` concatenates (only where a caller needs all)."""
+
+    def __init__(self, arrays: list):
+        self.arrays = list(arrays)
+        self.bounds = np.cumsum([0] + [len(a) for a in self.arrays])
+        kinds = {a.dtype.kind for a in self.arrays}
+        self.dtype = np.dtype(f"S{max(a.dtype.itemsize for a in self.arrays)}") if kinds == {"S"} \
+            else np.result_type(*self.arrays)
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def __array__(self, dtype=None, copy=None):
+        return np.concatenate([np.asarray(a, dtype=self.dtype) for a in self.arrays]).astype(dtype or self.dtype,
+                                                                                           copy=False)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice) and item.step in (None, 1):
+            start, stop, _ = item.indices(len(self))
+            part = int(np.searchsorted(self.bounds, start, side="right")) - 1
+            if part >= 0 and stop <= self.bounds[part + 1]:
+                return self.arrays[part][start - self.bounds[part]:stop - self.bounds[part]]
+            return np.asarray(self)[item]
+        if np.isscalar(item) or (isinstance(item, np.ndarray) and item.ndim == 0):
+            i = int(item) + (len(self) if int(item) < 0 else 0)
+            part = int(np.searchsorted(self.bounds, i, side="right")) - 1
+            return self.arrays[part][i - self.bounds[part]]
+        ids = np.asarray(item)
+        out = np.empty(ids.shape, self.dtype)
+        part = np.searchsorted(self.bounds, ids, side="right") - 1
+        for p in np.unique(part):
+            mine = part == p
+            out[mine] = self.arrays[p][ids[mine] - self.bounds[p]]
+        return out
+
+    def save(self, path, chunk: int = 1 << 20) -> None:
+        """As one .npy array, written a chunk at a time."""
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=(len(self),))
+        for array, start in zip(self.arrays, self.bounds):
+            for offset in range(0, len(array), chunk):
+                rows = array[offset:offset + chunk]
+                out[start + offset:start + offset + len(rows)] = rows
+        out.flush()
+
+
 def default_nlist(n: int) -> int:
     """About 4·sqrt(N) inverted lists, but no more than N / 39 so k-means has enough points per centroid."""
     return max(1, min(int(round(4 * math.sqrt(n))), n // MIN_POINTS_PER_CENTROID))

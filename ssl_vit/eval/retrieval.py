@@ -18,8 +18,8 @@ from ssl_vit.figure_io import save_png
 from ssl_vit.eval import faiss_utils
 from ssl_vit.eval.faiss_utils import faiss
 from ssl_vit.eval.feature_cache import encode_keys, require_labels
-from ssl_vit.eval.index_build import (KINDS, METRICS, Part, build_parts, default_nlist, default_pq_m,  # noqa: F401
-                                      resolve_params)
+from ssl_vit.eval.index_build import (KINDS, METRICS, ConcatRows, Part, build_parts, default_nlist,  # noqa: F401
+                                      default_pq_m, resolve_params)
 
 INDEX_FILES = ("index.faiss", "meta.json", "keys.npy", "labels.npy")
 BUILD_OPTIONS = ("nlist", "m", "nbits", "hnsw_m", "metric", "nprobe", "ef_search", "refine", "k_factor",
@@ -44,11 +44,13 @@ class RetrievalIndex:
 
     def __init__(self, index, keys, labels, kind: str, metric: str, params: dict, source=None, key_runs=None,
                  key_order=None):
-        keys = keys if isinstance(keys, np.ndarray) and keys.dtype.kind == "S" else encode_keys(list(keys))
+        keys = keys if isinstance(keys, (np.ndarray, ConcatRows)) and keys.dtype.kind == "S" \
+            else encode_keys(list(keys))
         if len(keys) != index.ntotal or len(labels) != index.ntotal:
             raise SslVitError(f"index holds {index.ntotal} vectors but {len(keys)} keys and {len(labels)} labels")
         self.index, self.kind, self.metric, self.params = index, kind, metric, dict(params)
-        self.keys, self.labels = keys, np.asarray(labels, dtype=np.int64)
+        self.keys = keys
+        self.labels = labels if isinstance(labels, ConcatRows) else np.asarray(labels, dtype=np.int64)
         self.source = dict(source or {})
         self.key_runs = [0, len(keys)] if key_runs is None else [int(b) for b in key_runs]
         self.key_order = key_order
@@ -86,10 +88,10 @@ class RetrievalIndex:
         n = sum(len(p) for p in parts)
         resolved = resolve_params(kind, n, dims.pop(), **{k: v for k, v in params.items() if v is not None})
         index = build_parts(parts, kind, resolved, chunk)
-        keys = np.concatenate([np.asarray(p.keys) for p in parts])
-        labels = np.concatenate([np.asarray(p.labels, dtype=np.int64) for p in parts])
+        keys = ConcatRows([p.keys for p in parts])  # the caches' memmaps, read by row: nothing concatenated
+        labels = ConcatRows([np.asarray(p.labels, dtype=np.int64) for p in parts])
         runs = np.cumsum([0] + [len(p) for p in parts]).tolist()
-        order = None if all(p.sorted_keys for p in parts) else np.argsort(keys, kind="stable")
+        order = None if all(p.sorted_keys for p in parts) else np.argsort(np.asarray(keys), kind="stable")
         metric = resolved.pop("metric")
         return cls(index, keys, labels, kind, metric, resolved, key_runs=runs if order is None else None,
                    key_order=order)
@@ -148,9 +150,11 @@ class RetrievalIndex:
         else:
             runs, order = list(zip(self.key_runs[:-1], self.key_runs[1:])), None
         for lo, hi in runs:
+            if hi <= lo:
+                continue
             run = self.keys[lo:hi] if order is None else self.keys[order]
-            at = np.minimum(np.searchsorted(run, wanted), max(hi - lo - 1, 0))
-            hit = (ids < 0) & (hi > lo) & (run[at] == wanted)
+            at = np.minimum(np.searchsorted(run, wanted), hi - lo - 1)
+            hit = (ids < 0) & (run[at] == wanted)
             ids[hit] = (lo + at[hit]) if order is None else order[at[hit]]
         return ids
 
@@ -162,8 +166,8 @@ class RetrievalIndex:
         with atomic_dir(folder) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            np.save(tmp / "keys.npy", self.keys)
-            np.save(tmp / "labels.npy", self.labels)
+            for name, rows in (("keys", self.keys), ("labels", self.labels)):
+                (rows if isinstance(rows, ConcatRows) else ConcatRows([rows])).save(tmp / f"{name}.npy")
             if self.key_order is not None:
                 np.save(tmp / "key_order.npy", np.asarray(self.key_order))
             for name, array in (arrays or {}).items():
@@ -218,7 +222,8 @@ def evaluate(index: RetrievalIndex, queries, query_labels, ks=(1, 5, 10), exclud
     if len(query_labels) != len(queries):
         raise SslVitError(f"query labels missing: {len(queries)} queries but {len(query_labels)} labels")
     require_labels(query_labels, "query", "label recall")
-    if (index.labels < 0).all():
+    labels = np.asarray(index.labels)  # [N]: label-based evaluation reads every label
+    if (labels < 0).all():
         raise SslVitError("the index has no labels (built without them): label-based evaluation is impossible")
     ks = tuple(sorted({int(k) for k in ks}))
     big_k, extra = ks[-1], int(exclude_self_keys is not None)
@@ -227,12 +232,12 @@ def evaluate(index: RetrievalIndex, queries, query_labels, ks=(1, 5, 10), exclud
     t0 = time.perf_counter()
     _, ids = index.search(queries, big_k + extra)  # [Nq, K (+1)]
     seconds = time.perf_counter() - t0
-    num_classes = int(max(query_labels.max(), index.labels.max())) + 1
-    total_relevant = np.bincount(index.labels[index.labels >= 0], minlength=num_classes)[query_labels]  # [Nq]
+    num_classes = int(max(query_labels.max(), labels.max())) + 1
+    total_relevant = np.bincount(labels[labels >= 0], minlength=num_classes)[query_labels]  # [Nq]
     if extra:
         ids, own = _drop_self(index, ids, exclude_self_keys, big_k)
-        total_relevant = total_relevant - ((own >= 0) & (index.labels[np.maximum(own, 0)] == query_labels))
-    relevant = (ids >= 0) & (index.labels[np.maximum(ids, 0)] == query_labels[:, None])  # [Nq, K]
+        total_relevant = total_relevant - ((own >= 0) & (labels[np.maximum(own, 0)] == query_labels))
+    relevant = (ids >= 0) & (labels[np.maximum(ids, 0)] == query_labels[:, None])  # [Nq, K]
     return {"recall@k": {str(k): float(relevant[:, :k].any(1).mean()) for k in ks},
             "mAP": mean_average_precision(relevant, total_relevant), "mAP_at": big_k,
             "queries_per_s": len(queries) / max(seconds, 1e-9), "num_queries": len(queries),
