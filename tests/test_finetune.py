@@ -52,15 +52,22 @@ def test_finetune_starts_from_pretrained_weights_and_decays_lr_by_layer(pretrain
 
 
 def test_finetune_cli_trains_and_scores_every_test_sample(pretrained, train_shards, test_shards, tmp_path, capsys):
+    """30 steps from a random 2-block backbone, the recipe's mixup/cutmix and label smoothing: the loss falls and
+    the classifier beats chance (10 %) on every one of the 1,000 test images, which a run whose updates do
+    nothing (or whose classifier is never read back) cannot."""
     out = tmp_path / "ft"
     code = main(["finetune", "--recipe", RECIPE, "--init", str(pretrained), "--eval-shards", str(test_shards),
-                 "--out-dir", str(out), f"data.train={train_shards}", "train.epochs=0", "train.steps=6",
-                 "data.batch_size=32", *TINY])
+                 "--out-dir", str(out), f"data.train={train_shards}", "train.epochs=0", "train.steps=30",
+                 "data.batch_size=64", "train.log_every=1", "optim.warmup_epochs=0.02", *TINY])
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "finetune_eval.json").read_text())
-    assert result["steps"] == 6 and result["init"] == str(pretrained) and result["layer_decay"] == 0.75
+    assert result["steps"] == 30 and result["init"] == str(pretrained) and result["layer_decay"] == 0.75
     assert result["eval"]["num"] == 1000 and result["eval"]["skipped"] == 0
-    assert 0.0 <= result["eval"]["top1"] <= result["eval"]["top5"] <= 100.0
+    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    # measured: loss 2.31 -> 2.24 (mean of the first and last five; mixup keeps it high), top-1 20.9 %, top-5 70.2 %
+    assert len(losses) == 30 and sum(losses[-5:]) < 0.985 * sum(losses[:5]), losses
+    assert result["eval"]["top1"] >= 15.0 and result["eval"]["top5"] >= 60.0, result["eval"]
+    assert result["eval"]["top1"] <= result["eval"]["top5"] <= 100.0
 
 
 @pytest.mark.parametrize("extra, expected", [
