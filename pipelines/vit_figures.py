@@ -53,7 +53,7 @@ def is_sincos(model: nn.Module) -> bool:
 def position_similarity_png(sim: torch.Tensor, path: Path, title: str) -> None:
     """A grid of small maps, one per patch position (row i, column j): its similarity to every position."""
     gh, gw = sim.shape[:2]
-    fig = Figure(figsize=(min(0.45 * gw, 9) + 1.0, min(0.45 * gh, 9) + 0.8))
+    fig = Figure(figsize=(max(4.5, min(0.45 * gw, 9) + 1.8), max(4.0, min(0.45 * gh, 9) + 0.8)))
     axes = np.asarray(fig.subplots(gh, gw, squeeze=False))
     for i in range(gh):
         for j in range(gw):
