@@ -131,6 +131,7 @@ def test_bad_inputs_get_their_4xx_and_the_server_keeps_answering(served, test_sh
         "k = 0": (data, {"k": 0}, 422, "k: Input should be greater than or equal to 1"),
         "k = 1001": (data, {"k": 1001}, 422, "k: Input should be less than or equal to 1000"),
         "k not a number": (data, {"k": "ten"}, 422, "k: "),
+        "efSearch = 0": (data, {"efSearch": 0}, 422, "efSearch: Input should be greater than or equal to 1"),
     }
     for name, (payload, params, code, message) in cases.items():
         if payload is None and "key" not in params:

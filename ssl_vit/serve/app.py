@@ -105,7 +105,7 @@ def create_app(engine: SearchEngine, max_upload_bytes: int) -> FastAPI:
     async def search(request: Request, k: int = Query(10, ge=1, le=MAX_K),
                      key: str | None = Query(None, min_length=1, max_length=1024),
                      nprobe: int | None = Query(None, ge=1, le=65536),
-                     ef_search: int | None = Query(None, ge=1, le=4096)):
+                     ef_search: int | None = Query(None, ge=1, le=4096, alias="efSearch")):
         """Nearest images of an uploaded image (multipart field `image`, or the raw body) or of an indexed key."""
         started = time.perf_counter()
         if key is not None:
