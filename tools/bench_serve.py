@@ -125,7 +125,7 @@ def load(send, items: list, concurrency: int, max_seconds: float) -> dict:
 def in_process(index_dir: Path, images: list, keys: list, batch: int, k: int) -> dict:
     """The server's work without the server, in one loop: decode + embed + search per upload, one at a time and
     in batches; cached vector + search per key."""
-    from ssl_vit.commands.eval import index_caches, query_embedder
+    from ssl_vit.eval.index_queries import index_caches, query_embedder
     from ssl_vit.eval.feature_cache import lookup_vectors, open_rows
     from ssl_vit.eval.retrieval import RetrievalIndex
     from ssl_vit.serve.engine import decode_upload

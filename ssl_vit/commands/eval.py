@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 from ssl_vit.errors import SslVitError
+from ssl_vit.eval.index_queries import EXTRACTION_KEYS, index_caches, query_embedder
 
 
 def register(subparsers) -> None:
@@ -258,8 +259,7 @@ def open_parts(folders):
     return [Part(features, keys, labels) for features, keys, labels, _ in opened], [m for *_, m in opened]
 
 
-# What `index query --image` needs to embed an image as the indexed features were, and `--grid` to show results.
-EXTRACTION_KEYS = ("image_size", "resize", "pooling", "last_blocks")
+# What `--grid` and the server need to show results (EXTRACTION_KEYS: to embed an image as the features were).
 RECORDED_KEYS = ("backbone", "model_name", *EXTRACTION_KEYS, "source", "classes")
 
 
@@ -302,39 +302,6 @@ def embed_query_images(args, index):
     return query_embedder(index, args.index, args.backbone)(images), images
 
 
-def query_embedder(index, where, backbone=None):
-    """A function PIL images -> [N, D] features through the backbone, view and pooling the index's features were
-    extracted with (`backbone` overrides the recorded one); one-line errors when the index cannot say how, or
-    the backbone does not fit."""
-    from ssl_vit.eval.features import embed_images
-    from ssl_vit.loading import load_backbone, timm_source
-
-    backbone = backbone or index.source.get("backbone")
-    overridden = backbone != index.source.get("backbone")
-    missing = [key for key in EXTRACTION_KEYS if key not in index.source] + ([] if backbone else ["backbone"])
-    if missing:
-        raise SslVitError(f"index {where} does not record how its features were made (no "
-                          f"{', '.join(missing)}): rebuild it with `ssl-vit index build` from a cache written by "
-                          "`ssl-vit features`")
-    if not timm_source(backbone) and not Path(backbone).exists():
-        recorded = "" if overridden else f" (recorded in index {where}; pass --backbone)"
-        raise SslVitError(f"backbone {backbone} does not exist{recorded}")
-    model, meta = load_backbone(backbone)
-    how = {key: index.source[key] for key in EXTRACTION_KEYS}
-    if int(meta["img_size"]) != how["image_size"]:  # `features` embeds at the backbone's own size
-        raise SslVitError(f"backbone {backbone} takes {meta['img_size']}-px images; index {where} holds "
-                          f"features of {how['image_size']}-px images (another backbone made them)")
-
-    def embed(images):
-        features = embed_images(model, images, **how)  # [N, D]
-        if features.shape[1] != index.dim:
-            raise SslVitError(f"index {where} holds {index.dim}-d features but backbone {backbone} gives "
-                              f"{features.shape[1]}-d ({how['pooling']} pooling, last_blocks {how['last_blocks']})")
-        return features
-
-    return embed
-
-
 def cached_queries(args, index):
     """(features [N, D], shard URLs of the caches) of the --key samples."""
     from ssl_vit.eval.feature_cache import vectors_by_key
@@ -347,12 +314,6 @@ def cached_queries(args, index):
     if args.grid and not shards:
         raise SslVitError(f"feature cache {folders[0]} does not record its shards: cannot draw --grid")
     return features, shards
-
-
-def index_caches(index) -> list:
-    """The feature cache folders an index was built from (one folder in indexes that recorded a string)."""
-    folders = index.source.get("features") or []
-    return [folders] if isinstance(folders, str) else list(folders)
 
 
 def write_query_grid(args, index, names, images, scores, ids) -> None:

@@ -13,6 +13,7 @@ from PIL import Image
 from ssl_vit.data.image_table import ImageTable
 from ssl_vit.errors import SslVitError
 from ssl_vit.eval.feature_cache import lookup_vectors, open_rows
+from ssl_vit.eval.index_queries import index_caches, query_embedder
 from ssl_vit.eval.retrieval import RetrievalIndex
 
 THUMB_PX = 256
@@ -112,8 +113,6 @@ class SearchEngine:
 
     def __init__(self, index_dir, backbone=None, *, window_ms: float = 5.0, max_batch: int = 32,
                  threads: int = 4, max_pixels: int = 40_000_000):
-        from ssl_vit.commands.eval import index_caches, query_embedder
-
         self.index_dir = Path(index_dir)
         self.index = RetrievalIndex.load(self.index_dir)
         self.caches = index_caches(self.index)
