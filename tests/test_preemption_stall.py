@@ -22,8 +22,8 @@ GRACE_SECONDS = 30       # torch elastic's default TORCH_ELASTIC_SHUTDOWN_TIMEOU
 STEPS_BEFORE_STALL = 8   # 80 samples before the stalling shard, read through 16-sample windows: the fifth window
                          # is emitted once the sample after it has arrived, which never does
 # A marker, part of the shard, then a stall the scheduler's SIGTERM does not end (a hung `aws s3 cp`, or a reader
-# that blocks the signal); the reader never gets the whole first chunk it asks for.
-STALLING = "pipe:sh -c \"trap '' TERM USR1; touch {marker}; head -c 20000 {shard}; exec sleep 1000\""
+# that blocks the signal): a read of a FIFO no one writes, which the test ends (`release`) when it is done.
+STALLING = "pipe:sh -c \"trap '' TERM USR1; touch {marker}; head -c 20000 {shard}; exec cat {fifo}\""
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,9 @@ def indexes(tmp_path_factory, bundled_train) -> tuple[Path, Path, Path]:
     counts = [e["samples"] for e in index["shards"]]
     assert counts == [40, 40, 40]
     last = EpochPlan(3, counts, 0, Layout(1, 1, 8, 1, 16, 15)).shard_order(0)[-1]  # the trainer's seed is 0
-    marker = root / "stalled"
-    shards = [{**e, "name": STALLING.format(shard=root / e["name"], marker=marker) if i == last
+    marker, fifo = root / "stalled", root / "never"
+    os.mkfifo(fifo)
+    shards = [{**e, "name": STALLING.format(shard=root / e["name"], marker=marker, fifo=fifo) if i == last
                else str(root / e["name"])} for i, e in enumerate(index["shards"])]
     (root / "stalling-index.json").write_text(json.dumps({**index, "shards": shards}))
     return root / "t-index.json", root / "stalling-index.json", marker
@@ -47,6 +48,14 @@ def args(shards: Path, out: Path, workers: int, steps: int) -> list[str]:
     return ["pretrain", "--recipe", recipe_for("mae"), f"data.train={shards}", f"train.out_dir={out}",
             f"train.steps={steps}", "train.epochs=0", "data.batch_size=8", "data.shuffle_buffer=16",
             "train.resume=auto", *TINY, *METHOD_ARGS["mae"], f"data.num_workers={workers}"]
+
+
+def release(marker: Path) -> None:
+    """End every stalled read: open the FIFO for writing and close it (its readers see the end of the stream)."""
+    try:
+        os.close(os.open(marker.with_name("never"), os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader left
+        pass
 
 
 def logged_steps(out: Path) -> list[int]:
@@ -84,7 +93,7 @@ def test_sigterm_while_a_pipe_reader_stalls_checkpoints_and_exits_75(indexes, wo
         finally:
             if proc.poll() is None:
                 proc.kill()
-            os.killpg(proc.pid, signal.SIGKILL)  # the stalled readers, which outlive the run
+            release(marker)  # the stalled readers outlive the run
         output.seek(0)
         text = output.read()
     assert status == EX_TEMPFAIL and took < GRACE_SECONDS, text[-3000:]
@@ -96,3 +105,58 @@ def test_sigterm_while_a_pipe_reader_stalls_checkpoints_and_exits_75(indexes, wo
     # the run logs the losses of one that never stalled.
     assert main(args(local, out, workers, 12)) == 0
     assert losses(out) == losses(straight) and len(losses(straight)) == 12
+
+
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ssl_vit.cli"]
+# Without workers a rank's batches go one at a time (with them, a transfer of several): rank 1 reads samples 56-111
+# of the epoch; the stalling shard starts at its 25th, so its second window (and third batch) never comes.
+RANK_STEPS_BEFORE_STALL = 2
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_together_when_one_reader_stalls(indexes, tmp_path):
+    """Rank 1's reader stalls while rank 0 has its batches and waits for rank 1 in the step's agreement: SIGTERM to
+    both ranks, rank 1 gives up on its data, both checkpoint the same step and exit 75; the resumed pair logs the
+    losses of a pair that never stalled."""
+    local, stalling, marker = indexes
+    marker.unlink(missing_ok=True)
+    straight, out = tmp_path / "straight", tmp_path / "stalled"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    two = ["data.batch_size=16"]  # 8 per rank
+    done = subprocess.run([*ACCELERATE, *args(local, straight, 0, 6), *two], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "run.log", "w+") as output:
+        proc = subprocess.Popen([*ACCELERATE, *args(stalling, out, 0, 6), *two], env=env, stdout=output,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline and not (
+                    marker.exists() and logged_steps(out)[-1:] == [RANK_STEPS_BEFORE_STALL]):
+                time.sleep(0.05)
+            time.sleep(0.5)
+            assert proc.poll() is None and logged_steps(out)[-1:] == [RANK_STEPS_BEFORE_STALL]
+            sent = time.monotonic()
+            ranks = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            assert len(ranks) == 2
+            for rank in ranks:  # as SLURM signals every process of a job step
+                os.kill(int(rank), signal.SIGTERM)
+            proc.wait(timeout=GRACE_SECONDS)
+            took = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            release(marker)
+        output.seek(0)
+        text = output.read()
+    # the launcher exits 1 when its ranks fail, whatever their status (README); their status is in its report
+    assert proc.returncode == 1 and f"exitcode: {EX_TEMPFAIL}" in text and took < GRACE_SECONDS, text[-3000:]
+    checkpoint = out / "checkpoints" / f"ckpt-{RANK_STEPS_BEFORE_STALL:08d}"
+    assert f"preempted at step {RANK_STEPS_BEFORE_STALL}: checkpoint {checkpoint};" in text, text[-3000:]
+    assert (checkpoint / "stream-rank0.json").is_file() and (checkpoint / "stream-rank1.json").is_file()
+
+    resumed = subprocess.run([*ACCELERATE, *args(local, out, 0, 6), *two], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(out) == losses(straight) and len(losses(straight)) == 6
