@@ -31,7 +31,7 @@ from ssl_vit.errors import SslVitError, load_error_detail
 from ssl_vit.methods import backbone_spec, build_method
 from ssl_vit.methods.base import Method
 from ssl_vit.models.backbone import backbone_family, patch_size_of
-from ssl_vit.models.export import META_KEY, first_mismatch, read_backbone_meta, reference_model
+from ssl_vit.models.export import CLASSIFIER_KEYS, META_KEY, first_mismatch, read_backbone_meta, reference_model
 from ssl_vit.train.checkpoint import find_checkpoint
 from ssl_vit.transforms.normalize import MEAN, STD
 
@@ -143,14 +143,13 @@ def init_backbone(model: nn.Module, source) -> dict:
     if not timm_source(source) and not Path(source).exists():
         raise SslVitError(f"model.init: no pretrained backbone at {source}")
     pretrained, meta = load_backbone(source)
+    head = {name for name in model.state_dict() if name.startswith(CLASSIFIER_KEYS)}  # head(.fc), head_dist
     if type(pretrained) is not type(model) or pretrained.num_features != model.num_features or \
-            len(pretrained.state_dict()) != len(model.state_dict()) - len(list(model.get_classifier().parameters())):
+            len(pretrained.state_dict()) != len(model.state_dict()) - len(head):
         raise SslVitError(f"model.init: {source} is a {describe(pretrained)}; the recipe builds a {describe(model)}")
     state = pretrained.state_dict()
     if hasattr(model, "pos_embed"):  # a ViT's position embeddings resampled to the recipe's grid
         state = checkpoint_filter_fn(state, model)
-    classifier = {id(p) for p in model.get_classifier().parameters()}
-    head = {name for name, param in model.named_parameters() if id(param) in classifier}  # head.*, Swin's head.fc.*
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:

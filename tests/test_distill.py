@@ -16,7 +16,11 @@ from ssl_vit.cli import main
 from ssl_vit.config import load_recipe
 from ssl_vit.loading import load_backbone, load_method, method_from_recipe
 from ssl_vit.losses.distill import hard_distillation_loss, soft_distillation_loss
+from ssl_vit.errors import SslVitError
+from ssl_vit.methods import backbone_spec
 from ssl_vit.methods.distill import DistilledSupervised
+from ssl_vit.models.backbone import create_backbone
+from ssl_vit.models.export import export_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "supervised_vit_tiny_cifar10.yaml")
@@ -142,3 +146,20 @@ def test_two_process_distillation(teacher_run, train_shards, tmp_path):
     method, _ = load_method(out)
     teacher_weights = load_file(str(teacher_run / "backbone.safetensors"))
     assert all(torch.equal(method.teacher.state_dict()[k], v) for k, v in teacher_weights.items())
+
+
+def test_a_student_can_start_from_a_pretrained_backbone(teacher_run, tmp_path):
+    """model.init into a student with two heads (class and distillation): only the heads stay as they were; a plain
+    ViT (no distillation token) is another architecture, named in one line."""
+    recipe = load_recipe(RECIPE, [*TINY, *STUDENT, "train.steps=1", f"supervised.distill.teacher={teacher_run}"])
+    spec = backbone_spec(recipe)
+    export = export_backbone(create_backbone(spec), spec, tmp_path / "student" / "backbone.safetensors")
+    method = method_from_recipe(load_recipe(RECIPE, [*TINY, *STUDENT, "train.steps=1", f"model.init={export}",
+                                                     f"supervised.distill.teacher={teacher_run}"]), num_classes=10)
+    pretrained, state = load_file(str(export)), method.encoder.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in pretrained.items())
+    assert sorted(set(state) - set(pretrained)) == ["head.bias", "head.weight", "head_dist.bias", "head_dist.weight"]
+    with pytest.raises(SslVitError, match="model.init: .* is a VisionTransformer, 64-wide, 2 blocks; the recipe "
+                                          "builds a VisionTransformerDistilled, 64-wide, 2 blocks"):
+        method_from_recipe(load_recipe(RECIPE, [*TINY, *STUDENT, "train.steps=1", f"model.init={teacher_run}",
+                                                f"supervised.distill.teacher={teacher_run}"]), num_classes=10)
