@@ -43,7 +43,7 @@ def model_row(row, fraction: float, out: Path, gflops: dict | None = None) -> di
     k = str(choice["k"]) if "k" in choice else table_k(knn)
     probe = result.get("linear_probe") or {}
     finetune = _read(out / "finetune" / tag / run / "finetune_eval.json")
-    per_image = (gflops or {}).get(summary.get("method"), {}).get("total") if summary.get("steps") else None
+    per_image = (gflops or {}).get(row.name, {}).get("total") if summary.get("steps") else None  # by row: swin_dino
     images = summary.get("images_seen", 0)
     return {"fraction": fraction, "draw": row.draw, "seed": row.seed, "num_labels": result.get("num_labels"),
             "labels_digest": result.get("labels_digest"),
