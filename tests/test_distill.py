@@ -17,6 +17,7 @@ from ssl_vit.config import load_recipe
 from ssl_vit.loading import load_backbone, load_method, method_from_recipe
 from ssl_vit.losses.distill import hard_distillation_loss, soft_distillation_loss
 from ssl_vit.errors import SslVitError
+from ssl_vit.eval.features import pooled_features
 from ssl_vit.methods import backbone_spec
 from ssl_vit.methods.distill import DistilledSupervised
 from ssl_vit.models.backbone import create_backbone
@@ -98,6 +99,9 @@ def test_distilled_run_exports_a_student_and_keeps_the_teacher(teacher_run, trai
     assert all("teacher_agreement" in entry for entry in logs)
     student, meta = load_backbone(out)
     assert type(student).__name__ == "VisionTransformerDistilled" and meta["model_name"].startswith("deit_tiny_dist")
+    images = torch.randn(2, 3, 32, 32)  # its features: the mean of the class and distillation tokens, as its heads
+    torch.testing.assert_close(pooled_features(student, images, "cls"),
+                               student.forward_head(student.forward_features(images), pre_logits=True))
     method, _ = load_method(out)  # the teacher is rebuilt from its run, its weights as trained there
     teacher_weights = load_file(str(teacher_run / "backbone.safetensors"))
     state = method.teacher.state_dict()

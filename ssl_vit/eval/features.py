@@ -91,6 +91,8 @@ def pooled_features(model: nn.Module, images: torch.Tensor, pooling: str = "cls"
     else:
         tokens = model.forward_features(images)  # [B, prefix + L, D]
         cls, patches = tokens[:, 0], tokens[:, prefix:]
+        if getattr(model, "dist_token", None) is not None:  # DeiT: the class and distillation tokens' mean, as
+            cls = (tokens[:, 0] + tokens[:, 1]) / 2  # its heads are averaged (timm's pre-logits)
     parts = {"cls": [cls], "avg": [patches.mean(dim=1)], "cls+avg": [cls, patches.mean(dim=1)]}[pooling]
     return torch.cat(parts, dim=-1).float()
 
