@@ -76,10 +76,19 @@ def test_bench_threads_reports_default_and_chosen(train_shards):
 
 
 @pytest.mark.slow
-def test_bench_stream_reports_memory_first_batch_and_throughput(tmp_path):
-    out = run_bench("bench_stream.py", "--scratch", tmp_path, "--sizes-mb", "2,4", "--samples", "24", "--window",
-                    "8", "--rate-mb-s", "40", "--batch", "4")
+def test_bench_stream_holds_the_readmes_bounds(tmp_path):
+    """The README's promises at a size a 2-core machine runs in a minute or two: peak RSS does not grow with the
+    shard (8 MB vs 96 MB shards: a reader that held a shard would grow by ~88 MB, per worker), the first batch comes
+    after one window, not after the shard (a 96 MB shard takes 8 s through a 12 MB/s pipe), and the loader keeps up
+    with decoding. Measured here (loaded machine): RSS growth -0.6 / -0.2 MB, first batch 0.28 s, loader 0.90 x."""
+    out = run_bench("bench_stream.py", "--scratch", tmp_path, "--sizes-mb", "8,96", "--samples", "24", "--window",
+                    "8", "--rate-mb-s", "12", "--batch", "4")
+    for workers, rss in out["rss_mb"].items():
+        growth = rss["96MB"] - rss["8MB"]
+        assert growth < 0.4 * (96 - 8), (workers, rss)  # flat: noise is ~1 MB, a held shard is 88 MB per reader
     for ratio in out["rss_ratio_largest_to_smallest"].values():
         assert_ratio(ratio)
-    assert_ratio(out["first_batch"]["ratio_to_shard_arrival"])
-    assert_ratio(out["throughput_224px_mae"]["ratio"])
+    first = out["first_batch"]
+    assert first["shard_arrival_s"] > 7.0 and first["window_arrival_s"] < 0.2, first
+    assert first["first_batch_s"] < 0.5 * first["shard_arrival_s"], first  # one window, not the whole shard
+    assert out["throughput_224px_mae"]["ratio"] > 0.5, out["throughput_224px_mae"]  # README: 0.94 (target 0.9)
