@@ -34,6 +34,16 @@ def pretrain(method: str, source, out: Path, steps: int = 4, extra=()) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def key_of(prefix: Path, path: str) -> str:
+    """The key under which `shards write` stored the image read from `path` (its json names the path)."""
+    for shard in sorted(prefix.parent.glob(f"{prefix.name}-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json") and json.loads(tar.extractfile(member).read())["path"] == path:
+                    return member.name.split(".")[0]
+    raise AssertionError(f"{path} is in no shard of {prefix}")
+
+
 def evaluate(backbone: Path, bank, test, unlabeled, tmp: Path) -> dict:
     for name, shards in (("bank", bank), ("test", test), ("pile", unlabeled)):
         assert main(["features", "--backbone", str(backbone), "--shards", str(shards), "--out", str(tmp / name),
@@ -63,13 +73,18 @@ def test_unlabeled_folder_to_knn_and_retrieval(photos, train_shards, test_shards
 
     for run in ("mae", "dino"):
         result = evaluate(tmp_path / run, train_shards, test_shards, source, tmp_path / f"eval-{run}")
-        assert result["num_test"] == 1000 and 10.0 <= result["k"]["10"]["top1"] <= 100.0
+        # measured 27.0 % for both (4 steps barely move a random init); chance is 10 %, and features that carry
+        # nothing of the image (constant, or of another image) stay near it
+        assert result["num_test"] == 1000 and result["k"]["10"]["top1"] >= 20.0, result["k"]["10"]
     capsys.readouterr()
-    query = next(photos.rglob("*.JPG"))
+    query = sorted(photos.rglob("*.JPG"))[17]
+    own_key = key_of(prefix, str(query.relative_to(photos)))
     assert main(["index", "query", "--index", str(tmp_path / "eval-mae" / "index"), "--image", str(query),
                  "-k", "3"]) == 0
-    printed = capsys.readouterr().out
-    assert "s0000" in printed  # keys of the unlabeled pile come back
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    # the photo itself is in the pile: it comes back first, as itself (cosine ~1), then two other photos
+    assert rows[0][0] == "1" and rows[0][-1] == own_key and float(rows[0][1]) > 0.99, rows
+    assert len({row[-1] for row in rows}) == 3 and all(row[-1].startswith("s") for row in rows)
 
 
 @pytest.mark.slow
