@@ -68,8 +68,8 @@ class StreamLoader:
                     self.state.update(meta)
                     self._counts[meta.worker] = (meta.seen, meta.skipped)
                     self._warn(meta.bad)
-                    if meta.skipped:  # the budget over the whole run, the counts a resumed run restored included
-                        self.stream._check_skips(*self.skip_counts())
+                    # the budget over this rank's whole run, the counts a resumed run restored included
+                    self.stream._check_skips(*self.skip_counts())
                     batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
                     batch, made = move_to(batch, self.device)
                     self._count_device_decoding(made, len(batch["key"]) + len(made.unreadable))

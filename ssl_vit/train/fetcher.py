@@ -12,6 +12,10 @@ The thread fetches only on request, never ahead: between requests the loader's p
 trainer consumed. It blocks the preemption signals for its whole life: the DataLoader workers it starts inherit the
 mask and stay deaf to the signals that end a run (torch's worker handler would let them die before the checkpoint),
 while Python runs the trainer's handler in the main thread, which keeps them unblocked.
+
+Without DataLoader workers the thread decodes in this process, and its per-sample seeding touches torch's CPU
+generator: a batch that arrives while a stopped run saves its checkpoint could change the RNG state saved. Remote
+shards are read with workers (they also keep decoding off the training process).
 """
 import multiprocessing
 import queue
@@ -33,6 +37,7 @@ class StepFetcher:
         self._results: queue.Queue = queue.Queue()
         self._in_flight = False
         self._older_children = set(multiprocessing.active_children())  # the workers are what starts after these
+        self._threads = torch.get_num_threads()  # the trainer's choice (threads.py), which a new thread lacks
         self._thread = threading.Thread(target=self._serve, name="ssl_vit-fetch", daemon=True)
         self._thread.start()
 
@@ -72,6 +77,7 @@ class StepFetcher:
 
     def _serve(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, self._signals)
+        torch.set_num_threads(self._threads)
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)  # the current device is per thread
         batches = iter(self._loader)
