@@ -201,6 +201,22 @@ def test_concurrent_uploads_share_embedding_batches(served, test_shards):
     assert stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"]
 
 
+def test_without_an_image_table_thumbnails_are_a_404_and_searches_work(served, tmp_path):
+    root, _ = served
+    assert main(["index", "build", "--features", str(root / "feats"), "--out", str(tmp_path / "ix"),
+                 "--image-table", "no"]) == 0
+    assert not (tmp_path / "ix" / "image_keys.npy").exists()
+    proc, url = start_server(tmp_path / "ix")
+    try:
+        key = json.loads((root / "feats" / "keys.json").read_text())[3]
+        status, _, raw = request(url, "GET", f"/images/{key}")
+        assert status == 404 and "has no image table: not written (--image-table no)" in json.loads(raw)["error"]
+        status, body = search(url, key=key, k=2)
+        assert status == 200 and body["results"][0]["key"] == key and body["results"][0]["image"] is None
+    finally:
+        stop_server(proc)
+
+
 def test_serve_refuses_a_missing_index_in_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["serve", "--index", str(tmp_path / "none")]) == 2

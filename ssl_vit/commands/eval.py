@@ -102,6 +102,10 @@ def add_index_build_options(p) -> None:
                    help="ivfpq: re-rank candidates with the stored vectors (flat, N*D*4 bytes) or 8-bit codes (sq8, "
                         "N*D bytes), so that an indexed image comes back first")
     p.add_argument("--k-factor", type=int, default=32, help="refine: candidates re-ranked per result")
+    p.add_argument("--image-table", choices=("auto", "yes", "no"), default="auto",
+                   help="write the key -> (shard, offset, size) table of the shards' images for `ssl-vit serve` "
+                        "(read from the tar headers once; auto: for local shards only, since a remote shard's "
+                        "headers are read by streaming the whole shard)")
     p.add_argument("--train-size", type=int,
                    help="vectors sampled to train IVF/PQ (default 64 per centroid of the largest codebook)")
 
@@ -206,7 +210,7 @@ def run_index_build(args) -> int:
         report["final"] = final_check(index, parts, queries)
         print(f"auto: the built index: {json.dumps(report['final'])}")
         index.source["auto"] = report
-    table = image_table(index.source.get("shards") or [])
+    table = image_table(index.source.get("shards") or [], args.image_table)
     index.source["image_table"] = table if isinstance(table, str) else len(table.keys)
     index.save(args.out, arrays=None if isinstance(table, str) else table.arrays())
     print(f"{kind} index of {len(index)} x {index.dim} ({args.metric}) from {len(parts)} cache(s) written to "
@@ -231,13 +235,18 @@ def choose_kind(args, parts):
     return kind, params, report, queries
 
 
-def image_table(shards: list):
+def image_table(shards: list, wanted: str = "auto"):
     """The key -> (shard, offset, size) table of the shards' images (for `ssl-vit serve`'s thumbnails), or a line
-    saying why there is none (no shards recorded, `pipe:` or gzip shards)."""
+    saying why there is none (not wanted, no shards recorded, remote shards under `auto`, `pipe:` or gzip shards)."""
     from ssl_vit.data.image_table import ImageTable
 
+    if wanted == "no":
+        return "not written (--image-table no)"
     if not shards:
         return "the feature caches record no shards"
+    remote = [url for url in shards if "://" in url]
+    if remote and wanted == "auto":
+        return f"not written for remote shards such as {remote[0]} (--image-table yes reads their headers)"
     try:
         return ImageTable.build(shards)
     except SslVitError as e:
