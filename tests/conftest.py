@@ -1,7 +1,9 @@
 """Shared fixtures: shards written from the bundled real CIFAR-10 subset through the public writer."""
 import io
+import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,55 @@ def jpeg_bytes(color=(200, 30, 30), size=32) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+# A gate for runs that must be interrupted at a point that does not depend on the machine's speed: every shard is a
+# `pipe:` command that passes when it gets a ticket of its rank, else says where it waits and waits for `go`.
+# No trap: like `aws s3 cp`, it dies of a signal it gets, unless the process that started it is deaf to it.
+GATE = """#!/bin/sh
+gate=$1
+for ticket in "$gate"/ticket-"${RANK:-0}"-*; do
+  if mv "$ticket" "$gate/used/" 2>/dev/null; then exec cat "$2"; fi
+done
+touch "$gate/reached-${RANK:-0}"
+while [ ! -e "$gate/go" ]; do sleep 0.05; done
+exec cat "$2"
+"""
+
+
+@pytest.fixture(scope="session")
+def gated_shards(tmp_path_factory, bundled_train) -> tuple[Path, Path]:
+    """(index of the bundled train split in 125 shards of 40 whose names are gated `pipe:` commands, the gate)."""
+    from ssl_vit.data.writer import write_shards
+
+    root = tmp_path_factory.mktemp("gated")
+    index = write_shards(str(bundled_train), str(root / "t"), max_count=40, seed=0, workers=2, progress=False)
+    gate = root / "gate"
+    (gate / "used").mkdir(parents=True)
+    (root / "gate.sh").write_text(GATE)
+    shards = [{**e, "name": f"pipe:exec sh {root / 'gate.sh'} {gate} {root / e['name']}"} for e in index["shards"]]
+    (root / "gated-index.json").write_text(json.dumps({**index, "shards": shards}))
+    return root / "gated-index.json", gate
+
+
+def close_gate(gate: Path, ranks: int, tickets: int) -> None:
+    """Shut the gate and hand out `tickets` shards per rank."""
+    for path in [*gate.glob("ticket-*"), *gate.glob("reached-*"), *gate.glob("used/*"), gate / "go"]:
+        path.unlink(missing_ok=True)
+    for rank in range(ranks):
+        for i in range(tickets):
+            (gate / f"ticket-{rank}-{i}").touch()
+
+
+def open_gate(gate: Path) -> None:
+    (gate / "go").touch()
+
+
+def wait_at_gate(proc, gate: Path, ready, timeout: float = 300) -> None:
+    """Wait until a rank waits at the gate and `ready()` holds (on events, not a clock: the deadline is only against
+    a hang); the run cannot get past the gate, so nothing races."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and not (list(gate.glob("reached-*")) and ready()):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the gate"
+    assert list(gate.glob("reached-*")) and ready(), "the run never got to the gate ready"

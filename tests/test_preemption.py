@@ -2,22 +2,21 @@
 step, the trainer exits with 75 (the README's EX_TEMPFAIL), and resuming gives the per-step losses of an
 uninterrupted run.
 
-No test races the run's speed: the shards are `pipe:` commands behind a gate (GATE below). Each preempted run gets a
-few tickets (shards it may read); the next shard it opens waits for the test, so the signal is sent while the run
-cannot have finished, and only then is the gate opened."""
+No test races the run's speed: the shards are `pipe:` commands behind a gate (conftest.GATE). Each preempted run
+gets a few tickets (shards it may read); the next shard it opens waits for the test, so the signal is sent while the
+run cannot have finished, and only then is the gate opened."""
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import close_gate, open_gate, wait_at_gate
 from ssl_vit.cli import main
-from ssl_vit.data.writer import write_shards
 from ssl_vit.train.run_log import read_log
 from test_train import METHOD_ARGS, TINY, recipe_for
 
@@ -26,46 +25,9 @@ EX_TEMPFAIL = 75  # the README's documented status, not the implementation's con
 # Shards of 40 samples a preempted run may read (per rank): 280 samples give the main process one transfer of 8
 # batches of 16 (a window of 32 first, data/transfers.py) but not two, so each preempted run trains 8 steps or so.
 TICKETS = 7
-GATE = """#!/bin/sh
-# pipe: source of one shard ($2): passes on a ticket of this rank, else says where it waits and waits for `go`.
-# No trap: like `aws s3 cp`, it dies of the signal it gets, unless the DataLoader worker that started it is deaf.
-gate=$1
-for ticket in "$gate"/ticket-"${RANK:-0}"-*; do
-  if mv "$ticket" "$gate/used/" 2>/dev/null; then exec cat "$2"; fi
-done
-touch "$gate/reached-${RANK:-0}"
-while [ ! -e "$gate/go" ]; do sleep 0.05; done
-exec cat "$2"
-"""
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ssl_vit.train"]
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def gated(tmp_path_factory, bundled_train) -> tuple[Path, Path]:
-    """(index of the bundled train split in shards of 40 whose names are gated `pipe:` commands, the gate folder)."""
-    root = tmp_path_factory.mktemp("gated")
-    index = write_shards(str(bundled_train), str(root / "t"), max_count=40, seed=0, workers=2, progress=False)
-    gate = root / "gate"
-    (gate / "used").mkdir(parents=True)
-    (root / "gate.sh").write_text(GATE)
-    shards = [{**e, "name": f"pipe:exec sh {root / 'gate.sh'} {gate} {root / e['name']}"} for e in index["shards"]]
-    (root / "gated-index.json").write_text(json.dumps({**index, "shards": shards}))
-    return root / "gated-index.json", gate
-
-
-def close_gate(gate: Path, ranks: int) -> None:
-    """Shut the gate and hand out TICKETS per rank."""
-    for path in [*gate.glob("ticket-*"), *gate.glob("reached-*"), *gate.glob("used/*"), gate / "go"]:
-        path.unlink(missing_ok=True)
-    for rank in range(ranks):
-        for i in range(TICKETS):
-            (gate / f"ticket-{rank}-{i}").touch()
-
-
-def open_gate(gate: Path) -> None:
-    (gate / "go").touch()
 
 
 def overrides(shards, out, batch: int, *extra) -> list[str]:
@@ -89,18 +51,13 @@ def preempt(cmd, out: Path, gate: Path, ranks: int, send, env=None) -> tuple[int
     """Start `cmd` with the gate shut, wait until a rank waits at it, call send(pid), open the gate; returns
     (status, step reported, output)."""
     start = checkpoint_step(out)
-    close_gate(gate, ranks)
+    close_gate(gate, ranks, TICKETS)
     with open(out.parent / f"{out.name}-{start}.log", "w+") as output:
         proc = subprocess.Popen(cmd, env=env or ENV, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 300  # only against a hang: the run gets to the gate at any speed
             # A rank waits at the gate and the run has trained past its start (the tickets' samples are several
             # steps): whether the run stops at once or after its current step, it stops in (start, STEPS).
-            while proc.poll() is None and time.monotonic() < deadline and not (
-                    list(gate.glob("reached-*")) and last_step(out) > start):
-                time.sleep(0.02)
-            assert proc.poll() is None, "the run ended before the gate"
-            assert list(gate.glob("reached-*")) and last_step(out) > start, "no step trained on the tickets' shards"
+            wait_at_gate(proc, gate, lambda: last_step(out) > start)
             send(proc.pid)
             open_gate(gate)
             status = proc.wait(timeout=300)
@@ -145,8 +102,8 @@ def rank_pid(launcher: int, rank: int) -> int:
     raise AssertionError(f"no child of {launcher} runs rank {rank}")
 
 
-def test_single_process_preempted_twice_resumes_exactly(gated, tmp_path):
-    shards, gate = gated
+def test_single_process_preempted_twice_resumes_exactly(gated_shards, tmp_path):
+    shards, gate = gated_shards
     straight, out = tmp_path / "straight", tmp_path / "preempted"
     open_gate(gate)
     assert main(["pretrain", *overrides(shards, straight, 16)]) == 0
@@ -164,8 +121,8 @@ def test_single_process_preempted_twice_resumes_exactly(gated, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_stop_together_on_a_signal_to_the_launcher_or_one_rank(gated, tmp_path):
-    shards, gate = gated
+def test_two_processes_stop_together_on_a_signal_to_the_launcher_or_one_rank(gated_shards, tmp_path):
+    shards, gate = gated_shards
     straight, out = tmp_path / "straight", tmp_path / "preempted"
     open_gate(gate)
     assert subprocess.run([*ACCELERATE, *overrides(shards, straight, 32)], env=ENV, capture_output=True,

@@ -4,12 +4,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import close_gate, open_gate, wait_at_gate
 from ssl_vit.cli import main
 from ssl_vit.train.run_log import read_log
 
@@ -56,25 +56,30 @@ def cli(*args) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_logs_the_same_losses(train_shards, tmp_path):
-    """kill -9 after a checkpoint, resume: per-step losses equal (bitwise) those of an uninterrupted run."""
-    steps, extra = 16, ["data.batch_size=32", "train.checkpoint_every=5", "data.num_workers=2"]
+def test_killed_and_resumed_run_logs_the_same_losses(gated_shards, tmp_path):
+    """kill -9 after a checkpoint, resume: per-step losses equal (bitwise) those of an uninterrupted run. The run
+    reads gated shards (conftest.GATE): 9 tickets of 40 samples give it one transfer of 8 batches of 32 (a window of
+    64 first) and a checkpoint at step 5, then it waits at the gate, where it is killed: it cannot have finished."""
+    shards, gate = gated_shards
+    steps, extra = 16, ["data.batch_size=32", "train.checkpoint_every=5", "data.shuffle_buffer=64"]
     straight = tmp_path / "straight"
-    assert main(pretrain_args("mae", train_shards, straight, steps, extra)) == 0
+    open_gate(gate)
+    assert main(pretrain_args("mae", shards, straight, steps, extra)) == 0
 
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(cli(*pretrain_args("mae", train_shards, resumed, steps, extra)),
+    close_gate(gate, 1, 9)
+    proc = subprocess.Popen(cli(*pretrain_args("mae", shards, resumed, steps, extra)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     pointer = resumed / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while not pointer.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert pointer.exists(), "no checkpoint before the kill"
+    try:
+        wait_at_gate(proc, gate, pointer.exists)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        open_gate(gate)
     killed_at = int(pointer.read_text().split("-")[1])
-    assert killed_at < steps, "the run finished before it could be killed"
-    assert main(pretrain_args("mae", train_shards, resumed, steps, [*extra, "--resume"])) == 0
+    assert killed_at == 5
+    assert main(pretrain_args("mae", shards, resumed, steps, [*extra, "--resume"])) == 0
 
     a = [(r["step"], r["loss"]) for r in read_log(straight / "log.jsonl")]
     b = [(r["step"], r["loss"]) for r in read_log(resumed / "log.jsonl")]
