@@ -177,3 +177,12 @@ def test_cross_validated_choice_is_refit_on_every_labelled_image():
     assert r["selection"] == "4-fold cross-validation, refit on all" and r["num_train"] == 20
     assert r["val_top1"] <= 60.0  # held-out images of random labels: near chance (20 %)
     assert r["test_top1"] == 100.0  # every image's own label: the refit used all of them
+
+    # With a hold-out split (10 labels per class or more) the head trained on the other 90 % is kept (the README):
+    # the held-out images' random labels are unknown to it.
+    y = np.repeat(np.arange(5), 20)
+    x = rng.normal(size=(100, 64)).astype(np.float32)
+    train = FeatureSet(x, y, [f"{i:03d}" for i in range(100)], {"pooling": "cls"})
+    r = linear_probe(train, train, lrs=(0.1, 0.3), epochs=60, batch_size=8, num_threads=1)
+    assert r["selection"] == "hold-out split" and r["num_train"] == 90 and r["num_val"] == 10
+    assert 90.0 <= r["test_top1"] < 100.0
