@@ -237,37 +237,55 @@ def build_parts(parts: list, kind: str, params: dict, chunk: int = faiss_utils.A
 
     Trained once on the sample; each part is added to a copy of the trained index and merged into the first
     (IVF and flat: `merge_from`); HNSW's graph cannot be merged, so its parts are added to the one index in turn.
-    A `refine` layer stores the vectors (or SQ8 codes) in the same id order and re-ranks `k_factor` × k candidates."""
-    dim = parts[0].features.shape[1]
-    trained = empty_index(kind, dim, params)
-    sample = training_sample(parts, params["train_size"], params["metric"], chunk) if "train_size" in params \
-        else None
-    if not trained.is_trained:
-        trained.train(sample)
-    merged = None
-    for part in parts:
-        piece = trained if kind == "hnsw" else faiss.clone_index(trained)
-        for rows in iter_chunks(part, params["metric"], chunk):
-            piece.add(rows)
-        if kind == "hnsw":
-            merged = piece
-        elif merged is None:
-            merged = piece
-        else:
-            merged.merge_from(piece, merged.ntotal if kind in ("ivf", "ivfpq") else 0)  # flat: ids are positions
-    if kind in ("ivf", "ivfpq"):
-        faiss.extract_index_ivf(merged).nprobe = params["nprobe"]
+    A `refine` layer stores the vectors (or SQ8 codes) in the same id order and re-ranks `k_factor` × k candidates.
+    `index build --train-only / --trained` and `index merge` run the same three steps on several machines."""
+    trained, sample = train(parts, kind, params, chunk)
+    if kind == "hnsw":
+        for part in parts:
+            add_rows(trained, part, params, chunk)
+        merged = trained
+    else:
+        merged = merge([add_rows(faiss.clone_index(trained), part, params, chunk) for part in parts], kind, params)
     if not params.get("refine"):
         return merged
+    dim = parts[0].features.shape[1]
     fine = refine_layer(dim, params)
     if not fine.is_trained:
         fine.train(sample)
     for part in parts:
-        for rows in iter_chunks(part, params["metric"], chunk):
-            fine.add(rows)
+        add_rows(fine, part, params, chunk)
     index = faiss.IndexRefine(merged, fine)
     index.own_fields = index.own_refine_index = True
     merged.this.disown()
     fine.this.disown()
     index.k_factor = params["k_factor"]
     return index
+
+
+def train(parts: list, kind: str, params: dict, chunk: int = faiss_utils.ADD_CHUNK):
+    """(the trained, empty index, the training sample or None): only the sample's rows of the parts are read."""
+    trained = empty_index(kind, parts[0].features.shape[1], params)
+    sample = training_sample(parts, params["train_size"], params["metric"], chunk) if "train_size" in params \
+        else None
+    if not trained.is_trained:
+        trained.train(sample)
+    return trained, sample
+
+
+def add_rows(index, part: Part, params: dict, chunk: int = faiss_utils.ADD_CHUNK):
+    """`index` with the part's rows added a chunk at a time (ids continue from index.ntotal)."""
+    for rows in iter_chunks(part, params["metric"], chunk):
+        index.add(rows)
+    return index
+
+
+def merge(pieces: list, kind: str, params: dict):
+    """The pieces (filled copies of one trained index) as one: ids of piece 0, then of piece 1, ..."""
+    if kind == "hnsw":
+        raise SslVitError("HNSW graphs cannot be merged: build an HNSW index from all parts in one process")
+    merged = pieces[0]
+    for piece in pieces[1:]:
+        merged.merge_from(piece, merged.ntotal if kind in ("ivf", "ivfpq") else 0)  # flat: ids are positions
+    if kind in ("ivf", "ivfpq"):
+        faiss.extract_index_ivf(merged).nprobe = params["nprobe"]
+    return merged
