@@ -6,15 +6,23 @@ the same branch: a collective stage run by some ranks only would hang). A stage 
 labelled subsets, evaluations, the report) runs on the main process while the others wait; its error, if any, is
 raised on every process, so none is left in a barrier. A collective stage (pretraining, feature extraction,
 fine-tuning) runs on every process together.
+
+The others wait in a collective of their own: a gloo group with a timeout of WAIT_TIMEOUT. A main-only stage can take
+hours (writing ImageNet's shards), and the run's own group would give up long before: NCCL after 10 minutes by
+default, gloo after 30.
 """
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 
+import torch.distributed as dist
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, parse_flag_from_env
+from accelerate.utils import parse_flag_from_env
 
 from ssl_vit.errors import SslVitError
+
+WAIT_TIMEOUT = timedelta(days=2)
 
 
 class StageRunner:
@@ -24,6 +32,8 @@ class StageRunner:
         # The process group `accelerate launch` set up (one process otherwise), with the device choice every
         # Accelerator of the run makes: the first state made is the one they all share.
         self.state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        self.wait_group = (dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+                           if self.state.num_processes > 1 else None)
 
     def run(self, name: str, done: Path, fn, *, together: bool = False):
         """Run `fn` unless `done` exists: on the main process (others wait), or on every process with `together`.
@@ -50,9 +60,9 @@ class StageRunner:
                 outcome[0] = fn()
             except Exception as e:  # the other processes must not wait for it forever: they raise it too
                 outcome[1] = str(e) if isinstance(e, SslVitError) else f"{type(e).__name__}: {e}"
-                broadcast_object_list(outcome, from_process=0)
+                dist.broadcast_object_list(outcome, src=0, group=self.wait_group)
                 raise
-        broadcast_object_list(outcome, from_process=0)
+        dist.broadcast_object_list(outcome, src=0, group=self.wait_group)
         if outcome[1] is not None:
             raise SslVitError(outcome[1])
         return outcome[0]
