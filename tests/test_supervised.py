@@ -158,8 +158,6 @@ def test_bad_input():
         m(batch(imgs, torch.full((8,), -1)), {}, 0)
     with pytest.raises(SslVitError, match="num_classes=10"):
         m(batch(imgs, labels + 10), {}, 0)
-    with pytest.raises(SslVitError, match="even"):
-        make(mixup=0.8)(batch(imgs[:7], labels[:7]), {}, 0)
     with pytest.raises(ValueError, match=r"data.num_classes: supervised training needs ≥ 2 classes, got 1"):
         Supervised(SPEC, num_classes=1)
     with pytest.raises(ValueError, match=r"supervised.label_smoothing: must be in \[0, 1\), got 1.5"):  # a recipe's

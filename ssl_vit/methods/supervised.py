@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 from timm.data import Mixup
+from timm.data.mixup import mixup_target
 from timm.optim import param_groups_layer_decay
 
 from ssl_vit.method_settings import SettingsError, SupervisedConfig
@@ -84,12 +85,20 @@ class Supervised(Method):
         return labels
 
     def _mix(self, imgs: torch.Tensor, labels: torch.Tensor, seed: int):
-        if imgs.shape[0] % 2:
-            raise SslVitError(f"data.batch_size: mixup/cutmix need an even per-process batch, got {imgs.shape[0]}")
-        # timm's Mixup draws λ and boxes from numpy's *global* RNG; seeding it with the caller's seed for just this
-        # call makes a resumed run mix exactly as the uninterrupted one and leaves the caller's RNG alone.
-        with numpy_global_seed(seed):
-            return self.mixup(imgs.clone(), labels)  # Mixup mixes in place
+        """(mixed images, soft targets [B, C]). timm's Mixup pairs images and needs an even batch: in an odd one (an
+        odd per-process batch, or one the device path dropped an undecodable image from) the last image is left
+        unmixed, its target the smoothed one-hot, rather than ending the run."""
+        even = imgs.shape[0] - imgs.shape[0] % 2
+        mixed, targets = imgs[:even], labels[:even]
+        if even:
+            # timm's Mixup draws λ and boxes from numpy's *global* RNG; seeding it with the caller's seed for just
+            # this call makes a resumed run mix exactly as the uninterrupted one and leaves the caller's RNG alone.
+            with numpy_global_seed(seed):
+                mixed, targets = self.mixup(imgs[:even].clone(), labels[:even])  # Mixup mixes in place
+        if even == imgs.shape[0]:
+            return mixed, targets
+        last = mixup_target(labels[even:], self.num_classes, 1.0, self.label_smoothing)
+        return torch.cat([mixed, imgs[even:]]), torch.cat([targets.reshape(-1, self.num_classes), last])
 
     def forward(self, batch: dict, sched: dict, seed: int) -> dict:
         imgs, labels = batch["views"][0], self._labels(batch)
