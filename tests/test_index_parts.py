@@ -128,3 +128,33 @@ def test_keys_and_labels_stay_the_caches_memmaps_until_saved(tmp_path):
     loaded = RetrievalIndex.load(tmp_path / "ix")
     assert loaded.keys.tolist() == [b"a", b"c", b"e", b"b", b"dd"] and loaded.labels.tolist() == [0, 1, 2, 1, 2]
     assert loaded.lookup([4, -1]) == [("dd", 2), (None, None)]
+
+
+@pytest.mark.slow
+def test_train_once_fill_each_part_apart_and_merge_equals_the_whole(rank_parts, tmp_path):
+    """FAISS's three steps as three commands (each part filled by a command that reads only that part)."""
+    root, parts = rank_parts
+    options = ["--kind", "ivfpq", "--nlist", "8", "--m", "16", "--nbits", "6"]
+    assert main(["index", "build", "--features", *map(str, parts), "--out", str(tmp_path / "trained"),
+                 "--train-only", *options]) == 0
+    assert RetrievalIndex.load(tmp_path / "trained").index.ntotal == 0
+    for i, part in enumerate(parts):
+        assert main(["index", "build", "--features", str(part), "--trained", str(tmp_path / "trained"),
+                     "--out", str(tmp_path / f"filled{i}"), *options]) == 0
+    assert main(["index", "merge", str(tmp_path / "filled0"), str(tmp_path / "filled1"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    assert main(["index", "build", "--features", str(root / "whole"), "--out", str(tmp_path / "whole"),
+                 *options]) == 0
+    queries = load_features(root / "whole").features
+    scores_merged, keys_merged = neighbours(tmp_path / "merged", queries)
+    scores_whole, keys_whole = neighbours(tmp_path / "whole", queries)
+    assert keys_merged == keys_whole
+    np.testing.assert_allclose(scores_merged, scores_whole, rtol=0, atol=1e-5)
+    merged = json.loads((tmp_path / "merged" / "meta.json").read_text())
+    assert merged["num"] == 1000 and merged["source"]["image_table"] == 1000  # thumbnails of the merged index
+    assert merged["source"]["features"] == [str(p.resolve()) for p in parts]
+    assert main(["index", "build", "--features", str(parts[1]), "--out", str(tmp_path / "flat")]) == 0
+    err = main(["index", "merge", str(tmp_path / "filled0"), str(tmp_path / "flat"), "--out", str(tmp_path / "x")])
+    assert err == 2 and not (tmp_path / "x").exists()  # not filled from the same trained index
+    assert main(["index", "build", "--features", str(parts[0]), "--out", str(tmp_path / "y"), "--train-only",
+                 "--kind", "hnsw"]) == 2  # HNSW graphs cannot be merged: refused

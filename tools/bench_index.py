@@ -121,7 +121,7 @@ def auto_section(folder: str, max_memory: str, queries: int, threads) -> dict:
     import argparse as ap
     import contextlib
 
-    from ssl_vit.commands.eval import choose_kind, open_parts
+    from ssl_vit.commands.index_build import choose_kind, open_parts
     from ssl_vit.eval.index_auto import final_check
     from ssl_vit.eval.retrieval import RetrievalIndex
 
