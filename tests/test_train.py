@@ -187,3 +187,15 @@ def test_run_records_its_recipe_and_logs_through_accelerate_trackers(train_shard
     assert {s.step: pytest.approx(s.value) for s in events.Scalars("train/loss")} == logged
     assert main(pretrain_args("supervised", train_shards, out, 4, ["train.log_with=[tensorbord]"])) == 2
     assert "train.log_with: unknown tracker 'tensorbord'" in capsys.readouterr().err
+
+
+def test_architecture_check_covers_timm_kwargs_and_older_checkpoints():
+    from ssl_vit.train.checkpoint import architecture_differences
+
+    swin = {"method": "dino", "model": {"name": "swin_tiny_patch4_window7_224", "kwargs": {"window_size": 4}}}
+    other = {"method": "dino", "model": {"name": "swin_tiny_patch4_window7_224", "kwargs": {"window_size": 2}}}
+    assert architecture_differences(swin, other) == [
+        "model.kwargs {'window_size': 4} in the checkpoint, {'window_size': 2} in this recipe"]
+    older = {"method": "mae", "model": {"name": "vit_tiny_patch16_224"}}  # written before model.kwargs existed
+    assert architecture_differences(older, {"method": "mae", "model": {"name": "vit_tiny_patch16_224",
+                                                                       "kwargs": {}}}) == []

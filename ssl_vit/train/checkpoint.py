@@ -97,14 +97,18 @@ def read_checkpoint_meta(path: Path) -> tuple[dict, list[dict]]:
 ARCHITECTURE_KEYS = ("method", "model.name", "model.img_size", "model.patch_size", "model.depth", "model.embed_dim",
                      "model.num_heads", "data.num_classes", "mae.decoder_depth", "mae.decoder_dim",
                      "mae.decoder_heads", "dino.out_dim", "dino.hidden_dim", "dino.bottleneck_dim",
-                     "dino.use_bn_in_head", "dino.norm_last_layer")
+                     "dino.use_bn_in_head", "dino.norm_last_layer", "model.kwargs")
+# Keys added after checkpoints were written without them: such a checkpoint had the value given here.
+ADDED_LATER = {"model.kwargs": {}}
 
 
 def architecture_differences(stored: dict, current: dict) -> list[str]:
     """'model.embed_dim 64 in the checkpoint, 96 in this recipe' for each architecture key that differs."""
     def value(recipe: dict, key: str):
         section, _, name = key.partition(".")
-        return recipe.get(section, {}).get(name) if name else recipe.get(section)
+        if not name:
+            return recipe.get(section)
+        return recipe.get(section, {}).get(name, ADDED_LATER.get(key))
 
     return [f"{key} {value(stored, key)!r} in the checkpoint, {value(current, key)!r} in this recipe"
             for key in ARCHITECTURE_KEYS if value(stored, key) != value(current, key)]
