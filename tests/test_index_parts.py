@@ -52,6 +52,17 @@ def neighbours(index_dir: Path, queries, k: int = 10):
     return scores, [[key for key, _ in index.lookup(row)] for row in ids]
 
 
+def assert_same_results(index_dir: Path, whole_dir: Path, cache: Path) -> list:
+    """Every cached row queried against both indexes: the same keys in the same order, the same scores; returns the
+    whole index's keys."""
+    queries = load_features(cache).features
+    scores, keys = neighbours(index_dir, queries)
+    scores_whole, keys_whole = neighbours(whole_dir, queries)
+    assert keys == keys_whole
+    np.testing.assert_allclose(scores, scores_whole, rtol=0, atol=1e-5)
+    return keys_whole
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, options", [("flat", []), ("ivfpq", ["--nlist", "8", "--m", "16", "--nbits", "6",
                                                                    "--refine", "flat"]),
@@ -61,11 +72,7 @@ def test_parts_of_a_two_process_run_index_as_the_whole_cache(rank_parts, tmp_pat
     common = ["index", "build", "--kind", kind, *options]
     assert main(common + ["--features", *map(str, parts), "--out", str(tmp_path / "from_parts")]) == 0
     assert main(common + ["--features", str(root / "whole"), "--out", str(tmp_path / "whole")]) == 0
-    queries = load_features(root / "whole").features
-    scores_parts, keys_parts = neighbours(tmp_path / "from_parts", queries)
-    scores_whole, keys_whole = neighbours(tmp_path / "whole", queries)
-    assert keys_parts == keys_whole
-    np.testing.assert_allclose(scores_parts, scores_whole, rtol=0, atol=1e-5)
+    keys_whole = assert_same_results(tmp_path / "from_parts", tmp_path / "whole", root / "whole")
     meta = json.loads((tmp_path / "from_parts" / "meta.json").read_text())
     assert meta["key_runs"] == [0, len(load_features(parts[0])), 1000] and meta["num"] == 1000
     assert meta["source"]["features"] == [str(p.resolve()) for p in parts]
@@ -145,11 +152,7 @@ def test_train_once_fill_each_part_apart_and_merge_equals_the_whole(rank_parts, 
                  "--out", str(tmp_path / "merged")]) == 0
     assert main(["index", "build", "--features", str(root / "whole"), "--out", str(tmp_path / "whole"),
                  *options]) == 0
-    queries = load_features(root / "whole").features
-    scores_merged, keys_merged = neighbours(tmp_path / "merged", queries)
-    scores_whole, keys_whole = neighbours(tmp_path / "whole", queries)
-    assert keys_merged == keys_whole
-    np.testing.assert_allclose(scores_merged, scores_whole, rtol=0, atol=1e-5)
+    assert_same_results(tmp_path / "merged", tmp_path / "whole", root / "whole")
     merged = json.loads((tmp_path / "merged" / "meta.json").read_text())
     assert merged["num"] == 1000 and merged["source"]["image_table"] == 1000  # thumbnails of the merged index
     assert merged["source"]["features"] == [str(p.resolve()) for p in parts]
