@@ -140,7 +140,10 @@ def test_errors(tmp_path):
     with pytest.raises(SslVitError, match="has no labels"):
         evaluate(RetrievalIndex.build(x, kind="flat"), x[:3], [0, 1, 2])
     (tmp_path / "ix" / "keys.npy").unlink()
-    with pytest.raises(SslVitError, match="missing keys.npy"):
+    with pytest.raises(SslVitError, match="missing keys.npy$"):
+        RetrievalIndex.load(tmp_path / "ix")
+    (tmp_path / "ix" / "ids.json").write_text("{}")  # an index from before keys.npy
+    with pytest.raises(SslVitError, match="missing keys.npy .*older ssl_vit with ids.json: rebuild it"):
         RetrievalIndex.load(tmp_path / "ix")
     (tmp_path / "bad").mkdir()
     for name in ("index.faiss", "meta.json", "keys.npy", "labels.npy"):

@@ -179,8 +179,10 @@ class RetrievalIndex:
         folder = Path(folder)
         missing = [f for f in INDEX_FILES if not (folder / f).is_file()]
         if missing:
+            older = " (written by an older ssl_vit with ids.json: rebuild it with `ssl-vit index build`)" \
+                if (folder / "ids.json").is_file() else ""
             raise SslVitError(f"retrieval index {folder} is missing {', '.join(missing)}"
-                              f"{'' if folder.is_dir() else ' (the folder does not exist)'}")
+                              f"{'' if folder.is_dir() else ' (the folder does not exist)'}{older}")
         try:
             meta = json.loads((folder / "meta.json").read_text())
             keys = np.load(folder / "keys.npy", mmap_mode="r", allow_pickle=False)
