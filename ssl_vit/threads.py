@@ -6,8 +6,6 @@ DINO 117 → 136); with one other busy process on the machine, 185 vs 421 (2.3×
 """
 import os
 
-import torch
-
 from ssl_vit.errors import SslVitError
 
 
@@ -40,6 +38,8 @@ def choose_threads(num_workers: int, requested: int = 0, *, cores: int | None = 
 
 def use_threads(num_workers: int, requested: int = 0) -> dict:
     """Set torch's intra-op threads as `choose_threads` says; returns the choice (for the run log)."""
+    import torch  # here, not at the top: FAISS-only commands (index build) import this module and never need torch
+
     choice = choose_threads(num_workers, requested)
     torch.set_num_threads(choice["threads"])
     return choice
