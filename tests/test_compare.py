@@ -213,6 +213,9 @@ def test_ssl_pretrains_on_extra_unlabeled_images_too(train_shards, bundled_test,
     assert unlabeled["labeled"] is False and unlabeled["num_samples"] == 40
     mae = json.loads((out / "models" / "mae" / "recipe.json").read_text())
     supervised = json.loads((out / "models" / "supervised-f0.01" / "recipe.json").read_text())
-    assert mae["data"]["train"] == [str(train_shards), str(out / "shards" / "unlabeled-index.json")]
+    # the training images less the validation split carved from them (source.val_fraction), then the unlabeled ones
+    assert mae["data"]["train"] == [str(out / "shards" / "split" / "fit" / "shards-index.json"),
+                                    str(out / "shards" / "unlabeled-index.json")]
     assert supervised["data"]["train"] == str(out / "labels" / "f0.01" / "shards-index.json")
-    assert len(json.loads((out / "labels" / "subsets.json").read_text())["fractions"]["0.01"]["keys"]) == 50
+    # 1 % of the 4,500 training images left after the validation split: 4 of each class's 450
+    assert len(json.loads((out / "labels" / "subsets.json").read_text())["fractions"]["0.01"]["keys"]) == 40
