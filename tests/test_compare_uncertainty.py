@@ -176,3 +176,18 @@ def test_pretraining_seeds_are_runs_of_their_own(train_shards, bundled_test, tmp
     assert "val" not in report["shards"] and rows["mae"]["knn_k_by"].startswith("fixed")  # no validation split
     (vs_pixels,) = [d for d in report["differences"] if d["a"] == "mae" and d["b"] == "raw_pixels"]
     assert vs_pixels["runs"] == 2  # raw pixels, trained by no one, stand beside each seed
+
+
+def test_thorough_and_budget_flags_expand_to_recipe_keys():
+    from types import SimpleNamespace
+
+    from ssl_vit.commands.compare import compare_overrides
+    from ssl_vit.pipelines.compare_config import load_compare_recipe
+
+    def cfg(**flags):
+        args = SimpleNamespace(**{"recipe": RECIPE, "thorough": False, "budget": None, "overrides": [], **flags})
+        return load_compare_recipe(RECIPE, compare_overrides(args))
+
+    assert cfg().eval.seeds == 1 and cfg(thorough=True).eval.seeds == 3
+    assert cfg(thorough=True, overrides=["eval.seeds=2"]).eval.seeds == 2  # the explicit key wins
+    assert cfg(budget="long").budget.images == 100000

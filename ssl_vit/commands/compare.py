@@ -28,13 +28,10 @@ def run(args) -> int:
     from accelerate import PartialState
 
     from ssl_vit.pipelines.compare import run_compare
-    from ssl_vit.pipelines.compare_config import apply_budget, load_compare_recipe
+    from ssl_vit.pipelines.compare_config import load_compare_recipe
     from ssl_vit.pipelines.report import markdown_tables
 
-    overrides = [*(["eval.seeds=3"] if args.thorough else []), *args.overrides]
-    if args.budget:
-        overrides = apply_budget(args.recipe, overrides, args.budget)
-    cfg = load_compare_recipe(args.recipe, overrides)
+    cfg = load_compare_recipe(args.recipe, compare_overrides(args))
     report = run_compare(cfg)
     if not PartialState().is_main_process:  # under `accelerate launch`: one copy of the tables
         return 0
@@ -42,3 +39,11 @@ def run(args) -> int:
     print(markdown_tables(report))
     print(f"\nreport: {cfg.out_dir}/report.md")
     return 0
+
+
+def compare_overrides(args) -> list[str]:
+    """The command line's key=value list with what --thorough and --budget NAME stand for (the explicit ones win)."""
+    from ssl_vit.pipelines.compare_config import apply_budget
+
+    overrides = [*(["eval.seeds=3"] if args.thorough else []), *args.overrides]
+    return apply_budget(args.recipe, overrides, args.budget) if args.budget else overrides
