@@ -145,10 +145,12 @@ def test_named_budget_and_thorough_are_one_flag_away():
 
 
 @pytest.mark.slow
-def test_flops_budget_runs_each_method_to_the_same_compute(train_shards, bundled_test, tmp_path, capsys):
+def test_flops_budget_and_pretraining_seeds(train_shards, bundled_test, tmp_path, capsys):
+    """budget.mode=flops: each method trains to the same compute; eval.seeds=2: each seed a run of its own."""
     out = tmp_path / "flops"
     args = tiny_args(out, train_shards, bundled_test, "methods=[mae, supervised]", "eval.label_fractions=[1.0]",
-                     "eval.linear_probe=false", "eval.raw_pixels=false", "budget.mode=flops", "budget.images=640")
+                     "eval.linear_probe=false", "budget.mode=flops", "budget.images=640", "eval.seeds=2",
+                     "random_init=true", "source.val_fraction=0")
     assert main(args) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     gf = {m: report["gflops_per_image"][m]["total"] for m in ("mae", "supervised")}
@@ -160,21 +162,15 @@ def test_flops_budget_runs_each_method_to_the_same_compute(train_shards, bundled
     assert report["budget_mode"] == "flops" and "equal compute" in report["budget"]
     assert "budget.mode: flops" in (out / "report.md").read_text()
 
-
-@pytest.mark.slow
-def test_pretraining_seeds_are_runs_of_their_own(train_shards, bundled_test, tmp_path, capsys):
-    out = tmp_path / "seeds"
-    args = tiny_args(out, train_shards, bundled_test, "methods=[mae]", "eval.label_fractions=[1.0]", "eval.seeds=2",
-                     "random_init=true", "eval.linear_probe=false", "source.val_fraction=0")
-    assert main(args) == 0, capsys.readouterr().err
-    assert sorted(p.name for p in (out / "models").iterdir()) == ["mae", "mae-s1", "random_init", "random_init-s1"]
+    assert sorted(p.name for p in (out / "models").iterdir()) == [
+        "mae", "mae-s1", "random_init", "random_init-s1", "supervised-f1", "supervised-f1-s1"]
     seeds = [json.loads((out / "models" / m / "recipe.json").read_text())["seed"] for m in ("mae", "mae-s1")]
     assert seeds[1] == seeds[0] + 1
-    report = json.loads((out / "report.json").read_text())
     rows = {row["model"]: row for row in report["rows"]}
     assert (rows["mae"]["runs"], rows["random_init"]["runs"], rows["raw_pixels"]["runs"]) == (2, 2, 1)
     assert "val" not in report["shards"] and rows["mae"]["knn_k_by"].startswith("fixed")  # no validation split
-    (vs_pixels,) = [d for d in report["differences"] if d["a"] == "mae" and d["b"] == "raw_pixels"]
+    (vs_pixels,) = [d for d in report["differences"] if d["metric"] == "knn" and d["a"] == "mae"
+                    and d["b"] == "raw_pixels"]
     assert vs_pixels["runs"] == 2  # raw pixels, trained by no one, stand beside each seed
 
 
