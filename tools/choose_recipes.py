@@ -10,7 +10,8 @@ than the uncertainty: the 95 % interval of the paired bootstrap difference over 
 the mean of its k-NN and probe hits) lies above zero; among those the best score wins. Results (every candidate's
 numbers) go to bench/results/choose_recipes.json.
 
-    nice -n 10 python tools/choose_recipes.py                 # ~15-25 min on 2 shared cores
+    nice -n 10 python tools/choose_recipes.py                 # 11 runs; DINO's ~110 s each on 2 quiet cores,
+                                                              # 5-10 min each when six jobs share them
     nice -n 10 python tools/choose_recipes.py --methods mae --budget-images 5000   # a quicker look
 """
 import argparse
