@@ -85,7 +85,9 @@ def test_bench_stream_holds_the_readmes_bounds(tmp_path):
                     "8", "--rate-mb-s", "12", "--batch", "4")
     for workers, rss in out["rss_mb"].items():
         growth = rss["96MB"] - rss["8MB"]
-        assert growth < 0.4 * (96 - 8), (workers, rss)  # flat: noise is ~1 MB, a held shard is 88 MB per reader
+        # Flat: ~1 MB on a quiet machine; once +63 MB (0 workers) with the full suite under load. A reader that
+        # holds the shard grows by at least its 88 MB (+171 MB measured with that break).
+        assert growth < 0.85 * (96 - 8), (workers, rss)
     for ratio in out["rss_ratio_largest_to_smallest"].values():
         assert_ratio(ratio)
     first = out["first_batch"]
