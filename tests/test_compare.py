@@ -33,7 +33,7 @@ def test_miniature_comparison_end_to_end(train_shards, bundled_test, tmp_path, c
     # a published backbone as a row: any timm folder (here our own export of a 16-px ViT), evaluated at its size
     spec = BackboneSpec(img_size=16, patch_size=8, kwargs=dict(depth=1, embed_dim=32, num_heads=2))
     export_backbone(create_backbone(spec), spec, tmp_path / "published" / "backbone.safetensors")
-    args = compare_args(out, train_shards, bundled_test, "eval.label_fractions=[0.01, 1.0]",
+    args = compare_args(out, train_shards, bundled_test, "eval.label_fractions=[0.01, 1.0]", "eval.label_draws=1",
                         f"backbones={{published: 'local-dir:{tmp_path / 'published'}'}}")
     assert main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
