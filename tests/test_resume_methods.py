@@ -103,6 +103,6 @@ def test_finetuning_resumes_exactly(small_shards, tmp_path):
     spec = backbone_spec(load_recipe(recipe, TINY[:3]))
     init = tmp_path / "pretrained" / "backbone.safetensors"
     export_backbone(create_backbone(spec), spec, init, extra_meta={"method": "mae"})
-    args = ["finetune", "--recipe", recipe, "--init", str(init), f"data.train={small_shards}", *TINY,
-            "optim.warmup_epochs=0.05", "optim.layer_decay=0.75"]
+    args = ["finetune", "--recipe", recipe, "--init", str(init), f"data.train={small_shards}",
+            f"data.eval={small_shards}", *TINY, "optim.warmup_epochs=0.05", "optim.layer_decay=0.75"]
     assert_resume_is_exact(args, tmp_path)
