@@ -2,14 +2,17 @@
 
 
 def add_extract_options(p) -> None:
-    from ssl_vit.eval import POOLINGS
+    from ssl_vit.eval import AUTO_POOLING, POOLINGS
 
     p.add_argument("--backbone", required=True,
                    help="backbone.safetensors, a run folder (train.out_dir), a checkpoint folder, timm:<name> "
                         "(timm's pretrained weights), timm-random:<name>, local-dir:<folder> (config.json + "
                         "model.safetensors, as timm's save_for_hf writes) or hf-hub:<id>")
     p.add_argument("--shards", required=True, help="evaluation shards: index.json, brace pattern, glob or pipe: URL")
-    p.add_argument("--pooling", choices=POOLINGS, default="cls")
+    p.add_argument("--pooling", choices=(AUTO_POOLING, *POOLINGS), default=AUTO_POOLING,
+                   help="cls: the CLS token (a DeiT student: the mean of its class and distillation tokens); avg: the "
+                        "mean final token; cls+avg: both; auto (default): cls where the backbone has a CLS token, "
+                        "avg where it has none (a Swin). The cache records the pooling used")
     p.add_argument("--last-blocks", type=int, default=1, help="concatenate the CLS token of the last N blocks")
     p.add_argument("--resize", type=int, default=None,
                    help="resize the shorter side to this before the centre crop (default: image size / 0.875)")

@@ -10,6 +10,11 @@ minute for the keys (read, merged, written as keys.npy and keys.json) plus the f
 (154 GB at 384-d: ~5 min at 0.5 GB/s), while the other ranks wait in a barrier (NCCL's default timeout: 10 min).
 Beyond that, `per_rank` (`features --per-rank`) writes no merged cache at all: `index build` takes the parts.
 `embed_images` embeds image files through the same view and pooling (retrieval queries by image).
+
+Pooling `auto` (the default everywhere) is the CLS token where the model has one and the mean final token where it
+has none (a Swin); a cache records the pooling it resolved to, never `auto`, so that queries against an index built
+from it embed the same way. A DeiT student's CLS feature is timm's pre-logits: the mean of its class and distillation
+tokens, as its two heads are averaged.
 """
 import json
 import shutil
@@ -26,8 +31,8 @@ from ssl_vit.data.loader import StreamLoader
 from ssl_vit.data.samples import BadSample, decode_image
 from ssl_vit.data.stream import ShardStream
 from ssl_vit.errors import SslVitError
-from ssl_vit.eval import POOLINGS
-from ssl_vit.models.backbone import has_class_token
+from ssl_vit.eval import AUTO_POOLING as AUTO, POOLINGS
+from ssl_vit.models.backbone import default_pooling, has_class_token
 from ssl_vit.eval.feature_cache import encode_keys, write_keys
 from ssl_vit.threads import use_threads
 from ssl_vit.transforms import MultiViewTransform, eval_views, normalize
@@ -62,7 +67,7 @@ def eval_pixels(images: list, image_size: int, resize: int | None = None) -> tor
 
 
 def embed_images(model: nn.Module, images: list, *, image_size: int, resize: int | None = None,
-                 pooling: str = "cls", last_blocks: int = 1) -> np.ndarray:
+                 pooling: str = AUTO, last_blocks: int = 1) -> np.ndarray:
     """[N, D] float32 features of PIL images through the same view and pooling as `extract_features` (CPU)."""
     model = model.eval()
     return np.concatenate([pooled_features(model, eval_pixels(images[start:start + EMBED_BATCH], image_size, resize),
@@ -70,12 +75,21 @@ def embed_images(model: nn.Module, images: list, *, image_size: int, resize: int
                            for start in range(0, len(images), EMBED_BATCH)])
 
 
-@torch.no_grad()
-def pooled_features(model: nn.Module, images: torch.Tensor, pooling: str = "cls", last_blocks: int = 1):
-    """[B, D'] features: CLS and/or mean patch token after the final norm; with `last_blocks` > 1 the CLS tokens
-    of the last n blocks are concatenated (DINO's linear protocol for ViT-S), the average pool from the last."""
+def resolve_pooling(model: nn.Module, pooling: str) -> str:
+    """The pooling `pooling` names for `model`: `auto` resolved by whether it has a CLS token; others as given."""
+    if pooling == AUTO:
+        return default_pooling(model)
     if pooling not in POOLINGS:
-        raise SslVitError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        raise SslVitError(f"pooling: must be one of {', '.join((AUTO, *POOLINGS))}, got {pooling!r}")
+    return pooling
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, images: torch.Tensor, pooling: str = AUTO, last_blocks: int = 1):
+    """[B, D'] features: CLS and/or mean patch token after the final norm; with `last_blocks` > 1 the CLS tokens
+    of the last n blocks are concatenated (DINO's linear protocol for ViT-S), the average pool from the last. A DeiT
+    student's CLS feature is the mean of its class and distillation tokens (timm's pre-logits)."""
+    pooling = resolve_pooling(model, pooling)
     if not has_class_token(model):  # a Swin: no CLS token, its features are the mean final token
         if pooling != "avg" or last_blocks > 1:
             raise SslVitError(f"pooling: {type(model).__name__} has no CLS token, so pooling {pooling!r} (last_blocks "
@@ -86,19 +100,25 @@ def pooled_features(model: nn.Module, images: torch.Tensor, pooling: str = "cls"
     if last_blocks > 1:
         layers = model.forward_intermediates(images, indices=last_blocks, return_prefix_tokens=True, norm=True,
                                              output_fmt="NLC", intermediates_only=True)
-        cls = torch.cat([p[:, 0] for _, p in layers], dim=-1)  # [B, n·D]
+        cls = torch.cat([class_feature(model, p) for _, p in layers], dim=-1)  # [B, n·D]
         patches = layers[-1][0]  # [B, L, D]
     else:
         tokens = model.forward_features(images)  # [B, prefix + L, D]
-        cls, patches = tokens[:, 0], tokens[:, prefix:]
-        if getattr(model, "dist_token", None) is not None:  # DeiT: the class and distillation tokens' mean, as
-            cls = (tokens[:, 0] + tokens[:, 1]) / 2  # its heads are averaged (timm's pre-logits)
+        cls, patches = class_feature(model, tokens), tokens[:, prefix:]
     parts = {"cls": [cls], "avg": [patches.mean(dim=1)], "cls+avg": [cls, patches.mean(dim=1)]}[pooling]
     return torch.cat(parts, dim=-1).float()
 
 
+def class_feature(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, D] CLS feature of [B, prefix + L, D] tokens: the CLS token, or for a DeiT student the mean of its class
+    and distillation tokens, as its heads are averaged (timm's pre-logits)."""
+    if getattr(model, "dist_token", None) is not None:
+        return (tokens[:, 0] + tokens[:, 1]) / 2
+    return tokens[:, 0]
+
+
 def extract_features(backbone: nn.Module, source, out_dir, *, accelerator=None, image_size: int = 224,
-                     resize: int | None = None, pooling: str = "cls", last_blocks: int = 1, batch_size: int = 128,
+                     resize: int | None = None, pooling: str = AUTO, last_blocks: int = 1, batch_size: int = 128,
                      num_workers: int = 2, meta: dict | None = None, progress: bool = True,
                      per_rank: bool = False) -> Path:
     """Write a feature cache folder (see eval/feature_cache.py) and return its path. Collective under accelerate.
@@ -108,6 +128,7 @@ def extract_features(backbone: nn.Module, source, out_dir, *, accelerator=None, 
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator()
+    pooling = resolve_pooling(backbone, pooling)  # the cache records what `auto` chose
     use_threads(num_workers)
     out_dir = Path(out_dir)
     parts_dir = out_dir.with_name(out_dir.name + ".parts")

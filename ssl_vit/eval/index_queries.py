@@ -5,7 +5,8 @@ from pathlib import Path
 
 from ssl_vit.errors import SslVitError
 
-# What an index must record to embed an image as its features were.
+# What an index must record to embed an image as its features were (the pooling as resolved: a cache extracted with
+# `auto` records cls or avg, never `auto`).
 EXTRACTION_KEYS = ("image_size", "resize", "pooling", "last_blocks")
 
 
