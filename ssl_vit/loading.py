@@ -31,6 +31,7 @@ from ssl_vit.errors import SslVitError, load_error_detail
 from ssl_vit.methods import backbone_spec, build_method
 from ssl_vit.methods.base import Method
 from ssl_vit.models.backbone import backbone_family, patch_size_of
+from ssl_vit.models.distilled import has_distillation_token, with_distillation_token
 from ssl_vit.models.export import CLASSIFIER_KEYS, META_KEY, first_mismatch, read_backbone_meta, reference_model
 from ssl_vit.train.checkpoint import find_checkpoint
 from ssl_vit.transforms.normalize import MEAN, STD
@@ -139,10 +140,13 @@ def load_classifier(source, num_classes: int) -> nn.Module:
 def init_backbone(model: nn.Module, source) -> dict:
     """Copy the backbone at `source` (anything `load_backbone` takes) into the timm ViT `model`, resampling the
     position embeddings when the image size differs. Only the classifier head may stay as it was; any other missing
-    or extra weight is an error naming `source`. Returns the backbone's metadata."""
+    or extra weight is an error naming `source`. A plain ViT into a DeiT student gains the student's distillation
+    token first (ssl_vit/models/distilled.py). Returns the backbone's metadata."""
     if not timm_source(source) and not Path(source).exists():
         raise SslVitError(f"model.init: no pretrained backbone at {source}")
     pretrained, meta = load_backbone(source)
+    if has_distillation_token(model) and not has_distillation_token(pretrained):  # a plain ViT into a DeiT student
+        pretrained = with_distillation_token(pretrained, model)
     head = {name for name in model.state_dict() if name.startswith(CLASSIFIER_KEYS)}  # head(.fc), head_dist
     if type(pretrained) is not type(model) or pretrained.num_features != model.num_features or \
             len(pretrained.state_dict()) != len(model.state_dict()) - len(head):

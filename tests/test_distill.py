@@ -1,6 +1,7 @@
 """DeiT distillation (Touvron et al. 2021, Sec. 4): the losses against references written here from Eq. 2 and 3, a
-student with a distillation token trained from a frozen teacher run (no gradients, eval mode, weights unchanged),
-evaluation on the two heads' average, bad teachers named in one line, and a two-process run."""
+student with a distillation token (timm's deit_*_distilled_*, or a plain vit_* given one, its weights from an MAE
+run) trained from a frozen teacher run (no gradients, eval mode, weights unchanged), evaluation on the two heads'
+average, bad teachers and students named in one line, and a two-process run."""
 import json
 import os
 import subprocess
@@ -28,6 +29,11 @@ RECIPE = str(ROOT / "recipes" / "supervised_vit_tiny_cifar10.yaml")
 TINY = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "train.progress=false", "train.log_every=1",
         "data.num_workers=1", "train.epochs=0", "data.batch_size=16"]
 STUDENT = ["model.name=deit_tiny_distilled_patch16_224"]
+PLAIN = ["model.name=vit_tiny_patch16_224"]  # the recipe's ViT, given a distillation token
+SWIN = ["model.name=swin_tiny_patch4_window7_224", "model.depth=0", "model.num_heads=0",
+        "model.kwargs={depths: [1, 1], num_heads: [2, 4], window_size: 4}"]
+MAE_RECIPE = str(ROOT / "recipes" / "mae_vit_tiny_cifar10.yaml")
+MAE_TINY = ["mae.decoder_depth=1", "mae.decoder_dim=64", "mae.decoder_heads=2"]
 
 
 def test_hard_distillation_loss_is_eq_3():
@@ -63,10 +69,20 @@ def teacher_run(train_shards, tmp_path_factory) -> Path:
     return out
 
 
-def test_student_learns_from_a_frozen_teacher(teacher_run, train_shards):
-    recipe = load_recipe(RECIPE, [*TINY, *STUDENT, "train.steps=1", f"supervised.distill.teacher={teacher_run}"])
+@pytest.fixture(scope="module")
+def mae_run(train_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mae")
+    assert main(["pretrain", "--recipe", MAE_RECIPE, f"data.train={train_shards}", f"train.out_dir={out}",
+                 "train.steps=1", *TINY, *MAE_TINY]) == 0
+    return out
+
+
+@pytest.mark.parametrize("student", [STUDENT, PLAIN], ids=["deit", "plain_vit"])
+def test_student_learns_from_a_frozen_teacher(student, teacher_run, train_shards):
+    recipe = load_recipe(RECIPE, [*TINY, *student, "train.steps=1", f"supervised.distill.teacher={teacher_run}"])
     method = method_from_recipe(recipe, num_classes=10)
     assert isinstance(method, DistilledSupervised)
+    assert type(method.encoder).__name__ == "VisionTransformerDistilled" and len(method.encoder.blocks) == 2
     before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
     trained = {id(p) for g in method.param_groups(0.05) for p in g["params"]}
     assert not any(p.requires_grad or id(p) in trained for p in method.teacher.parameters())
@@ -113,8 +129,9 @@ def test_distilled_run_exports_a_student_and_keeps_the_teacher(teacher_run, trai
     (["supervised.distill.alpha=1.5"], "supervised.distill.alpha: must be in [0, 1], got 1.5"),
     (["supervised.distill.temperature=3"], "unknown recipe key 'supervised.distill.temperature'"),
     (["supervised.distill.tau=0"], "supervised.distill.tau: must be positive, got 0.0"),
-    (["supervised.distill.teacher=TEACHER", "model.name=vit_tiny_patch16_224"],
-     "model.name: distillation trains a student with a distillation token; 'vit_tiny_patch16_224' has none"),
+    (["supervised.distill.teacher=TEACHER", *SWIN],
+     "model.name: a distillation token sits beside a plain ViT's CLS token; 'swin_tiny_patch4_window7_224' (swin) "
+     "has no such layout"),
     (["supervised.distill.teacher=TEACHER/backbone.safetensors"], "supervised.distill.teacher: "),
     (["supervised.distill.teacher=TEACHER", "data.num_classes=12"], "classifies 10 classes, the training data has 12")])
 def test_bad_distillation_settings_are_one_line(change, message, teacher_run, train_shards, tmp_path, capsys):
@@ -125,13 +142,9 @@ def test_bad_distillation_settings_are_one_line(change, message, teacher_run, tr
     assert code == 2 and message in err and "\n" not in err, err
 
 
-def test_an_mae_run_cannot_teach(train_shards, tmp_path, capsys):
-    mae = tmp_path / "mae"
-    assert main(["pretrain", "--recipe", str(ROOT / "recipes" / "mae_vit_tiny_cifar10.yaml"),
-                 f"data.train={train_shards}", f"train.out_dir={mae}", "train.steps=1", *TINY,
-                 "mae.decoder_depth=1", "mae.decoder_dim=64", "mae.decoder_heads=2"]) == 0
+def test_an_mae_run_cannot_teach(mae_run, train_shards, tmp_path, capsys):
     assert main(["pretrain", "--recipe", RECIPE, f"data.train={train_shards}", f"train.out_dir={tmp_path / 's'}",
-                 "train.steps=1", *TINY, *STUDENT, f"supervised.distill.teacher={mae}"]) == 2
+                 "train.steps=1", *TINY, *STUDENT, f"supervised.distill.teacher={mae_run}"]) == 2
     assert "is a mae run, which trains no classifier" in capsys.readouterr().err
 
 
@@ -142,7 +155,7 @@ def test_two_process_distillation(teacher_run, train_shards, tmp_path):
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ssl_vit.train",
            "--recipe", RECIPE, f"data.train={train_shards}", f"train.out_dir={out}", "train.steps=3", *TINY,
-           *STUDENT, f"supervised.distill.teacher={teacher_run}"]
+           *PLAIN, f"supervised.distill.teacher={teacher_run}"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -153,8 +166,7 @@ def test_two_process_distillation(teacher_run, train_shards, tmp_path):
 
 
 def test_a_student_can_start_from_a_pretrained_backbone(teacher_run, tmp_path):
-    """model.init into a student with two heads (class and distillation): only the heads stay as they were; a plain
-    ViT (no distillation token) is another architecture, named in one line."""
+    """model.init into a student with two heads (class and distillation): only the heads stay as they were."""
     recipe = load_recipe(RECIPE, [*TINY, *STUDENT, "train.steps=1", f"supervised.distill.teacher={teacher_run}"])
     spec = backbone_spec(recipe)
     export = export_backbone(create_backbone(spec), spec, tmp_path / "student" / "backbone.safetensors")
@@ -163,7 +175,54 @@ def test_a_student_can_start_from_a_pretrained_backbone(teacher_run, tmp_path):
     pretrained, state = load_file(str(export)), method.encoder.state_dict()
     assert all(torch.equal(state[k], v) for k, v in pretrained.items())
     assert sorted(set(state) - set(pretrained)) == ["head.bias", "head.weight", "head_dist.bias", "head_dist.weight"]
-    with pytest.raises(SslVitError, match="model.init: .* is a VisionTransformer, 64-wide, 2 blocks; the recipe "
-                                          "builds a VisionTransformerDistilled, 64-wide, 2 blocks"):
-        method_from_recipe(load_recipe(RECIPE, [*TINY, *STUDENT, "train.steps=1", f"model.init={teacher_run}",
+
+
+@pytest.mark.parametrize("student,init", [(PLAIN, "mae"), (STUDENT, "teacher")], ids=["plain_vit", "deit"])
+def test_a_plain_vit_run_moves_into_the_student(student, init, mae_run, teacher_run):
+    """A plain ViT (our MAE run, or a supervised run) loaded into a DeiT student: every block, the patch embedding and
+    the norms carry its weights; the distillation token and its position start as the CLS token's."""
+    source = {"mae": mae_run, "teacher": teacher_run}[init]
+    vit, _ = load_backbone(source)
+    assert type(vit).__name__ == "VisionTransformer"
+    method = method_from_recipe(load_recipe(RECIPE, [*TINY, *student, "train.steps=1", f"model.init={source}",
+                                                     f"supervised.distill.teacher={teacher_run}"]), num_classes=10)
+    state, plain = method.encoder.state_dict(), vit.state_dict()
+    assert type(method.encoder).__name__ == "VisionTransformerDistilled"
+    assert all(torch.equal(state[k], v) for k, v in plain.items() if k != "pos_embed")
+    assert torch.equal(state["blocks.1.mlp.fc2.weight"], plain["blocks.1.mlp.fc2.weight"])
+    pos = state["pos_embed"]  # [1, 2 + L, D]: cls, dist, patches
+    assert torch.equal(pos[:, :1], plain["pos_embed"][:, :1]) and torch.equal(pos[:, 1:2], plain["pos_embed"][:, :1])
+    assert torch.equal(pos[:, 2:], plain["pos_embed"][:, 1:])
+    assert torch.equal(state["dist_token"], plain["cls_token"])
+
+
+def test_a_plain_vit_student_trains_distilled_through_the_cli(mae_run, teacher_run, train_shards, tmp_path):
+    """`ssl-vit pretrain` of the recipe's plain ViT from our MAE run with a teacher: a DeiT student is trained (the
+    two tokens part), exported as timm's distilled class (rebuilt by plain timm), evaluated on the heads' mean."""
+    out = tmp_path / "student"
+    assert main(["pretrain", "--recipe", RECIPE, f"data.train={train_shards}", f"train.out_dir={out}",
+                 "train.steps=3", *TINY, *PLAIN, f"model.init={mae_run}",
+                 f"supervised.distill.teacher={teacher_run}"]) == 0
+    assert all("teacher_agreement" in json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
+    student, meta = load_backbone(out)
+    assert type(student).__name__ == "VisionTransformerDistilled" and meta["model_name"] == \
+        "deit_tiny_distilled_patch16_224" and meta["create_kwargs"]["depth"] == 2 and meta["patch_size"] == 4
+    assert not torch.equal(student.dist_token, student.cls_token)  # the copies parted under different targets
+    method, _ = load_method(out)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        tokens = method.encoder.forward_features(images)
+        heads = (method.encoder.head(tokens[:, 0]) + method.encoder.head_dist(tokens[:, 1])) / 2
+        torch.testing.assert_close(method.encoder(images), heads)
+    torch.testing.assert_close(pooled_features(student, images), (tokens[:, 0] + tokens[:, 1]) / 2)
+
+
+def test_a_swin_cannot_become_a_student(teacher_run, tmp_path):
+    """A Swin has no CLS token for a distillation token to sit beside: as model.init of a ViT student, one line."""
+    swin_recipe = load_recipe(RECIPE, [*TINY, *SWIN, "train.steps=1"])
+    spec = backbone_spec(swin_recipe)
+    swin = export_backbone(create_backbone(spec), spec, tmp_path / "swin" / "backbone.safetensors")
+    with pytest.raises(SslVitError, match="^model.init: a distillation token sits beside a plain ViT's CLS token; "
+                                          "'swin_tiny_patch4_window7_224' \\(swin\\) has no such layout"):
+        method_from_recipe(load_recipe(RECIPE, [*TINY, *PLAIN, "train.steps=1", f"model.init={swin}",
                                                 f"supervised.distill.teacher={teacher_run}"]), num_classes=10)

@@ -1,5 +1,6 @@
 """DeiT-style distillation (Touvron et al. 2021, Sec. 4): a student ViT with a distillation token (timm's
-`deit_*_distilled_*` family) learns the labels through its class token and a frozen teacher classifier's outputs
+`deit_*_distilled_*` family, or the recipe's plain `vit_*` given one: ssl_vit/models/distilled.py, its pretrained
+weights moved in by `model.init`) learns the labels through its class token and a frozen teacher classifier's outputs
 through its distillation token; evaluation and export use the average of the two heads, as DeiT does (timm's
 `VisionTransformerDistilled` averages them outside training).
 
@@ -14,7 +15,8 @@ from ssl_vit.losses.classification import top1_accuracy
 from ssl_vit.losses.distill import hard_distillation_loss, soft_distillation_loss
 from ssl_vit.methods.base import BuildContext
 from ssl_vit.methods.supervised import Supervised
-from ssl_vit.models.backbone import BackboneSpec
+from ssl_vit.models.backbone import BackboneSpec, create_backbone
+from ssl_vit.models.distilled import distilled_spec
 
 
 class DistilledSupervised(Supervised):
@@ -23,13 +25,13 @@ class DistilledSupervised(Supervised):
     def __init__(self, backbone: BackboneSpec, num_classes: int, settings, teacher: nn.Module,
                  layer_decay: float = 1.0):
         super().__init__(backbone, num_classes, settings, layer_decay=layer_decay)
-        if getattr(self.encoder, "dist_token", None) is None:
-            raise SslVitError(f"model.name: distillation trains a student with a distillation token; {backbone.name!r}"
-                              " has none (use timm's deit_*_distilled_* family, e.g. deit_small_distilled_patch16_224)")
         self.encoder.set_distilled_training(True)
         distill = settings.distill
         self.kind, self.tau, self.alpha = distill.kind, distill.tau, distill.alpha
         self.teacher = teacher.eval().requires_grad_(False)
+
+    def _create_encoder(self, backbone: BackboneSpec, num_classes: int):
+        return create_backbone(distilled_spec(backbone), num_classes=num_classes)  # a plain ViT given the token
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -56,6 +58,12 @@ class DistilledSupervised(Supervised):
         mean = (cls_logits + dist_logits) / 2
         return {"loss": loss, "acc": top1_accuracy(mean, labels),
                 "teacher_agreement": top1_accuracy(dist_logits, teacher_logits.argmax(dim=-1))}
+
+
+def student_backbone(recipe, spec: BackboneSpec) -> BackboneSpec:
+    """The backbone the `supervised` method trains (and exports): with a teacher, the recipe's ViT with a
+    distillation token."""
+    return distilled_spec(spec) if recipe.supervised.distill.teacher else spec
 
 
 def build_supervised(recipe, spec: BackboneSpec, context: BuildContext) -> Supervised:

@@ -9,7 +9,7 @@ from ssl_vit.errors import SslVitError
 from ssl_vit.method_settings import DINOConfig, MAEConfig, MethodSettings, SupervisedConfig
 from ssl_vit.methods.base import BuildContext, Method
 from ssl_vit.methods.dino import DINO
-from ssl_vit.methods.distill import build_supervised
+from ssl_vit.methods.distill import build_supervised, student_backbone
 from ssl_vit.methods.mae import MAE
 from ssl_vit.models.backbone import BackboneSpec
 
@@ -18,6 +18,8 @@ from ssl_vit.models.backbone import BackboneSpec
 class MethodEntry:
     settings: type[MethodSettings]                                 # its recipe section (recipe.<name>)
     build: Callable[[Recipe, BackboneSpec, BuildContext], Method]  # a freshly initialised method
+    # the backbone it trains and exports, from the recipe's (a distilled student: the ViT with a distillation token)
+    backbone: Callable[[Recipe, BackboneSpec], BackboneSpec] = lambda recipe, spec: spec
 
     @property
     def needs_labels(self) -> bool:
@@ -31,7 +33,7 @@ class MethodEntry:
 REGISTRY: dict[str, MethodEntry] = {
     "mae": MethodEntry(MAEConfig, MAE.from_recipe),
     "dino": MethodEntry(DINOConfig, DINO.from_recipe),
-    "supervised": MethodEntry(SupervisedConfig, build_supervised),
+    "supervised": MethodEntry(SupervisedConfig, build_supervised, student_backbone),
 }
 assert tuple(REGISTRY) == METHODS, f"the registry {tuple(REGISTRY)} and the recipe's sections {METHODS} differ"
 
@@ -46,8 +48,9 @@ def backbone_spec(recipe: Recipe) -> BackboneSpec:
     m = recipe.model
     overrides = {k: v for k, v in dict(depth=m.depth, embed_dim=m.embed_dim, num_heads=m.num_heads).items() if v}
     overrides.update(m.kwargs)
-    return BackboneSpec(name=m.name, img_size=m.img_size, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate,
+    spec = BackboneSpec(name=m.name, img_size=m.img_size, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate,
                         dynamic_img_size=method_settings(recipe).multi_size_views, kwargs=overrides)
+    return method_entry(recipe.method).backbone(recipe, spec)
 
 
 def build_method(recipe: Recipe, num_classes: int = 0, num_global_views: int = 2,
