@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 
 from ssl_vit.cli import main
 from ssl_vit.config import load_recipe
@@ -21,7 +22,8 @@ from ssl_vit.errors import SslVitError
 from ssl_vit.eval.features import pooled_features
 from ssl_vit.methods import backbone_spec
 from ssl_vit.methods.distill import DistilledSupervised
-from ssl_vit.models.backbone import create_backbone
+from ssl_vit.models.backbone import BackboneSpec, create_backbone
+from ssl_vit.models.distilled import distilled_spec
 from ssl_vit.models.export import export_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,3 +228,21 @@ def test_a_swin_cannot_become_a_student(teacher_run, tmp_path):
                                           "'swin_tiny_patch4_window7_224' \\(swin\\) has no such layout"):
         method_from_recipe(load_recipe(RECIPE, [*TINY, *PLAIN, "train.steps=1", f"model.init={swin}",
                                                 f"supervised.distill.teacher={teacher_run}"]), num_classes=10)
+
+
+def test_a_vit_at_another_size_is_resampled_past_both_prefix_tokens(teacher_run, tmp_path):
+    """timm's ViT-Ti (224 px, 16-px patches, 14×14 positions) into a ViT-Ti-sized student at 32 px on 4-px patches:
+    the grid is resampled by timm's helper with the CLS and distillation positions kept, and a ViT of DeiT-S's size
+    is named as timm names DeiT-S."""
+    vit, _ = load_backbone("timm-random:vit_tiny_patch16_224")
+    export = export_backbone(vit, BackboneSpec("vit_tiny_patch16_224"), tmp_path / "vit" / "backbone.safetensors")
+    method = method_from_recipe(load_recipe(RECIPE, [*TINY, *PLAIN, "model.depth=12", "model.embed_dim=192",
+                                                     "model.num_heads=3", "train.steps=1", f"model.init={export}",
+                                                     f"supervised.distill.teacher={teacher_run}"]), num_classes=10)
+    pos, plain = method.encoder.state_dict()["pos_embed"], vit.state_dict()["pos_embed"]  # [1, 2 + 64, D], [1, 197, D]
+    assert pos.shape == (1, 66, 192)
+    assert torch.equal(pos[:, 0], plain[:, 0]) and torch.equal(pos[:, 1], plain[:, 0])
+    torch.testing.assert_close(pos[:, 2:], resample_abs_pos_embed(plain, [8, 8], num_prefix_tokens=1)[:, 1:])
+    key = "blocks.11.attn.qkv.weight"
+    assert torch.equal(method.encoder.state_dict()[key], vit.state_dict()[key])
+    assert distilled_spec(BackboneSpec("vit_small_patch16_224")).name == "deit_small_distilled_patch16_224"
