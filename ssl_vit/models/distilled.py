@@ -77,11 +77,19 @@ def check_token_layout(vit: nn.Module, name: str, key: str) -> None:
     patches' (the layout `VisionTransformerDistilled` extends; a Swin, a hybrid's stem, register tokens, DeiT-III's
     separate class embedding or a pooled head are not)."""
     family = backbone_family(name) if timm.is_model(str(name).split(".")[0]) else type(vit).__name__
-    plain = family == "vit" and getattr(vit, "cls_token", None) is not None and \
-        getattr(vit, "num_prefix_tokens", 0) == 1 and not vit.no_embed_class and vit.global_pool == "token"
-    if not plain:
-        raise SslVitError(f"{key}: a distillation token sits beside a plain ViT's CLS token; {name!r} ({family}) "
-                          "has no such layout (use a vit_* or deit_* with one CLS token, or deit_*_distilled_*)")
+    if family != "vit":
+        why = f"is a {family}"
+    elif getattr(vit, "cls_token", None) is None:
+        why = "has no CLS token"
+    elif vit.num_prefix_tokens != 1:
+        why = f"has {vit.num_prefix_tokens} prefix tokens (register tokens)"
+    elif vit.no_embed_class or vit.global_pool != "token":
+        why = "keeps its CLS token out of the position embedding" if vit.no_embed_class else \
+            f"pools its tokens ({vit.global_pool!r}) instead of reading the CLS token"
+    else:
+        return
+    raise SslVitError(f"{key}: a distillation token sits beside a plain ViT's CLS token; {name!r} {why} (use a "
+                      "vit_* or deit_* with one CLS token, or deit_*_distilled_*)")
 
 
 @lru_cache(maxsize=None)
