@@ -175,6 +175,15 @@ def test_bad_inputs_get_their_4xx_and_the_server_keeps_answering(served, test_sh
     assert {p.name: p.stat().st_mtime_ns for p in (root / "ix").iterdir()} == before  # nothing written there
 
 
+def test_a_raw_image_body_searches_as_the_multipart_upload_does(served, test_shards):
+    _, url = served
+    data, key = stored_sample(test_shards, 7)
+    status, _, raw = request(url, "POST", "/search?k=3", data, {"Content-Type": "image/jpeg"})
+    assert status == 200, raw
+    assert json.loads(raw)["results"] == search(url, data, k=3)[1]["results"]
+    assert json.loads(raw)["results"][0]["key"] == key
+
+
 def test_thumbnails_are_re_encoded_from_one_ranged_read(served, test_shards):
     _, url = served
     member, key = stored_sample(test_shards, 2)
@@ -187,15 +196,19 @@ def test_thumbnails_are_re_encoded_from_one_ranged_read(served, test_shards):
 
 def test_concurrent_uploads_share_embedding_batches(served, test_shards):
     _, url = served
-    samples = [stored_sample(test_shards, i) for i in range(10, 26)]
+    samples = [(data, key, 1 + 3 * (i % 2)) for i, (data, key) in enumerate(stored_sample(test_shards, i)
+                                                                             for i in range(10, 26))]
     status, before, _ = request(url, "GET", "/stats")
     before = json.loads(_)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda s: search(url, s[0], k=1), samples))
-    assert [body["results"][0]["key"] for _, body in answers] == [key for _, key in samples]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # k = 1 and 4 mixed within the shared batches
+        answers = list(pool.map(lambda s: search(url, s[0], k=s[2]), samples))
+    assert [body["results"][0]["key"] for _, body in answers] == [key for _, key, _ in samples]
+    assert [len(body["results"]) for _, body in answers] == [k for *_, k in samples]
     stats = json.loads(request(url, "GET", "/stats")[2])
     batches = stats["embed_batches"] - before["embed_batches"]
     assert stats["queries_served"] - before["queries_served"] == 16
+    alone = [search(url, data, k=k)[1]["results"] for data, _, k in samples[:4]]  # each searched by itself
+    assert [[r["key"] for r in body["results"]] for _, body in answers[:4]] == [[r["key"] for r in a] for a in alone]
     assert batches < 16  # at least two uploads shared one forward pass (100 ms window)
     assert stats["index"] == {"kind": "flat", "size": 1000, "dim": 64, "metric": "cosine", "params": {}}
     assert stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"]

@@ -109,13 +109,12 @@ def create_app(engine: SearchEngine, max_upload_bytes: int) -> FastAPI:
         """Nearest images of an uploaded image (multipart field `image`, or the raw body) or of an indexed key."""
         started = time.perf_counter()
         if key is not None:
-            query, vector = {"key": key}, await engine.vector_of_key(key)
+            query, results = {"key": key}, await engine.search_key(key, k, nprobe, ef_search)
         else:
             data = await upload_bytes(request)
-            query, vector = {"upload_bytes": len(data)}, await engine.vector_of_upload(data)
-        results = await engine.search(vector, k, nprobe=nprobe, ef_search=ef_search)
+            query, results = {"upload_bytes": len(data)}, await engine.search_upload(data, k, nprobe, ef_search)
         engine.record(time.perf_counter() - started)
-        return {"query": query, "k": k, "results": results}
+        return JSONResponse({"query": query, "k": k, "results": results})  # plain JSON types: no encoder pass
 
     @app.get("/images/{key:path}")
     async def image(key: str):

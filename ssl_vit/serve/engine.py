@@ -67,31 +67,35 @@ def thumbnail_jpeg(data: bytes, key: str, size: int = THUMB_PX) -> bytes:
 
 
 class MicroBatcher:
-    """Calls `fn(items) -> results` once for the items submitted within `window_s` of the first (or as soon as
-    `max_batch` are waiting), in `executor`: concurrent requests share one forward pass."""
+    """Calls `fn(items) -> results` in `executor`, one batch at a time. An item that finds the batcher idle waits
+    up to `window_s` for others (or until `max_batch` are waiting); items that arrive while a batch runs go into
+    the next one, which starts as soon as that batch ends: under load, batches grow to what arrived during one
+    forward pass (up to `max_batch`), not to what arrived within the window."""
 
     def __init__(self, fn, window_s: float, max_batch: int, executor):
         self.fn, self.window_s, self.max_batch, self.executor = fn, window_s, max_batch, executor
-        self.pending, self.timer, self.batches, self.items = [], None, 0, 0
+        self.pending, self.timer, self.running, self.batches, self.items = [], None, False, 0, 0
 
     async def submit(self, item):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.pending.append((item, future))
-        if len(self.pending) >= self.max_batch:
-            self._flush()
-        elif self.timer is None:
-            self.timer = loop.call_later(self.window_s, self._flush)
+        if not self.running:
+            if len(self.pending) >= self.max_batch:
+                self._start()
+            elif self.timer is None:
+                self.timer = loop.call_later(self.window_s, self._start)
         return await future
 
-    def _flush(self) -> None:
+    def _start(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        batch, self.pending = self.pending, []
-        if batch:
-            self.batches, self.items = self.batches + 1, self.items + len(batch)
-            asyncio.get_running_loop().create_task(self._run(batch))
+        if self.running or not self.pending:
+            return
+        batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
+        self.running, self.batches, self.items = True, self.batches + 1, self.items + len(batch)
+        asyncio.get_running_loop().create_task(self._run(batch))
 
     async def _run(self, batch) -> None:
         try:
@@ -102,6 +106,9 @@ class MicroBatcher:
                 if not future.done():
                     future.set_exception(e)
             return
+        finally:
+            self.running = False
+            self._start()  # what queued meanwhile has waited one forward pass already: no window for it
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
@@ -126,38 +133,58 @@ class SearchEngine:
         self.max_pixels, self.classes = max_pixels, self.index.source.get("classes")
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="search")
         self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="embed")  # torch uses its own threads inside
-        self.batcher = MicroBatcher(self._embed_batch, window_ms / 1000, max_batch, self.embed_pool)
+        self.batcher = MicroBatcher(self._embed_and_search, window_ms / 1000, max_batch, self.embed_pool)
         self.latencies = collections.deque(maxlen=LATENCY_WINDOW)
         self.served, self.started = 0, time.time()
 
-    def _embed_batch(self, images: list) -> list:
-        return list(self.embed(images))  # [B] rows of [D]
+    def _embed_and_search(self, queries: list) -> list:
+        """[(scores [k], ids [k])] of [(image, k, nprobe, ef_search)]: one forward pass for the batch, then one FAISS
+        search per group of equal search arguments (the in-process batched loop's work; a group's answers equal
+        each query's own search: k and the parameters are never widened to another query's)."""
+        vectors = self.embed([image for image, *_ in queries])  # [B, D]
+        groups = collections.defaultdict(list)
+        for row, (_, *arguments) in enumerate(queries):
+            groups[tuple(arguments)].append(row)
+        answers = [None] * len(queries)
+        for (k, nprobe, ef_search), rows in groups.items():
+            scores, ids = self.index.search(vectors[rows], k, nprobe=nprobe, ef_search=ef_search)
+            for position, row in enumerate(rows):
+                answers[row] = scores[position], ids[position]
+        return answers
 
-    async def vector_of_upload(self, data: bytes) -> np.ndarray:
-        if self.embed is None:
-            raise SslVitError(f"index {self.index_dir} records no backbone: only key queries are possible")
-        loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(self.pool, decode_upload, data, self.max_pixels)
-        return await self.batcher.submit(image)
-
-    async def vector_of_key(self, key: str) -> np.ndarray:
-        if not self.caches:
-            raise SslVitError(f"index {self.index_dir} does not record its feature caches: no key queries")
-        if self.index.find([key])[0] < 0:
-            raise UnknownKey(f"no image with key {key!r} in this index")
-        loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self.pool, lookup_vectors, self.opened, [key], self.caches)
-        return rows[0]
-
-    async def search(self, vector: np.ndarray, k: int, nprobe=None, ef_search=None) -> list:
-        """[{"key", "score", "label", "class", "image"}] best first."""
+    def _check_k(self, k: int) -> None:
         if k > len(self.index):
             raise SslVitError(f"k={k} is more than the {len(self.index)} indexed images")
+
+    async def search_upload(self, data: bytes, k: int, nprobe=None, ef_search=None) -> list:
+        """The results (see `results`) of an uploaded image: decoded in the pool, embedded and searched in a batch
+        with the uploads that arrive at the same time."""
+        if self.embed is None:
+            raise SslVitError(f"index {self.index_dir} records no backbone: only key queries are possible")
+        self._check_k(k)
         loop = asyncio.get_running_loop()
-        scores, ids = await loop.run_in_executor(self.pool, lambda: self.index.search(vector[None], k, nprobe=nprobe,
-                                                                                     ef_search=ef_search))
+        image = await loop.run_in_executor(self.pool, decode_upload, data, self.max_pixels)
+        return self.results(*await self.batcher.submit((image, k, nprobe, ef_search)))
+
+    async def search_key(self, key: str, k: int, nprobe=None, ef_search=None) -> list:
+        """The results of an indexed key: its cached vector read and searched in the pool."""
+        if not self.caches:
+            raise SslVitError(f"index {self.index_dir} does not record its feature caches: no key queries")
+        self._check_k(k)
+        if self.index.find([key])[0] < 0:
+            raise UnknownKey(f"no image with key {key!r} in this index")
+
+        def lookup_and_search():
+            vectors = lookup_vectors(self.opened, [key], self.caches)
+            scores, ids = self.index.search(vectors, k, nprobe=nprobe, ef_search=ef_search)
+            return scores[0], ids[0]
+
+        return self.results(*await asyncio.get_running_loop().run_in_executor(self.pool, lookup_and_search))
+
+    def results(self, scores: np.ndarray, ids: np.ndarray) -> list:
+        """[{"key", "score", "label", "class", "image"}] best first."""
         results = []
-        for score, (key, label) in zip(scores[0].tolist(), self.index.lookup(ids[0])):
+        for score, (key, label) in zip(scores.tolist(), self.index.lookup(ids)):
             if key is not None:
                 name = self.classes[label] if self.classes and label is not None and label < len(self.classes) \
                     else None
