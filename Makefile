@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ssl-vit compare --recipe recipes/compare_cifar10_subset.yaml
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -94,7 +94,8 @@ def test_device_path_trains_with_counted_skips_and_cmyk_decoded_in_the_worker(de
     assert sum(steps) == 8 * 16 - last["skipped_samples"]  # a skipped sample leaves its batch one short
     stream_state = json.loads(next((out / "checkpoints").glob("ckpt-*/stream-rank0.json")).read_text())
     assert stream_state["skip_counts"][1] == last["skipped_samples"]
-    assert json.loads((out / "summary.json").read_text())["steps"] == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["images_seen"] == sum(steps)  # images trained on, not steps x batch
 
 
 def loader_over(path: str, batch: int, fraction: float, workers: int = 0) -> StreamLoader:

@@ -187,7 +187,8 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / accum
         self.method.before_optimizer_step(self.step, sched)
         totals["grad_norm"] = self._grad_norm()
-        problem = self._agreed_problem(totals["loss"], totals["grad_norm"])
+        images = sum(len(batch["key"]) for batch in batches)  # short of the batch where the device path dropped one
+        problem, totals["images"] = self._agreed_problem(totals["loss"], totals["grad_norm"], images)
         if problem is None:
             self.optimizer.step()
             self.method.on_step_end(self.step, sched)
@@ -200,14 +201,16 @@ class Trainer:
         clip = self.recipe.optim.clip_grad
         return float(self.acc.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf))
 
-    def _agreed_problem(self, loss: float, grad_norm: float) -> str | None:
-        """What is not finite on any process ("loss", "gradient norm" or None), the same answer on every process (one
-        all-reduce), so that all skip or stop together. Under fp16 an overflowing gradient is the GradScaler's
-        business: it skips that update itself and lowers its scale."""
+    def _agreed_problem(self, loss: float, grad_norm: float, images: int) -> tuple[str | None, int]:
+        """(what is not finite on any process: "loss", "gradient norm" or None; the images this step trained on over
+        every process), the same answer on every process (one all-reduce), so that all skip or stop together. Under
+        fp16 an overflowing gradient is the GradScaler's business: it skips that update itself and lowers its
+        scale."""
         grads_ok = math.isfinite(grad_norm) or self.acc.scaler is not None
-        flags = torch.tensor([float(math.isfinite(loss)), float(grads_ok)], device=self.acc.device)
-        loss_ok, grads_ok = (self.acc.reduce(flags, reduction="sum") == self.acc.num_processes).tolist()
-        return None if loss_ok and grads_ok else "loss" if not loss_ok else "gradient norm"
+        flags = torch.tensor([float(math.isfinite(loss)), float(grads_ok), float(images)], device=self.acc.device)
+        loss_ok, grads_ok, images = self.acc.reduce(flags, reduction="sum").tolist()
+        loss_ok, grads_ok = loss_ok == self.acc.num_processes, grads_ok == self.acc.num_processes
+        return (None if loss_ok and grads_ok else "loss" if not loss_ok else "gradient norm"), int(images)
 
     def _handle_nonfinite(self, problem: str, logs: dict, last_ckpt: Path | None) -> None:
         what = f"non-finite {problem} (loss {logs['loss']}, gradient norm {logs['grad_norm']})"
@@ -260,7 +263,7 @@ class Trainer:
                     self._handle_nonfinite(problem, logs, last_ckpt)
                 dt, t_data = timer.stop()
                 self.step += 1
-                self.images_seen += r.data.batch_size
+                self.images_seen += logs.pop("images")
                 self.train_seconds += dt
                 ips = r.data.batch_size / dt
                 log.step(logs["loss"], ips)
