@@ -41,7 +41,9 @@ def test_items_queued_during_a_batch_run_next_without_the_window_and_batches_nev
     async def scenario():
         work, pool = GatedWork(), ThreadPoolExecutor(2)  # two threads: overlapping batches would be possible
         batcher = MicroBatcher(work, window_s=30.0, max_batch=2, executor=pool)
-        first = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]  # max_batch reached: runs at once
+        batcher.expect()
+        batcher.expect()
+        first = [asyncio.ensure_future(batcher.submit(i, expected=True)) for i in (1, 2)]  # max_batch: runs now
         await wait_for(lambda: len(work.batches) == 1)
         queued = [asyncio.ensure_future(batcher.submit(i)) for i in (3, 4, 5)]  # arrive while [1, 2] runs
         await asyncio.sleep(0.05)
@@ -59,20 +61,30 @@ def test_items_queued_during_a_batch_run_next_without_the_window_and_batches_nev
     assert seconds < 5  # the 30 s window never held the queued items back
 
 
-def test_an_idle_batcher_waits_the_window_for_company():
+def test_an_idle_batcher_waits_for_expected_items_and_never_for_company_that_is_not_coming():
     async def scenario():
         work, pool = GatedWork(), ThreadPoolExecutor(1)
         work.release.set()
-        batcher = MicroBatcher(work, window_s=0.2, max_batch=8, executor=pool)
-        first = asyncio.ensure_future(batcher.submit(1))
+        batcher = MicroBatcher(work, window_s=30.0, max_batch=8, executor=pool)
+        started = time.monotonic()
+        alone = await asyncio.wait_for(batcher.submit(1), 10)  # nothing on its way: no 30 s window
+        lone_seconds = time.monotonic() - started
+        batcher.expect()  # 3 is being decoded
+        batcher.expect()  # and so is one that will fail
+        first = asyncio.ensure_future(batcher.submit(2))
         await asyncio.sleep(0.05)
-        second = asyncio.ensure_future(batcher.submit(2))  # within the window: same batch
-        results = await asyncio.gather(first, second)
+        assert len(work.batches) == 1  # 2 waits for the expected ones
+        second = asyncio.ensure_future(batcher.submit(3, expected=True))
+        await asyncio.sleep(0.05)
+        assert len(work.batches) == 1  # one is still on its way
+        batcher.withdraw()  # it failed: 2 and 3 go now
+        results = await asyncio.wait_for(asyncio.gather(first, second), 10)
         pool.shutdown()
-        return work, results
+        return work, alone, lone_seconds, results
 
-    work, results = asyncio.run(scenario())
-    assert results == [10, 20] and work.batches == [[1, 2]]
+    work, alone, lone_seconds, results = asyncio.run(scenario())
+    assert alone == 10 and lone_seconds < 5
+    assert results == [20, 30] and work.batches == [[1], [2, 3]]
 
 
 def test_an_error_reaches_each_request_of_its_batch_and_the_next_batch_still_runs():
@@ -80,7 +92,9 @@ def test_an_error_reaches_each_request_of_its_batch_and_the_next_batch_still_run
         work, pool = GatedWork(), ThreadPoolExecutor(1)
         work.release.set()
         batcher = MicroBatcher(work, window_s=0.01, max_batch=2, executor=pool)
-        failing = await asyncio.gather(batcher.submit("bad"), batcher.submit(3), return_exceptions=True)
+        batcher.expect()
+        failing = await asyncio.gather(batcher.submit("bad"), batcher.submit(3, expected=True),
+                                       return_exceptions=True)
         after = await batcher.submit(4)
         pool.shutdown()
         return failing, after

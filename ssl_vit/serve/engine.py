@@ -67,25 +67,41 @@ def thumbnail_jpeg(data: bytes, key: str, size: int = THUMB_PX) -> bytes:
 
 
 class MicroBatcher:
-    """Calls `fn(items) -> results` in `executor`, one batch at a time. An item that finds the batcher idle waits
-    up to `window_s` for others (or until `max_batch` are waiting); items that arrive while a batch runs go into
-    the next one, which starts as soon as that batch ends: under load, batches grow to what arrived during one
-    forward pass (up to `max_batch`), not to what arrived within the window."""
+    """Calls `fn(items) -> results` in `executor`, one batch at a time. An item that finds the batcher idle starts a
+    batch at once unless other items are on their way (`expect`: being read or decoded); then it waits for them up
+    to `window_s` (or until `max_batch` are waiting). Items that arrive while a batch runs go into the next one,
+    which starts as soon as that batch ends: under load, batches grow to what arrived during one forward pass (up to
+    `max_batch`), not to what arrived within the window; a lone request never waits for company that is not
+    coming."""
 
     def __init__(self, fn, window_s: float, max_batch: int, executor):
         self.fn, self.window_s, self.max_batch, self.executor = fn, window_s, max_batch, executor
-        self.pending, self.timer, self.running, self.batches, self.items = [], None, False, 0, 0
+        self.pending, self.timer, self.running, self.coming, self.batches, self.items = [], None, False, 0, 0, 0
 
-    async def submit(self, item):
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+    def expect(self) -> None:
+        """One more item is on its way: an idle batcher holds its pending items for it, up to the window."""
+        self.coming += 1
+
+    def withdraw(self) -> None:
+        """An expected item will not come (its preparation failed)."""
+        self.coming -= 1
+        self._consider()
+
+    async def submit(self, item, expected: bool = False):
+        """The result of `item`; `expected`: it was announced with `expect`."""
+        self.coming -= expected
+        future = asyncio.get_running_loop().create_future()
         self.pending.append((item, future))
-        if not self.running:
-            if len(self.pending) >= self.max_batch:
-                self._start()
-            elif self.timer is None:
-                self.timer = loop.call_later(self.window_s, self._start)
+        self._consider()
         return await future
+
+    def _consider(self) -> None:
+        if self.running or not self.pending:
+            return
+        if len(self.pending) >= self.max_batch or self.coming <= 0:
+            self._start()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.window_s, self._start)
 
     def _start(self) -> None:
         if self.timer is not None:
@@ -162,9 +178,13 @@ class SearchEngine:
         if self.embed is None:
             raise SslVitError(f"index {self.index_dir} records no backbone: only key queries are possible")
         self._check_k(k)
-        loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(self.pool, decode_upload, data, self.max_pixels)
-        return self.results(*await self.batcher.submit((image, k, nprobe, ef_search)))
+        self.batcher.expect()
+        try:
+            image = await asyncio.get_running_loop().run_in_executor(self.pool, decode_upload, data, self.max_pixels)
+        except BaseException:  # a bad image, or the client went away
+            self.batcher.withdraw()
+            raise
+        return self.results(*await self.batcher.submit((image, k, nprobe, ef_search), expected=True))
 
     async def search_key(self, key: str, k: int, nprobe=None, ef_search=None) -> list:
         """The results of an indexed key: its cached vector read and searched in the pool."""
