@@ -28,7 +28,8 @@ def test_bench_serve_reports_served_over_in_process():
         for level in ("concurrency=1", "concurrency=2"):
             for kind in ("upload", "key"):
                 row = size["served_best"][level][kind]
-                assert row["requests"] == 6 and 0 < row["p50_ms"] <= row["p99_ms"] and row["cpu_ms_per_query"] > 0
+                assert row["requests"] == 6 and 0 < row["p50_ms"] <= row["p99_ms"]
+                assert row["cpu_ms_per_query"] >= 0  # in clock ticks: 0 for a few quick queries
         for name in ("ratio_upload_top_concurrency_over_in_process_batched",
                      "ratio_upload_concurrency_1_over_in_process_one_at_a_time",
                      "ratio_key_top_concurrency_over_in_process"):
