@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger request bodies are refused (413)")
     p.add_argument("--max-megapixels", type=float, default=40.0, help="larger images are refused (413)")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="embedding requests arriving within this window share one forward pass")
+                   help="an upload that finds the embedder idle waits up to this long for uploads still being "
+                        "decoded, to share one forward pass (under load, batches form while the previous one runs)")
     p.add_argument("--max-batch", type=int, default=32, help="largest embedding batch")
     p.add_argument("--threads", type=int, default=4, help="threads for FAISS searches and image reads")
     p.set_defaults(func=run)
