@@ -187,7 +187,7 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / accum
         self.method.before_optimizer_step(self.step, sched)
         totals["grad_norm"] = self._grad_norm()
-        images = sum(len(batch["key"]) for batch in batches)  # short of the batch where the device path dropped one
+        images = sum(len(batch["views"][0]) for batch in batches)  # short where the device path dropped one
         problem, totals["images"] = self._agreed_problem(totals["loss"], totals["grad_norm"], images)
         if problem is None:
             self.optimizer.step()
