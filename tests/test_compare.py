@@ -24,6 +24,7 @@ def compare_args(out, train, test, *extra):
     overrides = "[" + ", ".join(TINY) + "]"
     return ["compare", "--recipe", RECIPE, f"out_dir={out}", f"source.train={train}", f"source.test={test}",
             f"overrides={overrides}", "budget.images=256", "budget.batch_size=64", "eval.probe_epochs=3",
+            "eval.probe_lrs=[0.01, 0.1]",  # a grid still to choose from, a third of the default's fits
             "eval.finetune=true", "eval.finetune_images=128", "eval.batch_size=250", *extra]
 
 
