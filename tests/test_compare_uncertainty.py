@@ -187,4 +187,4 @@ def test_thorough_and_budget_flags_expand_to_recipe_keys():
 
     assert cfg().eval.seeds == 1 and cfg(thorough=True).eval.seeds == 3
     assert cfg(thorough=True, overrides=["eval.seeds=2"]).eval.seeds == 2  # the explicit key wins
-    assert cfg(budget="long").budget.images == 100000
+    assert cfg(budget="long").budget.images == 300000
