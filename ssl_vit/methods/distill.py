@@ -15,7 +15,7 @@ from ssl_vit.losses.classification import top1_accuracy
 from ssl_vit.losses.distill import hard_distillation_loss, soft_distillation_loss
 from ssl_vit.methods.base import BuildContext
 from ssl_vit.methods.supervised import Supervised
-from ssl_vit.models.backbone import BackboneSpec, create_backbone
+from ssl_vit.models.backbone import BackboneSpec
 from ssl_vit.models.distilled import distilled_spec
 
 
@@ -29,9 +29,6 @@ class DistilledSupervised(Supervised):
         distill = settings.distill
         self.kind, self.tau, self.alpha = distill.kind, distill.tau, distill.alpha
         self.teacher = teacher.eval().requires_grad_(False)
-
-    def _create_encoder(self, backbone: BackboneSpec, num_classes: int):
-        return create_backbone(distilled_spec(backbone), num_classes=num_classes)  # a plain ViT given the token
 
     def train(self, mode: bool = True):
         super().train(mode)

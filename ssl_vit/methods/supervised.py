@@ -46,16 +46,13 @@ class Supervised(Method):
         if num_classes < 2:
             raise SettingsError(f"data.num_classes: supervised training needs ≥ 2 classes, got {num_classes} (set it, "
                               "or train from shards whose index.json lists the classes)")
-        self.encoder = self._create_encoder(backbone, num_classes)
+        self.encoder = create_backbone(backbone, num_classes=num_classes)
         self.layer_decay = layer_decay
         self.num_classes, self.label_smoothing = num_classes, s.label_smoothing
         self.mixup = None
         if (s.mixup > 0 or s.cutmix > 0) and s.mixup_prob > 0:
             self.mixup = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, prob=s.mixup_prob,
                                label_smoothing=s.label_smoothing, num_classes=num_classes)
-
-    def _create_encoder(self, backbone: BackboneSpec, num_classes: int):
-        return create_backbone(backbone, num_classes=num_classes)
 
     @classmethod
     def from_recipe(cls, recipe, spec: BackboneSpec, context: BuildContext) -> "Supervised":
