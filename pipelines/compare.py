@@ -202,6 +202,15 @@ def write_source_shards(cfg: CompareConfig, out: Path, stages: StageRunner) -> d
     return indexes
 
 
+def refuse_choices_on_test(cfg: CompareConfig, indexes: dict) -> None:
+    """train.keep_best chooses a checkpoint on the monitor set: never when that is the test set."""
+    choosing = [m for m in cfg.methods if training_recipe(cfg, m).train.keep_best]
+    if choosing and indexes["monitor"] == indexes["test"]:
+        raise SslVitError(f"train.keep_best ({', '.join(choosing)}) would choose checkpoints on the test set: the "
+                          "monitor set is the test set here (give source.val or source.val_fraction > 0, or a "
+                          "source.monitor that is not source.test)")
+
+
 def carve_validation_split(cfg: CompareConfig, indexes: dict, out: Path, stages: StageRunner) -> None:
     """indexes["val"]: `source.val` as given, else `source.val_fraction` of every class of the training images
     written as shards of their own, the rest becoming indexes["train"] (none when the fraction is 0)."""
@@ -323,6 +332,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     out = Path(cfg.out_dir)
     stages = StageRunner(out)
     indexes = write_source_shards(cfg, out, stages)
+    refuse_choices_on_test(cfg, indexes)
     subsets = labelled_subsets(cfg, indexes, out, stages)
     rows = pretrain_all(cfg, indexes, subsets, out, stages)
     for row in {row.model: row for f_rows in rows.values() for row in f_rows}.values():

@@ -23,7 +23,8 @@ class SourceConfig:
                                                       # split when no `val` is given (0: no validation split)
     monitor: str = ""                                 # labelled images scored by k-NN during pretraining when the
                                                       # recipes set train.monitor_every ("": the validation split,
-                                                      # else the test set; curves only, nothing is chosen by them)
+                                                      # else the test set): curves, and the checkpoint a recipe
+                                                      # with train.keep_best exports (never on the test set)
     shard_max_count: int = 500                        # samples per shard when shards are written
 
 
@@ -91,7 +92,7 @@ def load_compare_recipe(path, overrides: list[str] | None = None) -> CompareConf
     except SslVitError as e:
         raise SslVitError(f"{path}: {e}") from None
     for method, extra in cfg.method_overrides.items():
-        _check(method in cfg.methods, f"method_overrides.{method}", f"is not one of the methods {cfg.methods}")
+        _check(method in cfg.recipes, f"method_overrides.{method}", f"is not a method of `recipes` {sorted(cfg.recipes)}")
         _check(isinstance(extra, list) and all(isinstance(x, str) for x in extra), f"method_overrides.{method}",
                "expected a list of key=value")
     for method in cfg.methods:

@@ -49,7 +49,7 @@ def model_row(row, fraction: float, out: Path, gflops: dict | None = None) -> di
             "labels_digest": result.get("labels_digest"),
             "model": row.name, "method": summary.get("method", row.name), "weights": row.model,
             "source": row.source,
-            "pretrain_labels": row.trained_on, "images_seen": images,
+            "pretrain_labels": row.trained_on, "images_seen": images, "kept": summary.get("kept"),
             "gflops_per_image": per_image, "train_tflops": per_image * images / 1e3 if per_image else None,
             "train_seconds": summary.get("train_seconds") or None, "images_per_s": summary.get("images_per_s"),
             "knn_k": k, "knn_k_by": choice.get("by"), "knn_val_top1": choice.get("val_top1"),
@@ -155,7 +155,7 @@ def write_report(cfg: CompareConfig, out: Path, rows_by_fraction: dict, indexes:
           "seed, on that draw's labelled images only (more epochs over fewer images). Every evaluation at a "
           "fraction uses only its labelled images (class-balanced, seeded, nested: the same for every model); "
           f"below 100 % there are {cfg.eval.label_draws} independent draws, and {cfg.eval.seeds} pretraining "
-          "seed(s).", "", "## What the differences say", "",
+          f"seed(s).{kept_statement(runs)}", "", "## What the differences say", "",
           "Paired bootstrap over the same test images and runs (draws × seeds); a difference counts when its 95 % "
           "interval excludes zero. Single numbers are never compared.", "",
           *[f"- {line}" for line in goal], "", *[f"- {d['text']}" for d in diffs if d["significant"]], "",
@@ -174,6 +174,23 @@ def write_report(cfg: CompareConfig, out: Path, rows_by_fraction: dict, indexes:
     figures.retrieval_png(out, [row["weights"] for row in top], indexes["test"], out / "retrieval.png")
     figures.attention_png(trained, indexes["test"], out / "attention.png")
     return report
+
+
+def kept_statement(runs: list[dict]) -> str:
+    """Which rows export the monitored step with the best validation k-NN (train.keep_best) rather than the last."""
+    kept = {}
+    for run in runs:
+        if run["kept"]:
+            kept.setdefault(run["model"], {})[run["weights"]] = run["kept"]
+    if not kept:
+        return ""
+    parts = [f"{name} at step{'s' if len(by_run) > 1 else ''} "
+             f"{', '.join(str(k['step']) for k in by_run.values())} of {max(k['last_step'] for k in by_run.values())}"
+             for name, by_run in kept.items()]
+    return (" Every run exports its last step, except where the recipe sets `train.keep_best`: there the step with "
+            "the best k-NN on the monitor set (the validation split unless `source.monitor` names another; never the test "
+            "set), scored every `train.monitor_every` steps and at the end (chosen: "
+            f"{'; '.join(parts)}).")
 
 
 def validation_text(cfg: CompareConfig, indexes: dict) -> str:

@@ -77,6 +77,9 @@ class TrainConfig:
     threads: int = 0                 # intra-op threads per process; 0: cores left after data.num_workers
     monitor_every: int = 0           # steps between k-NN scores of the backbone on data.monitor; 0: never
     monitor_samples: int = 10000     # at most this many data.monitor images, class-balanced (eval/monitor.py)
+    keep_best: bool = False          # export the monitored step with the best data.monitor k-NN (ties: the earlier;
+                                     # the last step is scored too), not the last one; holds one CPU copy of the
+                                     # backbone, carried in checkpoints. A choice on data.monitor: never the test set
 
 
 @dataclass
@@ -297,6 +300,8 @@ def validate(r: Recipe, for_run: bool = True) -> None:
     _check(r.train.monitor_samples >= 4, "train.monitor_samples", f"must be ≥ 4, got {r.train.monitor_samples}")
     _check(not (for_run and r.train.monitor_every) or bool(r.data.monitor), "data.monitor",
            "train.monitor_every needs a small labelled shard set to score (data.monitor=INDEX.json)")
+    _check(not r.train.keep_best or r.train.monitor_every > 0, "train.keep_best",
+           "chooses among the monitored steps: set train.monitor_every (and data.monitor, a validation set)")
     _check(r.optim.accum_steps >= 1, "optim.accum_steps", "must be ≥ 1")
     _check(r.data.batch_size % r.optim.accum_steps == 0, "data.batch_size",
            f"{r.data.batch_size} is not divisible by optim.accum_steps={r.optim.accum_steps}")

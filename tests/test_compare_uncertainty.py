@@ -1,5 +1,7 @@
 """The comparison's error bars, validation split and compute budget, through `ssl-vit compare` on a tiny run."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "compare_cifar10_subset.yaml")
 TINY = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "mae.decoder_depth=1", "mae.decoder_dim=32",
         "mae.decoder_heads=2", "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16",
-        "train.progress=false", "data.num_workers=1", "train.monitor_every=0"]
+        "train.progress=false", "data.num_workers=1", "train.monitor_every=2"]  # at the end: what keep_best needs
 
 
 def tiny_args(out, train, test, *extra):
@@ -80,6 +82,20 @@ def test_draws_error_bars_differences_and_validation_choices(train_shards, bundl
     assert gf["mae"]["total"] > 0 and gf["supervised"]["total"] > 0 and rows[(1.0, "raw_pixels")]["train_tflops"] is None
     assert rows[(1.0, "mae")]["train_tflops"] == pytest.approx(gf["mae"]["total"] * 128 / 1e3)
     assert report["budget_mode"] == "images" and "equal images" in report["budget"] and "equal images" in md
+
+    # tools/compare_on_validation.py (how long-budget levers are kept) scores the same validation k-NN from the cache
+    # and never opens the test features.
+    (out / "features" / "mae" / "test").rename(out / "test-hidden")
+    scored = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_on_validation.py"), f"{out}:mae",
+                             f"{out}:raw_pixels", "--ks", "1", "10", "20"], capture_output=True, text=True, cwd=ROOT)
+    (out / "test-hidden").rename(out / "features" / "mae" / "test")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    on_val = json.loads(scored.stdout)["fractions"]
+    full = next(r for r in report["runs"] if r["fraction"] == 1.0 and r["model"] == "mae")
+    assert on_val["1.0"][f"{out}:mae"]["val_top1"] == pytest.approx(full["knn_val_top1"][full["knn_k"]], abs=0.01)
+    assert on_val["0.01"][f"{out}:mae"]["draws"] == 2
+    assert set(on_val["0.01"][f"{out}:raw_pixels"]["minus_reference"]) == {"points", "std", "ci95",
+                                                                        "beyond_uncertainty"}
 
     # Re-running skips everything and gives the same report.
     capsys.readouterr()

@@ -32,8 +32,9 @@ def code_version() -> str:
 
 
 def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, stream_state: dict,
-                    keep: int = 2) -> Path:
-    """Collective: every process calls it. Returns the final folder."""
+                    keep: int = 2, write_main=None) -> Path:
+    """Collective: every process calls it. `write_main(folder)`: what the main process adds to the checkpoint.
+    Returns the final folder."""
     root = Path(root)
     final, tmp = root / f"ckpt-{step:08d}", root / f"ckpt-{step:08d}.tmp"
     if accelerator.is_main_process:
@@ -44,6 +45,8 @@ def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, str
     write_json_atomic(tmp / f"stream-rank{accelerator.process_index}.json", stream_state)
     if accelerator.is_main_process:
         write_json_atomic(tmp / "trainer.json", trainer_state)
+        if write_main is not None:
+            write_main(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         fsync_tree(tmp)

@@ -25,6 +25,7 @@ from ssl_vit.methods import backbone_spec, build_method
 from ssl_vit.models.export import export_backbone
 from ssl_vit.schedules import cosine
 from ssl_vit.seeding import step_seed
+from ssl_vit.train.best import BestBackbone
 from ssl_vit.train.checkpoint import (architecture_differences, code_version, find_checkpoint,
                                      read_checkpoint_meta, save_checkpoint)
 from ssl_vit.train.fetcher import StepFetcher
@@ -116,6 +117,7 @@ class Trainer:
                                   num_workers=r.data.num_workers, require_labels=method_settings(r).needs_labels,
                                   batches_per_epoch=self.spe * r.optim.accum_steps)
         self.step, self.skipped_steps, self.images_seen, self.train_seconds = 0, 0, 0, 0.0
+        self.best, self.monitored_step, self.last_score = BestBackbone(), None, None
         self._maybe_resume()
         self.loader = StreamLoader(self.stream, device=self.acc.device)
         self.monitor = knn_monitor(r) if r.train.monitor_every and self.acc.is_main_process else None
@@ -143,6 +145,7 @@ class Trainer:
         self.skipped_steps = trainer_state.get("skipped_steps", 0)
         self.images_seen = trainer_state.get("images_seen", 0)
         self.train_seconds = trainer_state.get("train_seconds", 0.0)
+        self.best = BestBackbone.read(trainer_state.get("best"), path, load_state=self.acc.is_main_process)
         self.stream.resume_from([state["stream"] for state in stream_states], self.step * self.recipe.optim.accum_steps,
                                 skip_counts=[state.get("skip_counts", [0, 0]) for state in stream_states])
         if self.acc.is_main_process:
@@ -157,10 +160,10 @@ class Trainer:
         trainer_state = {"step": self.step, "seed": self.recipe.seed, "recipe": self.recipe.to_dict(),
                          "code_version": code_version(), "world_size": self.acc.num_processes,
                          "skipped_steps": self.skipped_steps, "images_seen": self.images_seen,
-                         "train_seconds": self.train_seconds, "classes": self.classes}
+                         "train_seconds": self.train_seconds, "classes": self.classes, "best": self.best.to_dict()}
         stream_state = stream_state or self.stream_state()
         return save_checkpoint(self.acc, self.out_dir / "checkpoints", self.step, trainer_state, stream_state,
-                               keep=self.recipe.train.keep_checkpoints)
+                               keep=self.recipe.train.keep_checkpoints, write_main=self.best.write)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _apply_schedules(self) -> dict:
@@ -295,8 +298,23 @@ class Trainer:
         """k-NN of the current backbone on data.monitor (eval/monitor.py): the main process scores, the rest wait."""
         with self.acc.autocast():
             values = self.monitor(self.method.backbone(), self.acc.device) if self.monitor else {}
+        self.monitored_step = self.step  # on every process: the processes decide alike whether to score again
+        if values:
+            self.last_score = values["monitor_knn_top1"]
+            if self.recipe.train.keep_best:
+                self.best.consider(self.step, values["monitor_knn_top1"], self.method.backbone())
         self.acc.wait_for_everyone()
         return values
+
+    def _keep_best(self) -> dict:
+        """train.keep_best: the last step scored too (when it was not a monitored one), then the best step's weights
+        put back into the backbone about to be exported (main process)."""
+        if self.monitored_step != self.step:
+            self._monitor()
+        if self.acc.is_main_process and self.best.step != self.step:
+            self.best.restore_into(self.method.backbone())
+        return {"by": "monitor_knn_top1", "step": self.best.step, "monitor_knn_top1": self.best.score,
+                "last_step": self.step, "last_monitor_knn_top1": self.last_score}
 
     def finish(self) -> dict:
         summary = {"method": self.recipe.method, "steps": self.step, "images_seen": self.images_seen,
@@ -304,10 +322,13 @@ class Trainer:
                    "images_per_s": round(self.images_seen / max(self.train_seconds, 1e-9), 1),
                    "skipped_steps": self.skipped_steps, "world_size": self.acc.num_processes,
                    "backbone": str(self.out_dir / "backbone.safetensors")}
+        if self.recipe.train.keep_best:
+            summary["kept"] = self._keep_best()
         if self.acc.is_main_process:
             spec = backbone_spec(self.recipe)
             export_backbone(self.method.backbone(), spec, self.out_dir / "backbone.safetensors",
-                            extra_meta={"method": self.recipe.method, "step": self.step, "classes": self.classes,
+                            extra_meta={"method": self.recipe.method, "classes": self.classes,
+                                        "step": summary["kept"]["step"] if "kept" in summary else self.step,
                                         "code_version": code_version()})
             write_json_atomic(self.out_dir / "summary.json", summary)
         self.acc.wait_for_everyone()
