@@ -18,7 +18,7 @@ def available_cores() -> int:
 
 
 def choose_threads(num_workers: int, requested: int = 0, *, cores: int | None = None,
-                   local_processes: int | None = None) -> dict:
+                   local_processes: int | None = None, requested_as: str = "train.threads") -> dict:
     """{'threads', 'source', 'cores', 'workers'} for one process: `OMP_NUM_THREADS` when the user set it, else
     `requested` (a recipe's train.threads) when > 0, else this process's share of the cores
     (cores ÷ processes on this node, LOCAL_WORLD_SIZE) less its `num_workers` loader workers, at least 1."""
@@ -30,16 +30,16 @@ def choose_threads(num_workers: int, requested: int = 0, *, cores: int | None = 
             raise SslVitError(f"OMP_NUM_THREADS={omp!r} is not a number of threads >= 1")
         threads, source = int(omp), "OMP_NUM_THREADS"
     elif requested > 0:
-        threads, source = requested, "train.threads"
+        threads, source = requested, requested_as
     else:
         threads, source = max(1, cores // max(1, local) - num_workers), "cores left after the loader's workers"
     return {"threads": threads, "source": source, "cores": cores, "workers": num_workers}
 
 
-def use_threads(num_workers: int, requested: int = 0) -> dict:
+def use_threads(num_workers: int, requested: int = 0, requested_as: str = "train.threads") -> dict:
     """Set torch's intra-op threads as `choose_threads` says; returns the choice (for the run log)."""
     import torch  # here, not at the top: FAISS-only commands (index build) import this module and never need torch
 
-    choice = choose_threads(num_workers, requested)
+    choice = choose_threads(num_workers, requested, requested_as=requested_as)
     torch.set_num_threads(choice["threads"])
     return choice

@@ -212,6 +212,7 @@ def test_concurrent_uploads_share_embedding_batches(served, test_shards):
     assert batches < 16  # at least two uploads shared one forward pass (100 ms window)
     assert stats["index"] == {"kind": "flat", "size": 1000, "dim": 64, "metric": "cosine", "params": {}}
     assert stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"]
+    assert stats["torch_threads"]["threads"] == 1 and stats["torch_threads"]["source"] == "OMP_NUM_THREADS"
 
 
 def test_without_an_image_table_thumbnails_are_a_404_and_searches_work(served, tmp_path):

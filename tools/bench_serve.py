@@ -262,6 +262,7 @@ def measure(cfg, index_dir: Path, requests: int) -> dict:
     top, batch = f"concurrency={max(cfg.concurrency)}", max(cfg.concurrency)
     with serving(index_dir, cfg) as port:
         client = Client(port)
+        server_threads = client.stats()["torch_threads"]
         with concurrent.futures.ThreadPoolExecutor(batch) as pool:  # warm-up: every batch size up to the largest
             list(pool.map(lambda data: client.upload(data, cfg.k), images[:2 * batch]))
         import torch
@@ -276,7 +277,7 @@ def measure(cfg, index_dir: Path, requests: int) -> dict:
                  for s, r in zip(served, in_process)]
     ratio = best[top]["upload"]["queries_per_s"] / best_ref[f"upload_batched_{batch}"]
     return {"upload_bytes_mean": float(np.mean([len(d) for d in images])),
-            "server_torch_threads": cfg.threads or f"torch's default ({torch.get_num_threads()})",
+            "server_torch_threads": server_threads,
             "in_process_threads_tried": threads, "served_best": best,
             "in_process_best_per_s": best_ref,
             "ratio_upload_top_concurrency_over_in_process_batched": ratio,

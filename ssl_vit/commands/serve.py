@@ -20,6 +20,9 @@ def register(subparsers) -> None:
                         "decoded, to share one forward pass (under load, batches form while the previous one runs)")
     p.add_argument("--max-batch", type=int, default=32, help="largest embedding batch")
     p.add_argument("--threads", type=int, default=4, help="threads for FAISS searches and image reads")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch's intra-op threads for embedding (default: every core but one, which the event loop "
+                        "and the image decoding need; OMP_NUM_THREADS wins)")
     p.set_defaults(func=run)
 
 
@@ -38,11 +41,19 @@ def run(args) -> int:
         raise SslVitError(f"ssl-vit serve needs {e.name}, a dependency of ssl_vit: pip install -e . (or make "
                           "install)") from None
     from ssl_vit.serve.engine import SearchEngine
+    from ssl_vit.threads import use_threads
 
     if not 0 <= args.port <= 65535 or args.max_upload_mb <= 0 or args.max_megapixels <= 0 or args.max_batch < 1:
         raise SslVitError("--port must be 0..65535 and --max-upload-mb, --max-megapixels, --max-batch positive")
+    if args.torch_threads < 0:
+        raise SslVitError(f"--torch-threads must be >= 0 (0: every core but one), got {args.torch_threads}")
+    # torch's default (every core) spins its threads against the event loop's and the decoders' on the same cores:
+    # on 2 cores, 32-px uploads at concurrency 16 went 0.49x -> 0.70x the in-process rate with one thread, 224-px
+    # ones stayed above 0.8x (tools/bench_serve.py, one round each under load)
+    torch_threads = use_threads(1, args.torch_threads, requested_as="--torch-threads")
     engine = SearchEngine(args.index, args.backbone, window_ms=args.batch_window_ms, max_batch=args.max_batch,
                           threads=args.threads, max_pixels=int(args.max_megapixels * 1e6))
+    engine.torch_threads = torch_threads
     app = create_app(engine, int(args.max_upload_mb * 2 ** 20))
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -152,6 +152,7 @@ class SearchEngine:
         self.batcher = MicroBatcher(self._embed_and_search, window_ms / 1000, max_batch, self.embed_pool)
         self.latencies = collections.deque(maxlen=LATENCY_WINDOW)
         self.served, self.started = 0, time.time()
+        self.torch_threads: dict | None = None  # the intra-op threads the command chose (ssl_vit/threads.py)
 
     def _embed_and_search(self, queries: list) -> list:
         """[(scores [k], ids [k])] of [(image, k, nprobe, ef_search)]: one forward pass for the batch, then one FAISS
@@ -233,7 +234,8 @@ class SearchEngine:
                           "metric": self.index.metric, "params": self.index.params},
                 "queries_served": self.served, "latency_ms": pct, "uptime_s": time.time() - self.started,
                 "embed_batches": self.batcher.batches,
-                "mean_embed_batch": self.batcher.items / max(self.batcher.batches, 1)}
+                "mean_embed_batch": self.batcher.items / max(self.batcher.batches, 1),
+                "torch_threads": self.torch_threads}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
