@@ -18,7 +18,8 @@ def available_cores() -> int:
 
 
 def choose_threads(num_workers: int, requested: int = 0, *, cores: int | None = None,
-                   local_processes: int | None = None, requested_as: str = "train.threads") -> dict:
+                   local_processes: int | None = None, requested_as: str = "train.threads",
+                   left_for: str = "the loader's workers") -> dict:
     """{'threads', 'source', 'cores', 'workers'} for one process: `OMP_NUM_THREADS` when the user set it, else
     `requested` (a recipe's train.threads) when > 0, else this process's share of the cores
     (cores ÷ processes on this node, LOCAL_WORLD_SIZE) less its `num_workers` loader workers, at least 1."""
@@ -32,14 +33,15 @@ def choose_threads(num_workers: int, requested: int = 0, *, cores: int | None = 
     elif requested > 0:
         threads, source = requested, requested_as
     else:
-        threads, source = max(1, cores // max(1, local) - num_workers), "cores left after the loader's workers"
+        threads, source = max(1, cores // max(1, local) - num_workers), f"cores left after {left_for}"
     return {"threads": threads, "source": source, "cores": cores, "workers": num_workers}
 
 
-def use_threads(num_workers: int, requested: int = 0, requested_as: str = "train.threads") -> dict:
+def use_threads(num_workers: int, requested: int = 0, requested_as: str = "train.threads",
+                left_for: str = "the loader's workers") -> dict:
     """Set torch's intra-op threads as `choose_threads` says; returns the choice (for the run log)."""
     import torch  # here, not at the top: FAISS-only commands (index build) import this module and never need torch
 
-    choice = choose_threads(num_workers, requested, requested_as=requested_as)
+    choice = choose_threads(num_workers, requested, requested_as=requested_as, left_for=left_for)
     torch.set_num_threads(choice["threads"])
     return choice

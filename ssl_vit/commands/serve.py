@@ -50,7 +50,8 @@ def run(args) -> int:
     # torch's default (every core) spins its threads against the event loop's and the decoders' on the same cores:
     # on 2 cores, 32-px uploads at concurrency 16 went 0.49x -> 0.70x the in-process rate with one thread, 224-px
     # ones stayed above 0.8x (tools/bench_serve.py, one round each under load)
-    torch_threads = use_threads(1, args.torch_threads, requested_as="--torch-threads")
+    torch_threads = use_threads(1, args.torch_threads, requested_as="--torch-threads",
+                                left_for="the event loop and the decoders")
     engine = SearchEngine(args.index, args.backbone, window_ms=args.batch_window_ms, max_batch=args.max_batch,
                           threads=args.threads, max_pixels=int(args.max_megapixels * 1e6))
     engine.torch_threads = torch_threads
