@@ -207,8 +207,9 @@ def refuse_choices_on_test(cfg: CompareConfig, indexes: dict) -> None:
     choosing = [m for m in cfg.methods if training_recipe(cfg, m).train.keep_best]
     if choosing and indexes["monitor"] == indexes["test"]:
         raise SslVitError(f"train.keep_best ({', '.join(choosing)}) would choose checkpoints on the test set: the "
-                          "monitor set is the test set here (give source.val or source.val_fraction > 0, or a "
-                          "source.monitor that is not source.test)")
+                          "monitor set is the test set here: give source.val, source.val_fraction > 0 or a "
+                          "source.monitor that is not source.test, or leave keep_best off (e.g. "
+                          f"method_overrides={{{choosing[0]}: [train.keep_best=false]}})")
 
 
 def carve_validation_split(cfg: CompareConfig, indexes: dict, out: Path, stages: StageRunner) -> None:
