@@ -159,6 +159,7 @@ def test_named_budget_and_thorough_are_one_flag_away():
     cfg = load_compare_recipe(RECIPE, apply_budget(RECIPE, [], "long"))
     assert cfg.budget.images > load_compare_recipe(RECIPE).budget.images
     assert load_compare_recipe(RECIPE, apply_budget(RECIPE, ["budget.images=640"], "long")).budget.images == 640
+    assert load_compare_recipe(RECIPE, apply_budget(RECIPE, [], "xlong")).budget.images == 2 * cfg.budget.images
 
 
 @pytest.mark.slow
