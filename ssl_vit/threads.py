@@ -33,7 +33,8 @@ def choose_threads(num_workers: int, requested: int = 0, *, cores: int | None = 
     elif requested > 0:
         threads, source = requested, requested_as
     else:
-        threads, source = max(1, cores // max(1, local) - num_workers), f"cores left after {left_for}"
+        threads = max(1, cores // max(1, local) - num_workers)
+        source = f"cores left after {left_for}" if num_workers else "every core of this process's share"
     return {"threads": threads, "source": source, "cores": cores, "workers": num_workers}
 
 

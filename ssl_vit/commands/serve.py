@@ -21,8 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="largest embedding batch")
     p.add_argument("--threads", type=int, default=4, help="threads for FAISS searches and image reads")
     p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch's intra-op threads for embedding (default: every core but one, which the event loop "
-                        "and the image decoding need; OMP_NUM_THREADS wins)")
+                   help="torch's intra-op threads for embedding (default 0: every core; 1 can serve better when "
+                        "other jobs share the cores; OMP_NUM_THREADS wins)")
     p.set_defaults(func=run)
 
 
@@ -46,12 +46,11 @@ def run(args) -> int:
     if not 0 <= args.port <= 65535 or args.max_upload_mb <= 0 or args.max_megapixels <= 0 or args.max_batch < 1:
         raise SslVitError("--port must be 0..65535 and --max-upload-mb, --max-megapixels, --max-batch positive")
     if args.torch_threads < 0:
-        raise SslVitError(f"--torch-threads must be >= 0 (0: every core but one), got {args.torch_threads}")
-    # torch's default (every core) spins its threads against the event loop's and the decoders' on the same cores:
-    # on 2 cores, 32-px uploads at concurrency 16 went 0.49x -> 0.70x the in-process rate with one thread, 224-px
-    # ones stayed above 0.8x (tools/bench_serve.py, one round each under load)
-    torch_threads = use_threads(1, args.torch_threads, requested_as="--torch-threads",
-                                left_for="the event loop and the decoders")
+        raise SslVitError(f"--torch-threads must be >= 0 (0: every core), got {args.torch_threads}")
+    # Every core by default: on 2 idle cores 224-px uploads at concurrency 16 ran at 1.03x the in-process batched
+    # rate with 2 threads and 0.58x with 1 (32 px: 0.41x / 0.42x); with other jobs on the cores one thread did better
+    # (32 px 0.70x vs 0.49x), hence the flag (tools/bench_serve.py)
+    torch_threads = use_threads(0, args.torch_threads, requested_as="--torch-threads")
     engine = SearchEngine(args.index, args.backbone, window_ms=args.batch_window_ms, max_batch=args.max_batch,
                           threads=args.threads, max_pixels=int(args.max_megapixels * 1e6))
     engine.torch_threads = torch_threads
