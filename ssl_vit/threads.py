@@ -18,8 +18,7 @@ def available_cores() -> int:
 
 
 def choose_threads(num_workers: int, requested: int = 0, *, cores: int | None = None,
-                   local_processes: int | None = None, requested_as: str = "train.threads",
-                   left_for: str = "the loader's workers") -> dict:
+                   local_processes: int | None = None, requested_as: str = "train.threads") -> dict:
     """{'threads', 'source', 'cores', 'workers'} for one process: `OMP_NUM_THREADS` when the user set it, else
     `requested` (a recipe's train.threads) when > 0, else this process's share of the cores
     (cores ÷ processes on this node, LOCAL_WORLD_SIZE) less its `num_workers` loader workers, at least 1."""
@@ -34,15 +33,14 @@ def choose_threads(num_workers: int, requested: int = 0, *, cores: int | None = 
         threads, source = requested, requested_as
     else:
         threads = max(1, cores // max(1, local) - num_workers)
-        source = f"cores left after {left_for}" if num_workers else "every core of this process's share"
+        source = "cores left after the loader's workers" if num_workers else "every core of this process's share"
     return {"threads": threads, "source": source, "cores": cores, "workers": num_workers}
 
 
-def use_threads(num_workers: int, requested: int = 0, requested_as: str = "train.threads",
-                left_for: str = "the loader's workers") -> dict:
+def use_threads(num_workers: int, requested: int = 0, requested_as: str = "train.threads") -> dict:
     """Set torch's intra-op threads as `choose_threads` says; returns the choice (for the run log)."""
     import torch  # here, not at the top: FAISS-only commands (index build) import this module and never need torch
 
-    choice = choose_threads(num_workers, requested, requested_as=requested_as, left_for=left_for)
+    choice = choose_threads(num_workers, requested, requested_as=requested_as)
     torch.set_num_threads(choice["threads"])
     return choice

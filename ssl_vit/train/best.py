@@ -17,13 +17,11 @@ class BestBackbone:
         self.score: float | None = None
         self.state: dict[str, torch.Tensor] | None = None
 
-    def consider(self, step: int, score: float, backbone: torch.nn.Module) -> bool:
+    def consider(self, step: int, score: float, backbone: torch.nn.Module) -> None:
         """Keep `backbone`'s state when `score` beats the best so far (a tie keeps the earlier step)."""
-        if self.score is not None and score <= self.score:
-            return False
-        self.step, self.score = step, score
-        self.state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()}
-        return True
+        if self.score is None or score > self.score:
+            self.step, self.score = step, score
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()}
 
     def restore_into(self, backbone: torch.nn.Module) -> None:
         backbone.load_state_dict(self.state)
