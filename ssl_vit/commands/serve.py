@@ -52,8 +52,8 @@ def run(args) -> int:
     # (32 px 0.70x vs 0.49x), hence the flag (tools/bench_serve.py)
     torch_threads = use_threads(0, args.torch_threads, requested_as="--torch-threads")
     engine = SearchEngine(args.index, args.backbone, window_ms=args.batch_window_ms, max_batch=args.max_batch,
-                          threads=args.threads, max_pixels=int(args.max_megapixels * 1e6))
-    engine.torch_threads = torch_threads
+                          threads=args.threads, max_pixels=int(args.max_megapixels * 1e6),
+                          torch_threads=torch_threads)
     app = create_app(engine, int(args.max_upload_mb * 2 ** 20))
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -135,7 +135,7 @@ class SearchEngine:
     caches (for key queries) and its image table (for thumbnails)."""
 
     def __init__(self, index_dir, backbone=None, *, window_ms: float = 5.0, max_batch: int = 32,
-                 threads: int = 4, max_pixels: int = 40_000_000):
+                 threads: int = 4, max_pixels: int = 40_000_000, torch_threads: dict | None = None):
         self.index_dir = Path(index_dir)
         self.index = RetrievalIndex.load(self.index_dir)
         self.caches = index_caches(self.index)
@@ -152,7 +152,7 @@ class SearchEngine:
         self.batcher = MicroBatcher(self._embed_and_search, window_ms / 1000, max_batch, self.embed_pool)
         self.latencies = collections.deque(maxlen=LATENCY_WINDOW)
         self.served, self.started = 0, time.time()
-        self.torch_threads: dict | None = None  # the intra-op threads the command chose (ssl_vit/threads.py)
+        self.torch_threads = torch_threads  # the intra-op threads the command chose (ssl_vit/threads.py), for /stats
 
     def _embed_and_search(self, queries: list) -> list:
         """[(scores [k], ids [k])] of [(image, k, nprobe, ef_search)]: one forward pass for the batch, then one FAISS
