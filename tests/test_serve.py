@@ -1,16 +1,20 @@
 """`ssl-vit serve`: the real server on a free loopback port, called over HTTP. Self-queries come back first with score
 ~1 and equal `ssl-vit index query`; each bad input gets its 4xx with one line of JSON and the server keeps
-answering; thumbnails are re-encoded from one ranged read; concurrent uploads share embedding batches. The page in a
+answering; thumbnails are re-encoded from one ranged read; concurrent uploads share embedding batches; a killed
+embedding process fails only its batch and is started again. The page in a
 real headless browser: the distribution's Chromium (/usr/bin/chromium) driven by Selenium through
 /usr/bin/chromedriver (never a browser or driver Selenium downloads itself): upload a bundled test image, wait for
 the grid of k results with scores and thumbnails, click one to search with it, save a screenshot."""
 import concurrent.futures
+import contextlib
 import http.client
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -21,8 +25,11 @@ from PIL import Image
 from ssl_vit.cli import main
 from ssl_vit.data.samples import IMAGE_KEYS, read_shard
 from ssl_vit.data.sources import expand_source
+from ssl_vit.eval.retrieval import RetrievalIndex
 from ssl_vit.models.backbone import BackboneSpec, create_backbone
 from ssl_vit.models.export import export_backbone
+from ssl_vit.serve.embedder import EmbedderStopped, EmbedProcess
+from ssl_vit.serve.engine import decode_upload
 
 UPLOAD_LIMIT_MB = 2
 
@@ -302,3 +309,48 @@ def test_page_in_chromium_shows_a_grid_of_k_results_and_a_click_searches_again(s
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result")) == k)
     assert browser.find_elements(By.CSS_SELECTOR, ".result")[0].get_attribute("data-key") == second
     assert browser.find_element(By.ID, "status").text == f"{k} results"
+
+
+def wait_until_dead(pid: int) -> None:
+    """Until `pid` is a zombie (dead, not yet reaped by its parent, the server) or gone."""
+    stat = Path(f"/proc/{pid}/stat")
+    while stat.exists():
+        with contextlib.suppress(FileNotFoundError):
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        time.sleep(0.01)
+
+
+def test_a_dead_embedding_process_fails_its_batch_with_a_503_line_and_the_next_upload_starts_a_new_one(
+        served, test_shards):
+    root, url = served
+    data, key = stored_sample(test_shards, 7)
+    status, before = search(url, data, k=3)
+    assert status == 200
+    first = json.loads(request(url, path="/stats")[2])["embedder"]
+    os.kill(first["pid"], signal.SIGKILL)
+    wait_until_dead(first["pid"])
+    status, after = search(url, data, k=3)  # the dead child is noticed before the batch is handed over
+    stats = json.loads(request(url, path="/stats")[2])["embedder"]
+    assert status == 200 and after["results"] == before["results"]
+    assert stats["restarts"] == first["restarts"] + 1 and stats["pid"] != first["pid"]
+
+    index = RetrievalIndex.load(root / "ix")  # killed with a batch in flight: that batch fails, in one line
+    embedder = EmbedProcess(index.source, index.dim, root / "ix", torch_threads=1)
+    try:
+        embedder.send([decode_upload(data, 10 ** 6)])
+        os.kill(embedder.pid, signal.SIGKILL)
+        with pytest.raises(EmbedderStopped, match=r"^the embedding process stopped \(exit code -9\) during this "
+                                                  r"batch; the next upload starts a new one$"):
+            embedder.result()
+        assert embedder(([decode_upload(data, 10 ** 6)])).shape == (1, index.dim) and embedder.restarts == 1
+    finally:
+        embedder.close()
+
+
+def test_serve_refuses_a_backbone_that_does_not_exist_in_one_line(served, capsys):
+    root, _ = served
+    capsys.readouterr()
+    assert main(["serve", "--index", str(root / "ix"), "--backbone", str(root / "none.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: backbone {root / 'none.safetensors'} does not exist\n"

@@ -42,16 +42,23 @@ def measured(batches, samples: int, count=lambda batch: len(batch["key"])) -> tu
 
 
 def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its live children so far (Linux /proc; 0 elsewhere)."""
-    me, ticks, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0
+    """User + system CPU seconds of this process and its live descendants so far (Linux /proc; 0 elsewhere): the
+    loader's workers, a server and the embedding process it starts."""
+    me, ticks, parents, cpu = os.getpid(), os.sysconf("SC_CLK_TCK"), {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
         except (OSError, IndexError):
             continue  # a process that ended meanwhile
-        if int(stat.parent.name) == me or int(fields[1]) == me:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
+        pid = int(stat.parent.name)
+        parents[pid], cpu[pid] = int(fields[1]), int(fields[11]) + int(fields[12])  # ppid; utime + stime
+
+    def descends(pid: int) -> bool:
+        while pid not in (me, 0, 1) and pid in parents:
+            pid = parents[pid]
+        return pid == me
+
+    return sum(ticks_used for pid, ticks_used in cpu.items() if descends(pid)) / ticks
 
 
 def plain_loop(payload) -> tuple[int, float]:

@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int,
                    help="torch and FAISS threads of both sides (OMP_NUM_THREADS for the server; default: the "
                         "server's own, and the in-process reference the best of 1 and torch's default)")
+    p.add_argument("--server-torch-threads", type=int, default=0,
+                   help="the server's --torch-threads alone (default 0: its own default); the reference is unchanged")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -179,7 +181,8 @@ def serving(index_dir: Path, cfg):
     env = {**os.environ, **({"OMP_NUM_THREADS": str(cfg.threads)} if cfg.threads else {})}
     server = subprocess.Popen([sys.executable, "-m", "ssl_vit.cli", "serve", "--index", str(index_dir),
                                "--host", "127.0.0.1", "--port", "0", "--batch-window-ms", str(cfg.batch_window_ms),
-                               "--max-batch", str(max(cfg.concurrency))], stdout=subprocess.PIPE, text=True,
+                               "--max-batch", str(max(cfg.concurrency)), "--torch-threads",
+                               str(cfg.server_torch_threads)], stdout=subprocess.PIPE, text=True,
                               cwd=ROOT, env=env)
     try:
         line = server.stdout.readline()
@@ -216,7 +219,7 @@ class InProcess:
         from ssl_vit.serve.engine import decode_upload
 
         self.index = RetrievalIndex.load(index_dir)
-        self.embed, caches = query_embedder(self.index, index_dir), index_caches(self.index)
+        self.embed, caches = query_embedder(self.index.source, self.index.dim, index_dir), index_caches(self.index)
         opened = [open_rows(folder) for folder in caches]
         self.vectors_of = lambda batch_keys: lookup_vectors(opened, batch_keys, caches)
         self.decode = lambda data: decode_upload(data, 10 ** 8)

@@ -203,7 +203,7 @@ def embed_query_images(args, index):
     from ssl_vit.eval.features import load_image
 
     images = [load_image(path) for path in args.image]
-    return query_embedder(index, args.index, args.backbone)(images), images
+    return query_embedder(index.source, index.dim, args.index, args.backbone)(images), images
 
 
 def cached_queries(args, index):

@@ -21,8 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="largest embedding batch")
     p.add_argument("--threads", type=int, default=4, help="threads for FAISS searches and image reads")
     p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch's intra-op threads for embedding (default 0: every core; 1 can serve better when "
-                        "other jobs share the cores; OMP_NUM_THREADS wins)")
+                   help="torch's intra-op threads of the embedding process (default 0: every core; 1 can serve better "
+                        "when other jobs share the cores; OMP_NUM_THREADS wins)")
     p.set_defaults(func=run)
 
 
@@ -41,19 +41,19 @@ def run(args) -> int:
         raise SslVitError(f"ssl-vit serve needs {e.name}, a dependency of ssl_vit: pip install -e . (or make "
                           "install)") from None
     from ssl_vit.serve.engine import SearchEngine
-    from ssl_vit.threads import use_threads
+    from ssl_vit.threads import choose_threads
 
     if not 0 <= args.port <= 65535 or args.max_upload_mb <= 0 or args.max_megapixels <= 0 or args.max_batch < 1:
         raise SslVitError("--port must be 0..65535 and --max-upload-mb, --max-megapixels, --max-batch positive")
     if args.torch_threads < 0:
         raise SslVitError(f"--torch-threads must be >= 0 (0: every core), got {args.torch_threads}")
-    # Every core by default: on 2 idle cores 224-px uploads at concurrency 16 ran at 1.03x the in-process batched
-    # rate with 2 threads and 0.58x with 1 (32 px: 0.41x / 0.42x); with other jobs on the cores one thread did better
-    # (32 px 0.70x vs 0.49x), hence the flag (tools/bench_serve.py)
-    torch_threads = use_threads(0, args.torch_threads, requested_as="--torch-threads")
-    engine = SearchEngine(args.index, args.backbone, window_ms=args.batch_window_ms, max_batch=args.max_batch,
-                          threads=args.threads, max_pixels=int(args.max_megapixels * 1e6),
-                          torch_threads=torch_threads)
+    # The embedding process uses every core by default: with the forward in the server's own process, 224-px uploads
+    # at concurrency 16 on 2 idle cores ran at 1.03x the in-process batched rate with 2 threads and 0.58x with 1; in
+    # its own process 32-px uploads ran the same with 1 or 2 (0.38x); with other jobs on the cores one thread did
+    # better (32 px 0.70x vs 0.49x), hence the flag (tools/bench_serve.py)
+    torch_threads = choose_threads(0, args.torch_threads, requested_as="--torch-threads")
+    engine = SearchEngine(args.index, torch_threads, args.backbone, window_ms=args.batch_window_ms,
+                          max_batch=args.max_batch, threads=args.threads, max_pixels=int(args.max_megapixels * 1e6))
     app = create_app(engine, int(args.max_upload_mb * 2 ** 20))
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -69,7 +69,8 @@ def eval_pixels(images: list, image_size: int, resize: int | None = None) -> tor
 def embed_images(model: nn.Module, images: list, *, image_size: int, resize: int | None = None,
                  pooling: str = AUTO, last_blocks: int = 1) -> np.ndarray:
     """[N, D] float32 features of PIL images through the same view and pooling as `extract_features` (CPU)."""
-    model = model.eval()
+    if model.training:  # a walk over every module: not on each call of a served index
+        model.eval()
     return np.concatenate([pooled_features(model, eval_pixels(images[start:start + EMBED_BATCH], image_size, resize),
                                            pooling, last_blocks).numpy()
                            for start in range(0, len(images), EMBED_BATCH)])

@@ -9,6 +9,7 @@ request) could not batch requests without its own event loop; aiohttp would mean
 handling by hand.
 
 engine.py: the index, the backbone and the image table, loaded once; uploads embedded and searched in batches
-across concurrent requests (one batch at a time, in its own thread); key searches and image reads in a thread pool.
-app.py: routes, errors as one-line JSON, the upload size limit. page.py: the web page.
+across concurrent requests (one batch at a time); key searches and image reads in a thread pool. embedder.py: the
+backbone in a process of its own (no GIL shared with the event loop). app.py: routes, errors as one-line JSON, the
+upload size limit. page.py: the web page.
 """

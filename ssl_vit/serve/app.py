@@ -1,6 +1,6 @@
 """The HTTP routes over a SearchEngine: `POST /search`, `GET /images/{key}`, `GET /healthz`, `GET /stats`, `GET /`.
 
-Every error is a 4xx with one line of JSON ({"error": "..."}); the server keeps answering. Request bodies over
+Every error is a 4xx (a 503 when the embedding process died mid-batch) with one line of JSON ({"error": "..."}); the server keeps answering. Request bodies over
 the upload limit are refused from their Content-Length header, or, without one, as soon as the bytes received pass
 the limit: never read in full.
 """
@@ -12,11 +12,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ssl_vit.errors import SslVitError
+from ssl_vit.serve.embedder import EmbedderStopped
 from ssl_vit.serve.engine import BadImage, ImageTooLarge, SearchEngine, UnknownKey
 from ssl_vit.serve.page import PAGE
 
 MAX_K = 1000
-STATUS = {BadImage: 400, ImageTooLarge: 413, UnknownKey: 404}
+STATUS = {BadImage: 400, ImageTooLarge: 413, UnknownKey: 404, EmbedderStopped: 503}
 
 
 def error(status: int, message: str) -> JSONResponse:

@@ -13,8 +13,9 @@ from PIL import Image
 from ssl_vit.data.image_table import ImageTable
 from ssl_vit.errors import SslVitError
 from ssl_vit.eval.feature_cache import lookup_vectors, open_rows
-from ssl_vit.eval.index_queries import index_caches, query_embedder
+from ssl_vit.eval.index_queries import index_caches
 from ssl_vit.eval.retrieval import RetrievalIndex
+from ssl_vit.serve.embedder import EmbedProcess
 
 THUMB_PX = 256
 LATENCY_WINDOW = 10_000  # the latencies the percentiles are taken over
@@ -131,28 +132,29 @@ class MicroBatcher:
 
 
 class SearchEngine:
-    """An index folder loaded once: its FAISS index, the backbone recorded with it (for image queries), its feature
-    caches (for key queries) and its image table (for thumbnails)."""
+    """An index folder loaded once: its FAISS index, the backbone recorded with it (for image queries, in its own
+    process with `torch_threads`, the choice of ssl_vit/threads.py), its feature caches (for key queries) and its
+    image table (for thumbnails)."""
 
-    def __init__(self, index_dir, backbone=None, *, window_ms: float = 5.0, max_batch: int = 32,
-                 threads: int = 4, max_pixels: int = 40_000_000, torch_threads: dict | None = None):
+    def __init__(self, index_dir, torch_threads: dict, backbone=None, *, window_ms: float = 5.0, max_batch: int = 32,
+                 threads: int = 4, max_pixels: int = 40_000_000):
         self.index_dir = Path(index_dir)
         self.index = RetrievalIndex.load(self.index_dir)
         self.caches = index_caches(self.index)
         self.opened = [open_rows(folder) for folder in self.caches]  # memory-mapped once, read by row per query
-        self.embed = query_embedder(self.index, self.index_dir, backbone) if (
-            backbone or self.index.source.get("backbone")) else None
+        self.embed = EmbedProcess(self.index.source, self.index.dim, self.index_dir, backbone,
+                                  torch_threads["threads"]) if backbone or self.index.source.get("backbone") else None
         try:
             self.table = ImageTable.load(self.index_dir, self.index.source.get("shards") or [])
         except SslVitError:
             self.table = None
         self.max_pixels, self.classes = max_pixels, self.index.source.get("classes")
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="search")
-        self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="embed")  # torch uses its own threads inside
+        self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="embed")  # waits on the embedding process
         self.batcher = MicroBatcher(self._embed_and_search, window_ms / 1000, max_batch, self.embed_pool)
         self.latencies = collections.deque(maxlen=LATENCY_WINDOW)
         self.served, self.started = 0, time.time()
-        self.torch_threads = torch_threads  # the intra-op threads the command chose (ssl_vit/threads.py), for /stats
+        self.torch_threads = torch_threads
 
     def _embed_and_search(self, queries: list) -> list:
         """[(scores [k], ids [k])] of [(image, k, nprobe, ef_search)]: one forward pass for the batch, then one FAISS
@@ -235,8 +237,11 @@ class SearchEngine:
                 "queries_served": self.served, "latency_ms": pct, "uptime_s": time.time() - self.started,
                 "embed_batches": self.batcher.batches,
                 "mean_embed_batch": self.batcher.items / max(self.batcher.batches, 1),
-                "torch_threads": self.torch_threads}
+                "torch_threads": self.torch_threads,
+                "embedder": None if self.embed is None else {"pid": self.embed.pid, "restarts": self.embed.restarts}}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.embed_pool.shutdown(wait=False, cancel_futures=True)
+        if self.embed is not None:
+            self.embed.close()
