@@ -156,10 +156,10 @@ def test_bad_budget_draws_and_validation_keys_are_named(capsys):
 def test_named_budget_and_thorough_are_one_flag_away():
     from ssl_vit.pipelines.compare_config import apply_budget, load_compare_recipe
 
-    cfg = load_compare_recipe(RECIPE, apply_budget(RECIPE, [], "long"))
+    cfg = load_compare_recipe(RECIPE, apply_budget(RECIPE, [], "medium"))
     assert cfg.budget.images > load_compare_recipe(RECIPE).budget.images
     assert load_compare_recipe(RECIPE, apply_budget(RECIPE, ["budget.images=640"], "long")).budget.images == 640
-    assert load_compare_recipe(RECIPE, apply_budget(RECIPE, [], "xlong")).budget.images == 2 * cfg.budget.images
+    assert load_compare_recipe(RECIPE, apply_budget(RECIPE, [], "long")).budget.images == 2 * cfg.budget.images
 
 
 @pytest.mark.slow
@@ -205,4 +205,4 @@ def test_thorough_and_budget_flags_expand_to_recipe_keys():
 
     assert cfg().eval.seeds == 1 and cfg(thorough=True).eval.seeds == 3
     assert cfg(thorough=True, overrides=["eval.seeds=2"]).eval.seeds == 2  # the explicit key wins
-    assert cfg(budget="long").budget.images == 300000
+    assert cfg(budget="long").budget.images == 600000
