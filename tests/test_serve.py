@@ -1,10 +1,10 @@
 """`ssl-vit serve`: the real server on a free loopback port, called over HTTP. Self-queries come back first with score
 ~1 and equal `ssl-vit index query`; each bad input gets its 4xx with one line of JSON and the server keeps
 answering; thumbnails are re-encoded from one ranged read; concurrent uploads share embedding batches; a killed
-embedding process fails only its batch and is started again. The page in a
-real headless browser: the distribution's Chromium (/usr/bin/chromium) driven by Selenium through
-/usr/bin/chromedriver (never a browser or driver Selenium downloads itself): upload a bundled test image, wait for
-the grid of k results with scores and thumbnails, click one to search with it, save a screenshot."""
+embedding process fails only its batch and is started again. The page in a real headless browser: the
+distribution's Chromium (/usr/bin/chromium) driven by Selenium through /usr/bin/chromedriver (never a browser or
+driver Selenium downloads itself): upload a bundled test image, wait for the grid of k results with scores and
+thumbnails, click one to search with it, save a screenshot."""
 import concurrent.futures
 import contextlib
 import http.client
@@ -321,7 +321,7 @@ def wait_until_dead(pid: int) -> None:
         time.sleep(0.01)
 
 
-def test_a_dead_embedding_process_fails_its_batch_with_a_503_line_and_the_next_upload_starts_a_new_one(
+def test_a_dead_embedding_process_is_started_again_and_one_killed_mid_batch_fails_that_batch_in_one_line(
         served, test_shards):
     root, url = served
     data, key = stored_sample(test_shards, 7)

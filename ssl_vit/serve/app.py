@@ -1,8 +1,8 @@
 """The HTTP routes over a SearchEngine: `POST /search`, `GET /images/{key}`, `GET /healthz`, `GET /stats`, `GET /`.
 
-Every error is a 4xx (a 503 when the embedding process died mid-batch) with one line of JSON ({"error": "..."}); the server keeps answering. Request bodies over
-the upload limit are refused from their Content-Length header, or, without one, as soon as the bytes received pass
-the limit: never read in full.
+Every error is a 4xx (a 503 when the embedding process died mid-batch) with one line of JSON ({"error": "..."}); the
+server keeps answering. Request bodies over the upload limit are refused from their Content-Length header, or,
+without one, as soon as the bytes received pass the limit: never read in full.
 """
 import contextlib
 import time
