@@ -73,7 +73,10 @@ class EmbedProcess:
             self.conn.close()
             self.restarts += 1
             self._start()
-        self.conn.send(images)
+        try:
+            self.conn.send(images)
+        except OSError:  # it died after the check: this batch fails, the next one starts a new child
+            raise self._stopped("before this batch; the next upload starts a new one") from None
 
     def result(self):
         status, payload = self._receive("during this batch; the next upload starts a new one")
@@ -85,9 +88,11 @@ class EmbedProcess:
         try:
             return self.conn.recv()
         except (EOFError, OSError):
-            self.process.join(timeout=5)
-            raise EmbedderStopped(f"the embedding process stopped (exit code {self.process.exitcode}) {when}") \
-                from None
+            raise self._stopped(when) from None
+
+    def _stopped(self, when: str) -> EmbedderStopped:
+        self.process.join(timeout=5)
+        return EmbedderStopped(f"the embedding process stopped (exit code {self.process.exitcode}) {when}")
 
     def close(self) -> None:
         if self.process.is_alive():
