@@ -47,10 +47,9 @@ def run(args) -> int:
         raise SslVitError("--port must be 0..65535 and --max-upload-mb, --max-megapixels, --max-batch positive")
     if args.torch_threads < 0:
         raise SslVitError(f"--torch-threads must be >= 0 (0: every core), got {args.torch_threads}")
-    # The embedding process uses every core by default: with the forward in the server's own process, 224-px uploads
-    # at concurrency 16 on 2 idle cores ran at 1.03x the in-process batched rate with 2 threads and 0.58x with 1; in
-    # its own process 32-px uploads ran the same with 1 or 2 (0.38x); with other jobs on the cores one thread did
-    # better (32 px 0.70x vs 0.49x), hence the flag (tools/bench_serve.py)
+    # Every core by default: on 2 idle cores 224-px uploads ran at 1.03x the in-process rate with 2 threads, 0.58x
+    # with 1; 32-px ones the same with either. With other jobs on the cores one thread did better (32 px 0.70x vs
+    # 0.49x): the flag (tools/bench_serve.py)
     torch_threads = choose_threads(0, args.torch_threads, requested_as="--torch-threads")
     engine = SearchEngine(args.index, torch_threads, args.backbone, window_ms=args.batch_window_ms,
                           max_batch=args.max_batch, threads=args.threads, max_pixels=int(args.max_megapixels * 1e6))
