@@ -77,18 +77,19 @@ def test_bench_threads_reports_default_and_chosen(train_shards):
 
 @pytest.mark.slow
 def test_bench_stream_holds_the_readmes_bounds(tmp_path):
-    """The README's promises at a size a 2-core machine runs in a minute or two: peak RSS does not grow with the
+    """The README's promises at a size a 2-core machine runs in a minute or two: peak memory does not grow with the
     shard (8 MB vs 96 MB shards: a reader that held a shard would grow by ~88 MB, per worker), the first batch comes
     after one window, not after the shard (a 96 MB shard takes 8 s through a 12 MB/s pipe), and the loader keeps up
-    with decoding. Measured here (loaded machine): RSS growth -0.6 / -0.2 MB, first batch 0.28 s, loader 0.90 x."""
+    with decoding."""
     out = run_bench("bench_stream.py", "--scratch", tmp_path, "--sizes-mb", "8,96", "--samples", "24", "--window",
                     "8", "--rate-mb-s", "12", "--batch", "4")
-    for workers, rss in out["rss_mb"].items():
-        growth = rss["96MB"] - rss["8MB"]
-        # Flat: ~1 MB on a quiet machine; once +63 MB (0 workers) with the full suite under load. A reader that
-        # holds the shard grows by at least its 88 MB (+171 MB measured with that break).
-        assert growth < 0.85 * (96 - 8), (workers, rss)
-    for ratio in out["rss_ratio_largest_to_smallest"].values():
+    for workers, memory in out["memory_mb"].items():
+        growth = memory["96MB"] - memory["8MB"]
+        # Anonymous memory, shared pages split: under three busy loops, flat within 0.1 MB with one reader and
+        # within 30 MB with 2 workers (their copy-on-write pages). Summed RSS once grew by 91 MB under the suite (a
+        # library's fork caught before its exec, counted twice). A reader that holds the shard: +152 / +240 MB.
+        assert growth < 0.85 * (96 - 8), (workers, memory)
+    for ratio in out["memory_ratio_largest_to_smallest"].values():
         assert_ratio(ratio)
     first = out["first_batch"]
     assert first["shard_arrival_s"] > 7.0 and first["window_arrival_s"] < 0.2, first

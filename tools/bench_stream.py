@@ -1,9 +1,11 @@
 """Streaming benchmark: memory bounded by the shuffle window, not by the shard; first batch after one window.
 
 Prints JSON (and writes it with --out):
-- `rss`: peak RSS (MB; the process tree, sampled every 20 ms) of one reader (0 workers) and of a 2-worker loader that
-  each read the same number of samples from one shard of 64 MB, 256 MB and 1 GB; `rss_ratio_largest_to_smallest`
-  should stay within 1.10 (a reader that held whole shards would grow by the difference in shard size);
+- `memory_mb`: peak memory (MB; the process tree's anonymous memory, each page shared between processes split between
+  them, sampled every 20 ms) of one reader (0 workers) and of a 2-worker loader that each read the same number of
+  samples from one shard of 64 MB, 256 MB and 1 GB; `memory_ratio_largest_to_smallest` should stay within 1.10 (a reader
+  that held whole shards would grow by the difference in shard size). Summed RSS would count a fork's copy-on-write
+  pages once per process: a worker, or a library's helper caught between fork and exec, doubled the tree's number;
 - `first_batch`: seconds to the first batch from a `pipe:` command that delivers at a limited rate, against the
   time one window and one whole shard take to arrive at that rate;
 - `throughput`: loader samples/s (0 workers, after its first batch) against the decode bound (decode + the same
@@ -93,8 +95,18 @@ def read_samples(url: str, samples: int, workers: int, window: int, batch: int) 
     return first
 
 
-def peak_rss_mb(cmd: list[str]) -> tuple[float, str]:
-    """Peak summed RSS of a command's process tree, and its stdout."""
+def anonymous_memory(pid: int) -> int:
+    """Bytes of a process's anonymous memory, pages shared with other processes split between them (Pss_Anon; Pss
+    on kernels older than 5.10, which also counts shared libraries). Heap is where a reader that held shards would
+    grow; shared libraries are mapped by every torch process on the machine, which would make the number move with
+    them."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        fields = dict(line.split(":", 1) for line in f if line[0].isupper())
+    return int(fields.get("Pss_Anon", fields["Pss"]).split()[0]) * 1024
+
+
+def peak_memory_mb(cmd: list[str]) -> tuple[float, str]:
+    """Peak anonymous memory of a command's process tree (see `anonymous_memory`), and its stdout."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     peak, done = 0, threading.Event()
 
@@ -104,8 +116,8 @@ def peak_rss_mb(cmd: list[str]) -> tuple[float, str]:
         while not done.is_set():
             try:
                 tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree))
-            except psutil.Error:
+                peak = max(peak, sum(anonymous_memory(p.pid) for p in tree))
+            except (psutil.Error, OSError):  # a process that ended between the listing and the read
                 pass
             time.sleep(0.02)
 
@@ -170,12 +182,12 @@ def main() -> None:
     samples = min(args.samples, min(counts.values()))
 
     def child(url, workers: int, count: int) -> tuple[float, str]:
-        return peak_rss_mb([sys.executable, __file__, "--window", str(args.window), "--batch", str(args.batch),
+        return peak_memory_mb([sys.executable, __file__, "--window", str(args.window), "--batch", str(args.batch),
                             "--child", str(url), str(workers), str(count)])
 
-    rss = {f"workers_{workers}": {f"{size}MB": round(child(indexes[size], workers, samples)[0], 1) for size in sizes}
+    memory = {f"workers_{workers}": {f"{size}MB": round(child(indexes[size], workers, samples)[0], 1) for size in sizes}
            for workers in (0, 2)}
-    ratios = {k: round(v[f"{sizes[-1]}MB"] / v[f"{sizes[0]}MB"], 3) for k, v in rss.items()}
+    ratios = {k: round(v[f"{sizes[-1]}MB"] / v[f"{sizes[0]}MB"], 3) for k, v in memory.items()}
     # What the process holds before reading anything (torch, timm, the stream): the rest is the data path's.
     baseline = round(child(indexes[sizes[0]], 0, 0)[0], 1)
 
@@ -188,8 +200,8 @@ def main() -> None:
 
     result = {
         "benchmark": "bench_stream", "shard_sample_bytes": round(sample_bytes), "window_samples": args.window,
-        "samples_read": samples, "rss_mb": rss, "rss_ratio_largest_to_smallest": ratios,
-        "rss_mb_before_reading": baseline,
+        "samples_read": samples, "memory_mb": memory, "memory_ratio_largest_to_smallest": ratios,
+        "memory_mb_before_reading": baseline,
         "first_batch": {"source": f"pipe: at {args.rate_mb_s} MB/s, {piped.stat().st_size / MB:.0f} MB shard",
                         "first_batch_s": round(first, 2),
                         "window_arrival_s": round(args.window * sample_bytes / rate, 2),
