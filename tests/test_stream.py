@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 
 from conftest import ROOT, jpeg_bytes, read_tar_images
@@ -17,7 +17,13 @@ from ssl_vit.data.stream import ShardStream, rank_share
 from ssl_vit.errors import SslVitError
 from ssl_vit.train.run_log import read_log
 
-_crop = T.Compose([T.PILToTensor(), T.RandomResizedCrop(16, antialias=True), T.ToDtype(torch.float32, scale=True)])
+
+def _crop(img) -> torch.Tensor:
+    """A random 16-px crop drawn from torch's generator, as a view's is (torchvision's RandomResizedCrop cost 5x as
+    much: 35 s of the suite's CPU went into it, and these tests check which samples come, not their views)."""
+    pixels = TF.pil_to_tensor(img)
+    top, left = (torch.randint(0, n - 15, ()).item() for n in pixels.shape[1:])
+    return pixels[:, top:top + 16, left:left + 16].float().div_(255)
 
 
 def two_views(img):
@@ -62,7 +68,7 @@ def test_eval_labels_and_images_match_source(test_shards, bundled_test):
     from PIL import Image
 
     source = read_tar_images(bundled_test)
-    stream = ShardStream(str(test_shards), lambda im: [T.PILToTensor()(im).float()], 50, mode="eval")
+    stream = ShardStream(str(test_shards), lambda im: [TF.pil_to_tensor(im).float()], 50, mode="eval")
     urls = expand_source(str(test_shards)).urls
     meta = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False)}
     checked = 0
