@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from ssl_vit.errors import SslVitError
 from ssl_vit.figure_io import save_png
@@ -14,6 +15,7 @@ from ssl_vit.figure_io import save_png
 DPI = 120
 METRICS = [("knn_top1", "k-NN top-1 (k=20)"), ("knn_top5", "k-NN top-5 (k=20)"), ("linear_top1", "linear-probe top-1")]
 MATCH, MISMATCH, QUERY = "#1a9641", "#d7191c", "#2b83ba"
+CELL_GAP, THUMBNAIL_PX = 0.12, 150  # retrieval.png: the gap between cells (a cell is 1), thumbnails' longest side
 
 
 def _note(ax, text: str) -> None:
@@ -298,7 +300,7 @@ def retrieval_png(out: Path, names: list[str], test_index: str, path: Path, n_qu
     images, classes = load_images(test_index, needed), _shards(test_index).classes or []
     nrows = sum(len(b[3]) for b in blocks)
     fig = Figure(figsize=(1.3 * (k + 1) + 0.8, 1.45 * nrows + 0.6))
-    axes = np.asarray(fig.subplots(nrows, k + 1, squeeze=False))
+    axes = np.asarray(fig.subplots(nrows, 1, squeeze=False))[:, 0]
     r = 0
     for name, keys, labels, rows, ids, scores in blocks:
         for q, nbr_ids, nbr_scores in zip(rows, ids, scores):
@@ -309,16 +311,26 @@ def retrieval_png(out: Path, names: list[str], test_index: str, path: Path, n_qu
     _save(fig, path)
 
 
-def _retrieval_row(axes, name, q, nbr_ids, nbr_scores, keys, labels, images, classes) -> None:
-    axes[0].imshow(np.asarray(images[keys[q]]), interpolation="nearest")
-    axes[0].set_title(f"query: {_class_name(classes, labels[q])}", fontsize=8, fontweight="bold")
-    axes[0].set_ylabel(name, fontsize=9, fontweight="bold")
-    _frame(axes[0], QUERY)
-    for ax, i, score in zip(axes[1:], nbr_ids, nbr_scores):
-        ax.imshow(np.asarray(images[keys[i]]), interpolation="nearest")
-        ax.set_title(f"{_class_name(classes, labels[i])} {score:.2f}", fontsize=8)
+def _retrieval_row(ax, name, q, nbr_ids, nbr_scores, keys, labels, images, classes) -> None:
+    """The query and its neighbours on one axes, each in a unit cell (its aspect kept), framed by whether its class is
+    the query's and titled above: one axes per cell made the figure several times slower (28 rows x 6 cells)."""
+    cells = [(q, f"query: {_class_name(classes, labels[q])}", QUERY, "bold")]
+    for i, score in zip(nbr_ids, nbr_scores):
         same = int(labels[i]) == int(labels[q]) and int(labels[q]) >= 0
-        _frame(ax, MATCH if same else MISMATCH)
+        cells.append((i, f"{_class_name(classes, labels[i])} {score:.2f}", MATCH if same else MISMATCH, "normal"))
+    for c, (i, title, color, weight) in enumerate(cells):
+        x0 = c * (1 + CELL_GAP)
+        thumb = images[keys[i]].copy()
+        thumb.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))  # a 12-MP photo is drawn 150 px wide
+        w, h = (side / max(thumb.size) for side in thumb.size)
+        left, top = x0 + (1 - w) / 2, (1 - h) / 2
+        ax.imshow(np.asarray(thumb), extent=(left, left + w, top + h, top), interpolation="nearest")
+        ax.add_patch(Rectangle((x0, 0), 1, 1, fill=False, edgecolor=color, linewidth=3))
+        ax.text(x0 + 0.5, -0.06, title, ha="center", va="bottom", fontsize=8, fontweight=weight)
+    ax.set(xlim=(-0.03, len(cells) * (1 + CELL_GAP) - CELL_GAP + 0.03), ylim=(1.03, -0.03), xticks=[], yticks=[])
+    ax.set_ylabel(name, fontsize=9, fontweight="bold")
+    for spine in ax.spines.values():
+        spine.set_visible(False)
 
 
 # ---------------------------------------------------------------- attention.png
