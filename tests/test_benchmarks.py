@@ -87,7 +87,7 @@ def test_bench_stream_holds_the_readmes_bounds(tmp_path):
         growth = memory["96MB"] - memory["8MB"]
         # Anonymous memory, shared pages split: under three busy loops, flat within 0.1 MB with one reader and
         # within 30 MB with 2 workers (their copy-on-write pages). Summed RSS once grew by 91 MB under the suite (a
-        # library's fork caught before its exec, counted twice). A reader that holds the shard: +152 / +240 MB.
+        # library's fork caught before its exec, counted twice). A reader that holds the shard: +90 MB (one reader).
         assert growth < 0.85 * (96 - 8), (workers, memory)
     for ratio in out["memory_ratio_largest_to_smallest"].values():
         assert_ratio(ratio)

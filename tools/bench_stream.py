@@ -2,7 +2,7 @@
 
 Prints JSON (and writes it with --out):
 - `memory_mb`: peak memory (MB; the process tree's anonymous memory, each page shared between processes split between
-  them, sampled every 20 ms) of one reader (0 workers) and of a 2-worker loader that each read the same number of
+  them, sampled every 100 ms) of one reader (0 workers) and of a 2-worker loader that each read the same number of
   samples from one shard of 64 MB, 256 MB and 1 GB; `memory_ratio_largest_to_smallest` should stay within 1.10 (a reader
   that held whole shards would grow by the difference in shard size). Summed RSS would count a fork's copy-on-write
   pages once per process: a worker, or a library's helper caught between fork and exec, doubled the tree's number;
@@ -119,7 +119,7 @@ def peak_memory_mb(cmd: list[str]) -> tuple[float, str]:
                 peak = max(peak, sum(anonymous_memory(p.pid) for p in tree))
             except (psutil.Error, OSError):  # a process that ended between the listing and the read
                 pass
-            time.sleep(0.02)
+            time.sleep(0.1)  # each sample reads every process's smaps_rollup (~5 ms): at 20 ms it took ~40 % of a core
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
