@@ -21,6 +21,7 @@ from ssl_vit.pipelines.attention import attention_rollout, last_block_cls_attent
 from ssl_vit.transforms import denormalize
 
 DPI = 120
+GAP = 0.06  # between the cells of a row drawn on one axes (a cell is 1)
 FIGURES = ("position_embedding", "attention_distance", "attention_rollout")
 SINCOS_NOTE = "MAE's are fixed 2-D sin-cos: the grid shows by construction, not learnt"
 
@@ -90,23 +91,26 @@ def attention_distance_png(distances: dict[str, torch.Tensor], path: Path, image
 
 def rollout_png(pixels: torch.Tensor, cls_attention: torch.Tensor, rollout: torch.Tensor, path: Path,
                 title: str) -> None:
-    """Rows of: the image, its last-block CLS attention (head mean) and its attention rollout, both overlaid."""
+    """Rows of: the image, its last-block CLS attention (head mean) and its attention rollout, both overlaid. Each
+    row is one axes with three unit cells (0.12 s for 4 rows; an axes per cell took 0.18 s)."""
     size = pixels.shape[-1]
     upsample = lambda maps: torch.nn.functional.interpolate(maps[:, None], size=(size, size), mode="nearest")[:, 0]  # noqa: E731
     maps = [upsample(cls_attention), upsample(rollout)]
     images = denormalize(pixels).permute(0, 2, 3, 1).numpy()
     fig = Figure(figsize=(6.3, 2.1 * len(images) + 0.5))
-    axes = np.asarray(fig.subplots(len(images), 3, squeeze=False))
-    for r, image in enumerate(images):
-        axes[r, 0].imshow(image, interpolation="nearest")
-        for c, heat in ((1, maps[0][r]), (2, maps[1][r])):
-            axes[r, c].imshow(image, interpolation="nearest")
-            axes[r, c].imshow(heat.numpy(), cmap="inferno", alpha=0.6, interpolation="nearest")
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    for ax, name in zip(axes[0], ("image", "CLS attention\n(last block, head mean)", "attention rollout\n(all blocks)")):
-        ax.set_title(name, fontsize=9)
+    axes = np.asarray(fig.subplots(len(images), 1, squeeze=False))[:, 0]
+    names = ("image", "CLS attention\n(last block, head mean)", "attention rollout\n(all blocks)")
+    for r, (ax, image) in enumerate(zip(axes, images)):
+        for c, heat in enumerate((None, maps[0][r], maps[1][r])):
+            cell = (c * (1 + GAP), c * (1 + GAP) + 1, 1, 0)  # extent: left, right, bottom, top
+            ax.imshow(image, extent=cell, interpolation="nearest")
+            if heat is not None:
+                ax.imshow(heat.numpy(), extent=cell, cmap="inferno", alpha=0.6, interpolation="nearest")
+            if r == 0:
+                ax.text(cell[0] + 0.5, -0.04, names[c], ha="center", va="bottom", fontsize=9)
+        ax.set(xlim=(0, 3 + 2 * GAP), ylim=(1, 0), xticks=[], yticks=[])
+        for side in ax.spines.values():
+            side.set_visible(False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     save_png(fig, path, dpi=DPI)
