@@ -97,7 +97,7 @@ def read_samples(url: str, samples: int, workers: int, window: int, batch: int) 
 
 def anonymous_memory(pid: int) -> int:
     """Bytes of a process's anonymous memory, pages shared with other processes split between them (Pss_Anon; Pss
-    on kernels older than 5.10, which also counts shared libraries). Heap is where a reader that held shards would
+    on kernels without it, which also counts shared libraries). Heap is where a reader that held shards would
     grow; shared libraries are mapped by every torch process on the machine, which would make the number move with
     them."""
     with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -128,6 +128,8 @@ def peak_memory_mb(cmd: list[str]) -> tuple[float, str]:
     thread.join()
     if proc.returncode:
         raise SystemExit(f"benchmark child failed: {' '.join(cmd)}")
+    if not peak:
+        raise SystemExit(f"no memory reading for {' '.join(cmd)}: /proc/<pid>/smaps_rollup (Linux >= 4.14) unreadable")
     return peak / MB, out
 
 
@@ -183,10 +185,10 @@ def main() -> None:
 
     def child(url, workers: int, count: int) -> tuple[float, str]:
         return peak_memory_mb([sys.executable, __file__, "--window", str(args.window), "--batch", str(args.batch),
-                            "--child", str(url), str(workers), str(count)])
+                               "--child", str(url), str(workers), str(count)])
 
-    memory = {f"workers_{workers}": {f"{size}MB": round(child(indexes[size], workers, samples)[0], 1) for size in sizes}
-           for workers in (0, 2)}
+    memory = {f"workers_{workers}": {f"{size}MB": round(child(indexes[size], workers, samples)[0], 1)
+                                     for size in sizes} for workers in (0, 2)}
     ratios = {k: round(v[f"{sizes[-1]}MB"] / v[f"{sizes[0]}MB"], 3) for k, v in memory.items()}
     # What the process holds before reading anything (torch, timm, the stream): the rest is the data path's.
     baseline = round(child(indexes[sizes[0]], 0, 0)[0], 1)
