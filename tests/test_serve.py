@@ -343,7 +343,7 @@ def test_a_dead_embedding_process_is_started_again_and_one_killed_mid_batch_fail
         with pytest.raises(EmbedderStopped, match=r"^the embedding process stopped \(exit code -9\) during this "
                                                   r"batch; the next upload starts a new one$"):
             embedder.result()
-        assert embedder(([decode_upload(data, 10 ** 6)])).shape == (1, index.dim) and embedder.restarts == 1
+        assert embedder([decode_upload(data, 10 ** 6)]).shape == (1, index.dim) and embedder.restarts == 1
     finally:
         embedder.close()
 
